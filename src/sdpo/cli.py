@@ -1,0 +1,112 @@
+"""The ``sdpo`` command: data, sft, evaluate, pipeline.
+
+User mistakes (bad files, bad options) end with one ``error:`` line and exit status 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sdpo.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate LM recommenders with S-DPO.")
+data_app = typer.Typer(no_args_is_help=True, help="Fetch raw datasets and prepare record folders.")
+app.add_typer(data_app, name="data")
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@data_app.command("fetch")
+def data_fetch(
+    dataset: str = typer.Argument(..., help="dataset name: lastfm"),
+    mirror: Optional[Path] = typer.Option(None, help="copy from this local mirror folder (default: $SDPO_MIRROR)"),
+    raw_dir: Optional[Path] = typer.Option(None, help="where raw files are kept (default: $SDPO_HOME/raw)"),
+) -> None:
+    """Download a dataset's raw files (or copy them from a mirror), checking every SHA-256."""
+    from sdpo.sources.fetch import fetch
+
+    folder = fetch(dataset, raw_dir, mirror)
+    typer.echo(f"{dataset}: raw files verified in {folder}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: str = typer.Argument(..., help="dataset name: lastfm"),
+    out: Path = typer.Option(..., help="folder to write train/val/test.jsonl and manifest.json into"),
+    seed: int = typer.Option(0, help="seed for the training records' negative candidates"),
+    mirror: Optional[Path] = typer.Option(None, help="local mirror folder (default: $SDPO_MIRROR)"),
+    raw_dir: Optional[Path] = typer.Option(None, help="where raw files are kept (default: $SDPO_HOME/raw)"),
+    overwrite: bool = typer.Option(False, help="replace an existing prepared folder"),
+) -> None:
+    """Turn a dataset's raw files into a prepared record folder (fetching them first if needed)."""
+    from sdpo.pipeline import prepare_dataset
+
+    manifest = prepare_dataset(dataset, out, seed=seed, mirror=mirror, raw_dir=raw_dir, overwrite=overwrite)
+    counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
+    typer.echo(f"{dataset}: wrote {out} ({counts})")
+
+
+def _hf_help(cls) -> None:
+    from transformers import HfArgumentParser
+
+    HfArgumentParser(cls).print_help()
+
+
+@app.command("sft", context_settings=PASS_THROUGH)
+def sft(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help="YAML config; flags override it")) -> None:
+    """Supervised fine-tuning with LoRA. Options: every field of SFTConfig (sdpo sft --help)."""
+    from sdpo.config import build_config, read_yaml
+    from sdpo.training.sft import SFTConfig, run_sft
+
+    if config is not None and str(config) in ("--help", "-h") or {"--help", "-h"} & set(ctx.args):
+        _hf_help(SFTConfig)
+        return
+    values = read_yaml(config) if config else {}
+    out = run_sft(build_config(SFTConfig, values, ctx.args, where=str(config or "sft")))
+    typer.echo(f"sft: adapter saved in {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data: Path = typer.Option(..., help="prepared dataset folder"),
+    split: str = typer.Option("test", help="train, val or test"),
+    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (output of sdpo sft)"),
+    protocol: str = typer.Option("rank", help="generate (the paper's) or rank (likelihood ranking)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N records"),
+    output: Path = typer.Option(..., help="folder for metrics.json and predictions.jsonl"),
+    batch_size: int = typer.Option(8, help="records per forward pass"),
+    domain: Optional[str] = typer.Option(None, help="prompt domain (default: the manifest's)"),
+    prompt_seed: int = typer.Option(0, help="seed fixing each record's prompt phrasing"),
+) -> None:
+    """Evaluate a model (optionally with a LoRA adapter) on a prepared split."""
+    from sdpo.pipeline import evaluate_model
+
+    metrics = evaluate_model(data, split, model, adapter, protocol, limit, output, batch_size, domain, prompt_seed)
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    typer.echo(f"{protocol} on {metrics['n_records']} {split} records: {shown}")
+    typer.echo(f"wrote {output / 'metrics.json'} and {output / 'predictions.jsonl'}")
+
+
+@app.command("pipeline")
+def pipeline_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see configs/quickstart.yaml)")) -> None:
+    """Run the stages a pipeline config lists (data, sft, evaluate) and print the results table."""
+    from sdpo.pipeline import run_pipeline
+
+    run_pipeline(config)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,147 @@
+"""The main job: run the stages a pipeline config lists and print one results table.
+
+A pipeline config (see ``configs/quickstart.yaml``)::
+
+    output_dir: runs/quickstart      # everything goes under here
+    model: smollm2-135m              # the base LM
+    data: {dataset: lastfm}          # fetch + prepare into OUTPUT/data (or {path: DIR})
+    sft: {train_limit: 256, ...}     # any SFTConfig option; output in OUTPUT/sft
+    evaluate: {split: test, limit: 200, protocols: [generate, rank]}
+
+Evaluation covers the zero-shot base model and every trained stage. A stage whose output
+is complete is reused, and an interrupted SFT resumes from its last checkpoint, so
+re-running a pipeline continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sdpo.config import build_config, read_yaml
+from sdpo.datasets import load_split, read_manifest
+from sdpo.errors import UserError
+from sdpo.evaluation import PROTOCOLS, evaluate
+from sdpo.io import write_json, write_text_atomic
+
+KNOWN_PREPARERS = ("lastfm",)
+PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "evaluate"}
+TABLE_COLUMNS = ("hr@1", "valid_ratio", "strict_hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
+
+
+def prepare_dataset(dataset: str, out: str | Path, seed: int = 0, mirror=None, raw_dir=None, overwrite: bool = False) -> dict[str, Any]:
+    """Fetch (or copy from a mirror) and prepare `dataset` into `out`; returns the manifest."""
+    from sdpo.datasets import write_prepared
+    from sdpo.sources.fetch import fetch
+
+    if dataset not in KNOWN_PREPARERS:
+        raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(KNOWN_PREPARERS)}.")
+    raw = fetch(dataset, raw_dir, mirror)
+    from sdpo.sources.lastfm import prepare_lastfm
+
+    splits, manifest = prepare_lastfm(raw, seed)
+    write_prepared(out, splits, manifest, overwrite=overwrite)
+    return read_manifest(out)
+
+
+def evaluate_model(
+    data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=0, progress=True
+) -> dict[str, Any]:
+    """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl."""
+    from sdpo.models import load_model
+
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose generate or rank.")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}.")
+    domain = domain or read_manifest(data).get("domain", "music")
+    records = load_split(data, split, limit=limit)
+    model, tokenizer = load_model(model_name, adapter)
+    info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split}
+    result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info)
+    result.save(output)
+    return result.metrics
+
+
+def _section(config: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: '{key}' must be a mapping of options.")
+    return value
+
+
+def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
+    """Run the pipeline config at `path`; returns the results rows (also saved as results.json/.md)."""
+    path = Path(path)
+    config = read_yaml(path)
+    unknown = sorted(set(config) - PIPELINE_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(PIPELINE_KEYS))}.")
+    out = Path(config.get("output_dir", "runs/pipeline"))
+    base_model = str(config.get("model", "smollm2-135m"))
+    seed = int(config.get("seed", 0))
+    started = time.perf_counter()
+
+    data_cfg = _section(config, "data", path)
+    if "path" in data_cfg:
+        data_dir = Path(data_cfg["path"])
+        read_manifest(data_dir)
+    else:
+        data_dir = out / "data"
+        if not (data_dir / "manifest.json").is_file():
+            dataset = data_cfg.get("dataset", "lastfm")
+            print(f"[data] preparing {dataset} into {data_dir}")
+            prepare_dataset(dataset, data_dir, seed=seed, mirror=data_cfg.get("mirror"))
+        else:
+            print(f"[data] reusing {data_dir}")
+
+    models: list[tuple[str, str | None]] = [("zero-shot", None)]
+    if "sft" in config:
+        models.append(("sft", str(_run_sft_stage(_section(config, "sft", path), out / "sft", base_model, data_dir, seed, path))))
+
+    eval_cfg = _section(config, "evaluate", path)
+    protocols = eval_cfg.get("protocols", list(PROTOCOLS))
+    split, limit = eval_cfg.get("split", "test"), eval_cfg.get("limit")
+    rows = []
+    for label, adapter in models:
+        for protocol in protocols:
+            target = out / "eval" / f"{label}-{protocol}"
+            if (target / "metrics.json").is_file():
+                print(f"[evaluate] reusing {target}")
+                metrics = json.loads((target / "metrics.json").read_text())
+            else:
+                print(f"[evaluate] {label}, {protocol} protocol, {split} split")
+                metrics = evaluate_model(data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8))
+            rows.append({"model": label, **metrics})
+    table = results_table(rows)
+    write_json(out / "results.json", rows)
+    write_text_atomic(out / "results.md", table + "\n")
+    print(table)
+    print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in {out / 'results.md'}")
+    return rows
+
+
+def _run_sft_stage(section: dict[str, Any], out: Path, base_model: str, data_dir: Path, seed: int, path: Path) -> Path:
+    from sdpo.training.sft import CONFIG_FILE, SFTConfig, run_sft
+
+    if (out / CONFIG_FILE).is_file() and (out / "adapter_config.json").is_file():
+        print(f"[sft] reusing {out}")
+        return out
+    values = {"model": base_model, "data": str(data_dir), "output_dir": str(out), "seed": seed, **section}
+    values["resume"] = out.is_dir() and any(out.glob("checkpoint-*"))
+    print(f"[sft] training into {out}" + (" (resuming)" if values["resume"] else ""))
+    return run_sft(build_config(SFTConfig, values, where=f"{path}: sft"))
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: one row per (model, protocol), the metrics each protocol has."""
+    header = ["model", "protocol", "n", *TABLE_COLUMNS, "seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["model"], row["protocol"], str(row["n_records"])]
+        cells += [f"{row[c]:.4f}" if c in row else "–" for c in TABLE_COLUMNS]
+        cells.append(f"{row.get('seconds', 0):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The scoring kernel: summed log-probs of several answers behind one shared prompt.
+
+Every record becomes ONE row: the prompt tokens, then every answer's tokens packed behind
+it::
+
+    row b:  [p_0 .. p_{P-1}] [a1_0 .. a1_n] [a2_0 .. a2_m] ... [pad ...]
+    segment   0 ...      0     1 ...    1     2 ...    2        -1
+
+- Attention is block-causal: a prompt token sees earlier prompt tokens; an answer token sees
+  the whole prompt and the earlier tokens of its own answer, never another answer.
+- Position ids of every answer restart at P, so each answer is computed exactly as if it
+  stood alone behind the prompt.
+- The first token of every answer is predicted by the last prompt position (shared); token
+  j > 0 by answer position j - 1. The LM head is applied only at those positions, each
+  distinct position once.
+
+So the prompt is encoded once per record instead of once per answer, and the vocabulary
+projection is paid for answer tokens only. SFT, preference training and ranking all call
+`answer_logprobs`; ``tests/test_scoring.py`` checks it against one sequence per answer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+PROMPT, PAD = 0, -1
+
+
+def pack_answers(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Pack B prompts, each with its own list of answers, into block-structured rows.
+
+    Returns a dict of tensors (so a Trainer moves it to the device as it is):
+      input_ids, position_ids, segment_ids: [B, L] (segment 0 = prompt, a+1 = answer a, -1 = pad)
+      token_row, token_source, token_target, token_answer: [N] for the N answer tokens of the
+        batch: the row, the position whose output predicts the token, the token id, and the
+        answer's flat index b * A + a
+      answer_mask: [B, A] True where record b has an answer a (A = most answers of a record)
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    n_answers = max(len(a) for a in answers)
+    rows, positions, segments = [], [], []
+    token_row, token_source, token_target, token_answer = [], [], [], []
+    answer_mask = torch.zeros(len(prompts), n_answers, dtype=torch.bool)
+    for b, (prompt, record_answers) in enumerate(zip(prompts, answers)):
+        if not prompt:
+            raise ValueError(f"record {b}: empty prompt")
+        row, position, segment = list(prompt), list(range(len(prompt))), [PROMPT] * len(prompt)
+        for a, answer in enumerate(record_answers):
+            if not answer:
+                raise ValueError(f"record {b}, answer {a}: no tokens")
+            answer_mask[b, a] = True
+            start = len(row)
+            for j, token in enumerate(answer):
+                token_row.append(b)
+                token_source.append(len(prompt) - 1 if j == 0 else start + j - 1)
+                token_target.append(token)
+                token_answer.append(b * n_answers + a)
+            row.extend(answer)
+            position.extend(range(len(prompt), len(prompt) + len(answer)))
+            segment.extend([a + 1] * len(answer))
+        rows.append(row)
+        positions.append(position)
+        segments.append(segment)
+    length = max(len(r) for r in rows)
+
+    def padded(values: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
+
+    return {
+        "input_ids": padded(rows, pad_token_id),
+        "position_ids": padded(positions, 0),
+        "segment_ids": padded(segments, PAD),
+        "token_row": torch.tensor(token_row, dtype=torch.long),
+        "token_source": torch.tensor(token_source, dtype=torch.long),
+        "token_target": torch.tensor(token_target, dtype=torch.long),
+        "token_answer": torch.tensor(token_answer, dtype=torch.long),
+        "answer_mask": answer_mask,
+    }
+
+
+def block_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [B, 1, L, L] (0 = attend, dtype min = blocked) from segment ids [B, L]."""
+    length = segment_ids.shape[1]
+    query = segment_ids[:, :, None]
+    key = segment_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = causal & (key != PAD) & ((key == PROMPT) | (key == query))
+    # A padding query attends to position 0 only, so no softmax row is empty (no NaN).
+    first = torch.zeros(length, dtype=torch.bool, device=segment_ids.device)
+    first[0] = True
+    allowed = allowed | ((query == PAD) & first)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _causal_lm_parts(model):
+    """(decoder, lm_head) of a causal LM, looking through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def answer_logprobs(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob and token count of every packed answer.
+
+    Returns (logps, n_tokens), both [B, A]; entries where ``answer_mask`` is False are 0.
+    Differentiable: SFT and preference losses backpropagate through it.
+    """
+    decoder, lm_head = _causal_lm_parts(model)
+    input_ids = packed["input_ids"]
+    batch, length = input_ids.shape
+    dtype = lm_head.weight.dtype
+    hidden = decoder(
+        input_ids=input_ids,
+        attention_mask=block_attention_mask(packed["segment_ids"], dtype),
+        position_ids=packed["position_ids"],
+        use_cache=False,
+    ).last_hidden_state  # [B, L, H]
+    flat_source = packed["token_row"] * length + packed["token_source"]  # [N]
+    unique_source, inverse = torch.unique(flat_source, return_inverse=True)  # [U], [N]
+    logits = lm_head(hidden.reshape(batch * length, -1)[unique_source]).float()  # [U, V]
+    log_norm = torch.logsumexp(logits, dim=-1)  # [U]
+    token_logps = logits[inverse, packed["token_target"]] - log_norm[inverse]  # [N]
+    n_slots = packed["answer_mask"].numel()
+    logps = torch.zeros(n_slots, dtype=token_logps.dtype, device=token_logps.device)
+    logps = logps.index_add(0, packed["token_answer"], token_logps)
+    counts = torch.zeros(n_slots, dtype=torch.long, device=token_logps.device)
+    counts = counts.index_add(0, packed["token_answer"], torch.ones_like(packed["token_answer"]))
+    shape = packed["answer_mask"].shape
+    return logps.view(shape), counts.view(shape)
+
+
+def score_answers(
+    model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], pad_token_id: int
+) -> torch.Tensor:
+    """Summed log-prob [B, A] of each answer given its record's prompt (token ids in, no grad needed).
+
+    Missing answers (records with fewer than A answers) score -inf.
+    """
+    device = next(model.parameters()).device
+    packed = {k: v.to(device) for k, v in pack_answers(prompts, answers, pad_token_id).items()}
+    logps, _ = answer_logprobs(model, packed)
+    return logps.masked_fill(~packed["answer_mask"], float("-inf"))

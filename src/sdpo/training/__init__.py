@@ -1,0 +1,1 @@
+"""Training stages built on transformers.Trainer: SFT (and the preference stage)."""
