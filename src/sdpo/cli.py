@@ -17,6 +17,8 @@ from sdpo.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate LM recommenders with S-DPO.")
 data_app = typer.Typer(no_args_is_help=True, help="Fetch raw datasets and prepare record folders.")
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(no_args_is_help=True, help="Measure speed and memory.")
+app.add_typer(bench_app, name="benchmark")
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
@@ -63,12 +65,32 @@ def sft(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help="
     from sdpo.config import build_config, read_yaml
     from sdpo.training.sft import SFTConfig, run_sft
 
-    if config is not None and str(config) in ("--help", "-h") or {"--help", "-h"} & set(ctx.args):
+    if config is not None and str(config).startswith("-"):
+        ctx.args.insert(0, str(config))
+        config = None
+    if {"--help", "-h"} & set(ctx.args):
         _hf_help(SFTConfig)
         return
     values = read_yaml(config) if config else {}
     out = run_sft(build_config(SFTConfig, values, ctx.args, where=str(config or "sft")))
     typer.echo(f"sft: adapter saved in {out}")
+
+
+@app.command("align", context_settings=PASS_THROUGH)
+def align(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help="YAML config; flags override it")) -> None:
+    """S-DPO / DPO from an SFT run: --sft RUN_DIR --loss sdpo|dpo --negatives K --beta B (sdpo align --help)."""
+    from sdpo.config import build_config, read_yaml
+    from sdpo.training.preference import AlignConfig, run_align
+
+    if config is not None and str(config).startswith("-"):
+        ctx.args.insert(0, str(config))
+        config = None
+    if {"--help", "-h"} & set(ctx.args):
+        _hf_help(AlignConfig)
+        return
+    values = read_yaml(config) if config else {}
+    out = run_align(build_config(AlignConfig, values, ctx.args, where=str(config or "align")))
+    typer.echo(f"align: adapter saved in {out}")
 
 
 @app.command("evaluate")
@@ -91,6 +113,33 @@ def evaluate_cmd(
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     typer.echo(f"{protocol} on {metrics['n_records']} {split} records: {shown}")
     typer.echo(f"wrote {output / 'metrics.json'} and {output / 'predictions.jsonl'}")
+
+
+@bench_app.command("step")
+def benchmark_step_cmd(
+    model: str = typer.Option("tiny", help="alias, local HF folder or cached hub id"),
+    negatives: str = typer.Option("1,3,7,15", help="comma-separated K values"),
+    records: int = typer.Option(4, help="records in the step's batch"),
+    data: Path = typer.Option(..., help="prepared dataset folder whose test records are used"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    repeats: int = typer.Option(3, help="timed repeats after one warm-up (the median is reported)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Time one S-DPO step (forward + backward + reference) the published way and the shared-prompt way."""
+    from sdpo.benchmark import benchmark_step, format_table, save_results
+    from sdpo.datasets import load_split, read_manifest
+
+    try:
+        ks = [int(k) for k in negatives.split(",")]
+    except ValueError:
+        raise UserError(f"--negatives must be comma-separated integers, got {negatives!r}.") from None
+    chosen = load_split(data, "test", limit=records)
+    if any(not 1 <= k < len(r.candidates) for k in ks for r in chosen):
+        raise UserError(f"--negatives: every K must be between 1 and the number of negatives per record (19).")
+    results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device)
+    save_results(json_out, model, device, results, repeats)
+    typer.echo(format_table(results))
+    typer.echo(f"wrote {json_out}")
 
 
 @app.command("pipeline")

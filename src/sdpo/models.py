@@ -111,6 +111,7 @@ def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCau
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=0.125,  # logits of unit scale at width 64, so a few LoRA steps visibly learn
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -6,6 +6,7 @@ A pipeline config (see ``configs/quickstart.yaml``)::
     model: smollm2-135m              # the base LM
     data: {dataset: lastfm}          # fetch + prepare into OUTPUT/data (or {path: DIR})
     sft: {train_limit: 256, ...}     # any SFTConfig option; output in OUTPUT/sft
+    align: {negatives: 3, ...}       # any AlignConfig option, from OUTPUT/sft; output in OUTPUT/align
     evaluate: {split: test, limit: 200, protocols: [generate, rank]}
 
 Evaluation covers the zero-shot base model and every trained stage. A stage whose output
@@ -27,7 +28,7 @@ from sdpo.evaluation import PROTOCOLS, evaluate
 from sdpo.io import write_json, write_text_atomic
 
 KNOWN_PREPARERS = ("lastfm",)
-PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "evaluate"}
+PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "evaluate"}
 TABLE_COLUMNS = ("hr@1", "valid_ratio", "strict_hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
 
 
@@ -97,9 +98,20 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         else:
             print(f"[data] reusing {data_dir}")
 
+    from sdpo.training.preference import AlignConfig, run_align
+    from sdpo.training.sft import SFTConfig, run_sft
+
     models: list[tuple[str, str | None]] = [("zero-shot", None)]
+    common = {"model": base_model, "data": str(data_dir), "seed": seed}
     if "sft" in config:
-        models.append(("sft", str(_run_sft_stage(_section(config, "sft", path), out / "sft", base_model, data_dir, seed, path))))
+        sft_dir = _run_training_stage("sft", SFTConfig, run_sft, {**common, **_section(config, "sft", path)}, out / "sft", path)
+        models.append(("sft", str(sft_dir)))
+    if "align" in config:
+        if "sft" not in config:
+            raise UserError(f"{path}: the align stage starts from the SFT model; add an sft section.")
+        section = {**common, "sft": str(out / "sft"), **_section(config, "align", path)}
+        label = "s-dpo" if section.get("loss", "sdpo") == "sdpo" else "dpo"
+        models.append((label, str(_run_training_stage("align", AlignConfig, run_align, section, out / "align", path))))
 
     eval_cfg = _section(config, "evaluate", path)
     protocols = eval_cfg.get("protocols", list(PROTOCOLS))
@@ -114,7 +126,7 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
             else:
                 print(f"[evaluate] {label}, {protocol} protocol, {split} split")
                 metrics = evaluate_model(data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8))
-            rows.append({"model": label, **metrics})
+            rows.append({**metrics, "stage": label})
     table = results_table(rows)
     write_json(out / "results.json", rows)
     write_text_atomic(out / "results.md", table + "\n")
@@ -123,24 +135,26 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_sft_stage(section: dict[str, Any], out: Path, base_model: str, data_dir: Path, seed: int, path: Path) -> Path:
-    from sdpo.training.sft import CONFIG_FILE, SFTConfig, run_sft
+def _run_training_stage(name: str, config_cls, runner, values: dict[str, Any], out: Path, path: Path) -> Path:
+    """Run a training stage into `out`, reusing a finished run and resuming an interrupted one."""
+    from sdpo.training.sft import CONFIG_FILE
 
     if (out / CONFIG_FILE).is_file() and (out / "adapter_config.json").is_file():
-        print(f"[sft] reusing {out}")
+        print(f"[{name}] reusing {out}")
         return out
-    values = {"model": base_model, "data": str(data_dir), "output_dir": str(out), "seed": seed, **section}
+    values = {**values, "output_dir": str(out)}
     values["resume"] = out.is_dir() and any(out.glob("checkpoint-*"))
-    print(f"[sft] training into {out}" + (" (resuming)" if values["resume"] else ""))
-    return run_sft(build_config(SFTConfig, values, where=f"{path}: sft"))
+    values["overwrite"] = True  # the pipeline owns this folder (e.g. a reference table left by a crash)
+    print(f"[{name}] training into {out}" + (" (resuming)" if values["resume"] else ""))
+    return runner(build_config(config_cls, values, where=f"{path}: {name}"))
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table: one row per (model, protocol), the metrics each protocol has."""
-    header = ["model", "protocol", "n", *TABLE_COLUMNS, "seconds"]
+    header = ["stage", "protocol", "n", *TABLE_COLUMNS, "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], row["protocol"], str(row["n_records"])]
+        cells = [row["stage"], row["protocol"], str(row["n_records"])]
         cells += [f"{row[c]:.4f}" if c in row else "–" for c in TABLE_COLUMNS]
         cells.append(f"{row.get('seconds', 0):.0f}")
         lines.append("| " + " | ".join(cells) + " |")

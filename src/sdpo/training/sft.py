@@ -134,7 +134,7 @@ def run_sft(config: SFTConfig) -> Path:
     resume_from = check_output_dir(config)
     domain = config.resolved_domain()
     train = load_split(config.data, "train", limit=config.train_limit)
-    model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, seed=config.seed)
+    model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation)
     model = add_lora(model, config.lora_settings())
     eval_dataset = None
     if config.eval_strategy != "no":

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up, then run the main job: zero-shot vs SFT SmolLM2-135M on LastFM (configs/quickstart.yaml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/sdpo pipeline "${1:-configs/quickstart.yaml}"

@@ -1,0 +1,251 @@
+"""Preference training from the SFT model: S-DPO (K negatives, softmax) or DPO.
+
+The policy starts as the SFT adapter (trainable); the reference is the same SFT model,
+frozen, represented by its log-probs of every candidate computed once before training
+(`sdpo.training.reference`). Each step scores the positive and the K negatives of every
+record with ONE `answer_logprobs` call (prompt encoded once, answers packed behind it).
+
+Logged with TRL's names: rewards/chosen, rewards/rejected, rewards/margins,
+rewards/accuracies (the positive beats every negative), logps/chosen, logps/rejected;
+to tensorboard when ``report_to`` asks and always to ``log.jsonl`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import Trainer, TrainerCallback
+
+from sdpo.config import save_config
+from sdpo.datasets import load_split
+from sdpo.errors import UserError
+from sdpo.evaluation import rank_candidates
+from sdpo.losses import dpo_loss, softmax_dpo_loss
+from sdpo.metrics import rank_of
+from sdpo.models import load_model
+from sdpo.negatives import STRATEGIES, check_k, hard_negatives, random_negatives
+from sdpo.prompts import encode_answer, record_prompt_ids
+from sdpo.records import Record
+from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
+from sdpo.training.sft import CONFIG_FILE, ModelArguments, SFTConfig, check_output_dir
+
+LOSSES = ("sdpo", "dpo")
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class AlignConfig(SFTConfig):
+    """Preference-stage options: SFTConfig's plus the S-DPO ones.
+
+    The LoRA shape (r, alpha, dropout, modules) is the SFT adapter's; the lora_* options
+    here are not used.
+    """
+
+    sft: str = field(default="", metadata={"help": "SFT run folder (adapter + sdpo_config.yaml) to start from"})
+    loss: str = field(default="sdpo", metadata={"help": "sdpo (softmax over K negatives) or dpo (pairwise, averaged over K)"})
+    negatives: int = field(default=3, metadata={"help": "K, negatives per record (1..19)"})
+    negative_sampling: str = field(default="random", metadata={"help": "random (drawn once), resample (each epoch) or hard"})
+    beta: float = field(default=1.0, metadata={"help": "reward temperature"})
+    sft_weight: float = field(default=0.0, metadata={"help": "weight of an extra NLL term on the positive (0 = off)"})
+    select_by: str = field(default="loss", metadata={"help": "keep the best checkpoint by validation loss or hr@1"})
+    hr_limit: int = field(default=100, metadata={"help": "validation records ranked for eval hr@1"})
+    output_dir: str = "runs/align"
+    learning_rate: float = 1e-5
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.negative_sampling not in STRATEGIES:
+            raise ValueError(f"--negative_sampling must be one of {', '.join(STRATEGIES)}, got {self.negative_sampling!r}")
+        if self.select_by not in ("loss", "hr@1"):
+            raise ValueError(f"--select_by must be loss or hr@1, got {self.select_by!r}")
+        if self.eval_strategy != "no":  # validate as we go and keep the best checkpoint
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = "loss" if self.select_by == "loss" else "hr@1"
+            self.greater_is_better = self.select_by == "hr@1"
+        super().__post_init__()
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Records with their positive + K chosen negatives and the reference log-probs of those."""
+
+    def __init__(self, records: list[Record], reference: torch.Tensor, tokenizer, config: AlignConfig, domain: str):
+        self.records, self.reference, self.tokenizer, self.config, self.domain = records, reference, tokenizer, config, domain
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def negatives_of(self, index: int) -> list[int]:
+        record, k, c = self.records[index], self.config.negatives, self.config
+        if c.negative_sampling == "hard":
+            return hard_negatives(record, k, self.reference[index])
+        epoch = self.epoch if c.negative_sampling == "resample" else 0
+        return random_negatives(record, k, c.seed, index, epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        chosen = [record.candidates.index(record.target), *self.negatives_of(index)]
+        return {
+            "prompt_ids": record_prompt_ids(self.tokenizer, record, self.domain, self.config.prompt_seed),
+            "answer_ids": [encode_answer(self.tokenizer, record.candidates[i]) for i in chosen],
+            "reference_logps": self.reference[index, chosen],
+        }
+
+
+class PreferenceCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        packed = pack_answers([e["prompt_ids"] for e in examples], [e["answer_ids"] for e in examples], self.pad_token_id)
+        packed["reference_logps"] = torch.stack([e["reference_logps"] for e in examples])  # [B, 1+K]
+        return packed
+
+
+class EpochSetter(TrainerCallback):
+    """Tells the dataset the epoch, for per-epoch resampling of negatives."""
+
+    def __init__(self, dataset: PreferenceDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch or 0)
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log entry (train and eval) to OUTPUT/log.jsonl."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(Path(args.output_dir) / LOG_FILE, "a", encoding="utf-8") as out:
+                out.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class PreferenceTrainer(Trainer):
+    """Trainer with the S-DPO / DPO loss on packed answers and TRL-style reward metrics."""
+
+    def __init__(self, *args, align: AlignConfig, hr_records: list[Record], domain: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.align, self.hr_records, self.domain = align, hr_records, domain
+        self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def preference_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
+        logps, n_tokens = answer_logprobs(model, inputs)  # [B, 1+K]
+        reference = inputs["reference_logps"].to(logps.dtype)
+        chosen, rejected = logps[:, 0], logps[:, 1:]
+        ref_chosen, ref_rejected = reference[:, 0], reference[:, 1:]
+        beta = self.align.beta
+        if self.align.loss == "sdpo":
+            losses = softmax_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+        else:
+            k = rejected.shape[1]
+            losses = dpo_loss(chosen[:, None].expand(-1, k), rejected, ref_chosen[:, None].expand(-1, k), ref_rejected, beta).mean(-1)
+        if self.align.sft_weight:
+            losses = losses + self.align.sft_weight * (-chosen / n_tokens[:, 0])
+        chosen_rewards = (beta * (chosen - ref_chosen)).detach()  # [B]
+        rejected_rewards = (beta * (rejected - ref_rejected)).detach()  # [B, K]
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards.mean(-1)).mean().item(),
+            "rewards/accuracies": (chosen_rewards[:, None] > rejected_rewards).all(-1).float().mean().item(),
+            "logps/chosen": chosen.detach().mean().item(),
+            "logps/rejected": rejected.detach().mean().item(),
+        }
+        return losses.mean(), metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.preference_loss(model, inputs)
+        split = "train" if model.training else "eval"
+        for key, value in metrics.items():
+            self._stored[split][key].append(value)
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        rankings = rank_candidates(self.model, self.processing_class, self.hr_records, self.domain,
+                                   self.args.per_device_eval_batch_size, self.align.prompt_seed, progress=False)
+        hr = sum(rank_of(r.target, [t for t, _ in ranking]) == 1 for r, ranking in zip(self.hr_records, rankings))
+        self._stored["eval"]["hr@1"].append(hr / len(self.hr_records))
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "train" if "loss" in logs else "eval"
+        prefix = "" if split == "train" else "eval_"
+        for key, values in self._stored[split].items():
+            logs[prefix + key] = sum(values) / len(values)
+        self._stored[split].clear()
+        super().log(logs, start_time)
+
+
+def read_sft_run(sft_dir: str) -> dict:
+    """The resolved config of an SFT run folder (its base model, data, prompts)."""
+    path = Path(sft_dir) / CONFIG_FILE
+    if not sft_dir or not path.is_file() or not (Path(sft_dir) / "adapter_config.json").is_file():
+        raise UserError(f"--sft {sft_dir!r}: not an SFT run folder (needs adapter_config.json and {CONFIG_FILE}). Run sdpo sft first.")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def reference_table(model, tokenizer, records, config: AlignConfig, base_model: str, domain: str, name: str) -> torch.Tensor:
+    key = fingerprint(records, base_model, config.sft, domain, config.prompt_seed)
+    path = Path(config.output_dir) / f"reference-{name}.safetensors"
+    return cached_reference_logps(
+        path, key, lambda: compute_reference_logps(model, tokenizer, records, domain, config.prompt_seed, config.per_device_eval_batch_size)
+    )
+
+
+def run_align(config: AlignConfig) -> Path:
+    """Train the SFT model further with S-DPO or DPO; returns the output folder."""
+    sft_run = read_sft_run(config.sft)
+    base_model = sft_run.get("model", config.model)
+    config.model = base_model
+    config.data = config.data or sft_run.get("data", "")
+    if not config.data:
+        raise UserError("align: no dataset given. Pass --data DIR.")
+    resume_from = check_output_dir(config)
+    domain = config.resolved_domain()
+    train = load_split(config.data, "train", limit=config.train_limit)
+    try:
+        check_k(train, config.negatives)
+    except ValueError as exc:
+        raise UserError(f"--negatives: {exc}.") from None
+    model, tokenizer = load_model(base_model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True)
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    # The policy starts equal to the SFT model, so its scores now are the frozen reference's.
+    train_reference = reference_table(model, tokenizer, train, config, base_model, domain, "train")
+    train_dataset = PreferenceDataset(train, train_reference, tokenizer, config, domain)
+    eval_dataset, hr_records = None, []
+    if config.eval_strategy != "no":
+        val = load_split(config.data, "val", limit=config.eval_limit)
+        eval_dataset = PreferenceDataset(val, reference_table(model, tokenizer, val, config, base_model, domain, "val"), tokenizer, config, domain)
+        hr_records = val[: config.hr_limit]
+    model.train()
+    trainer = PreferenceTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[EpochSetter(train_dataset), JsonlLogger()],
+        align=config,
+        hr_records=hr_records,
+        domain=domain,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(config.output_dir)
+    trainer.save_state()
+    save_config(config, Path(config.output_dir) / CONFIG_FILE)
+    return Path(config.output_dir)

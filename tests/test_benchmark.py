@@ -1,0 +1,26 @@
+"""The step benchmark runs both ways and agrees on the log-probs (timings are not asserted)."""
+
+import json
+
+from sdpo.benchmark import benchmark_step, format_table, naive_sequences, save_results
+from sdpo.datasets import load_split
+
+
+def test_benchmark_step_on_tiny(small_data, tmp_path):
+    records = load_split(small_data, "test", limit=2)
+    results = benchmark_step("tiny", records, "music", [1, 3], repeats=1)
+    assert [r["negatives"] for r in results] == [1, 3]
+    for row in results:
+        assert row["max_abs_logp_diff"] <= 1e-4
+        assert row["naive_seconds"] > 0 and row["shared_seconds"] > 0 and row["speedup"] > 0
+        assert row["shared_tokens"] < row["naive_tokens"]
+    save_results(tmp_path / "b.json", "tiny", "cpu", results, 1)
+    assert json.loads((tmp_path / "b.json").read_text())["results"] == results
+    assert "| 3 |" in format_table(results)
+
+
+def test_naive_sequences_layout():
+    ids, mask, labels = naive_sequences([[1, 2]], [[[3], [4, 5]]], pad_token_id=0)
+    assert ids.tolist() == [[1, 2, 3, 0], [1, 2, 4, 5]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert labels.tolist() == [[-100, -100, 3, -100], [-100, -100, 4, 5]]

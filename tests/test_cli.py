@@ -1,0 +1,81 @@
+"""The `sdpo` command as a user runs it: clear errors, exit codes, and the pipeline end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def sdpo(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-c", "from sdpo.cli import main; main()", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_prepare_from_mirror_and_refusals(mirror, tmp_path):
+    out = tmp_path / "lastfm"
+    ok = sdpo("data", "prepare", "lastfm", "--out", out, "--mirror", mirror, "--raw-dir", tmp_path / "raw")
+    assert ok.returncode == 0, ok.stderr
+    assert "train 47872, val 2767, test 2495" in ok.stdout
+    again = sdpo("data", "prepare", "lastfm", "--out", out, "--mirror", mirror, "--raw-dir", tmp_path / "raw")
+    assert_user_error(again, "not empty", "--overwrite")
+    missing = sdpo("data", "fetch", "lastfm", "--mirror", tmp_path / "nowhere", "--raw-dir", tmp_path / "raw2")
+    assert_user_error(missing, "is missing")
+    assert not any(p for p in (tmp_path / "raw2" / "lastfm").iterdir())
+
+
+def test_evaluate_refuses_a_bad_dataset_and_writes_nothing(small_data, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text(json.dumps({"domain": "music"}))
+    lines = (small_data / "test.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["target"] = "Not A Candidate"
+    (bad / "test.jsonl").write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    result = sdpo("evaluate", "--data", bad, "--model", "tiny", "--output", tmp_path / "out")
+    assert_user_error(result, "test.jsonl:2: bad record: target 'Not A Candidate' is not among the candidates")
+    assert not (tmp_path / "out").exists()
+    result = sdpo("evaluate", "--data", small_data, "--model", "tiny", "--protocol", "beam", "--output", tmp_path / "out")
+    assert_user_error(result, "unknown protocol 'beam'")
+    result = sdpo("evaluate", "--data", small_data, "--model", "tiny", "--adapter", tmp_path, "--output", tmp_path / "o2")
+    assert_user_error(result, "holds no LoRA adapter")
+
+
+def test_sft_cli_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nbogus: 3\n")
+    assert_user_error(sdpo("sft", tmp_path / "c.yaml"), "unknown option(s) bogus")
+    assert_user_error(sdpo("sft", tmp_path / "absent.yaml"), "no such config file")
+    help_text = sdpo("sft", "--help")
+    assert help_text.returncode == 0 and "--lora_r" in help_text.stdout and "--learning_rate" in help_text.stdout
+
+
+def test_pipeline_on_tiny(small_data, tmp_path):
+    config = {
+        "output_dir": str(tmp_path / "run"),
+        "model": "tiny",
+        "data": {"path": str(small_data)},
+        "sft": {"train_limit": 8, "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True},
+        "evaluate": {"split": "test", "limit": 3, "protocols": ["generate", "rank"], "batch_size": 2},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    result = sdpo("pipeline", tmp_path / "p.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [(r["stage"], r["protocol"]) for r in rows] == [("zero-shot", "generate"), ("zero-shot", "rank"), ("sft", "generate"), ("sft", "rank")]
+    assert all(r["n_records"] == 3 for r in rows)
+    assert "| sft | rank | 3 |" in result.stdout
+    again = sdpo("pipeline", tmp_path / "p.yaml")  # finished stages are reused
+    assert again.returncode == 0 and "[sft] reusing" in again.stdout and "[evaluate] reusing" in again.stdout

@@ -1,0 +1,76 @@
+import json
+from collections import Counter
+
+import pytest
+
+from sdpo.candidates import record_rng, sample_candidates
+from sdpo.datasets import load_split, read_manifest, write_prepared
+from sdpo.errors import UserError
+from sdpo.records import Record
+from sdpo.sources.lastfm import read_id2name
+
+
+def test_lastfm_counts_and_manifest(lastfm_dir):
+    manifest = read_manifest(lastfm_dir)
+    assert manifest["counts"] == {"train": 47872, "val": 2767, "test": 2495}
+    assert manifest["domain"] == "music" and manifest["seed"] == 0 and manifest["n_items"] == 4606
+    assert manifest["sources"]["train_data.df"]["sha256"].startswith("7db71a60")
+
+
+@pytest.mark.parametrize("split, name", [("test", "sdpo-lastfm-test.json"), ("val", "sdpo-lastfm-val.json")])
+def test_eval_splits_are_the_papers_records_exactly(lastfm_dir, mirror, split, name):
+    paper = json.loads((mirror / "lastfm" / name).read_text(encoding="utf-8"))
+    records = load_split(lastfm_dir, split)
+    assert len(records) == len(paper)
+    for record, row in zip(records, paper):
+        assert record.history == row["historyList"].split("::")
+        assert record.candidates == row["itemList"]
+        assert record.target == row["trueSelection"]
+
+
+def test_train_records(lastfm_dir, mirror):
+    titles = set(read_id2name(mirror / "lastfm" / "id2name.txt"))
+    train = load_split(lastfm_dir, "train")
+    assert all(len(r.candidates) == 20 and len(r.history) >= 3 for r in train)
+    assert all(set(r.candidates) <= titles for r in train[:2000])
+    assert {r.id for r in train[:3]} == {"train-3", "train-4", "train-5"}
+    # the target sits at varied positions, not always first
+    assert len(Counter(r.candidates.index(r.target) for r in train[:500])) == 20
+    # seeded per record: records sharing a target share few negatives (the leak would give ~6 of 19)
+    by_target: dict[str, list[Record]] = {}
+    for record in train:
+        by_target.setdefault(record.target, []).append(record)
+    shared = [len(set(a.negatives) & set(b.negatives)) for rs in by_target.values() if len(rs) > 1 for a, b in [rs[:2]]]
+    assert sum(shared) / len(shared) < 0.5
+
+
+def test_prepare_is_deterministic(lastfm_dir, mirror, tmp_path):
+    from sdpo.pipeline import prepare_dataset
+
+    again = tmp_path / "again"
+    prepare_dataset("lastfm", again, seed=0, mirror=mirror, raw_dir=tmp_path / "raw")
+    assert (again / "train.jsonl").read_bytes() == (lastfm_dir / "train.jsonl").read_bytes()
+    other = tmp_path / "other"
+    prepare_dataset("lastfm", other, seed=1, mirror=mirror, raw_dir=tmp_path / "raw")
+    assert load_split(other, "train", limit=5) != load_split(again, "train", limit=5)
+    assert (other / "test.jsonl").read_bytes() == (again / "test.jsonl").read_bytes()
+
+
+def test_sample_candidates_excludes_history():
+    rng = record_rng(0, 7)
+    candidates = sample_candidates(rng, 25, target=3, history=[0, 1, 2, 4, 5])
+    assert len(candidates) == 20 and len(set(candidates)) == 20 and 3 in candidates
+    assert not {0, 1, 2, 4, 5} & set(candidates)
+    with pytest.raises(ValueError, match="only"):
+        sample_candidates(rng, 20, target=3, history=[0, 1])
+
+
+def test_write_prepared_refuses_bad_records_and_writes_nothing(tmp_path):
+    good = Record("a", None, ["x"], ["y", "z"], "y")
+    bad = Record("b", None, ["x"], ["x", "z"], "z")
+    with pytest.raises(UserError, match=r"test record 1 \(id 'b'\): candidate 'x' is inside the history"):
+        write_prepared(tmp_path / "out", {"train": [good], "test": [good, bad]}, {"domain": "music"})
+    assert list(tmp_path.iterdir()) == []
+    write_prepared(tmp_path / "out", {"train": [good]}, {"domain": "music"})
+    with pytest.raises(UserError, match="not empty"):
+        write_prepared(tmp_path / "out", {"train": [good]}, {"domain": "music"})

@@ -1,0 +1,46 @@
+import pytest
+
+from sdpo.prompts import DOMAINS, TEMPLATES, build_prompt, encode_answer, encode_prompt, record_prompt_ids, render_list
+from sdpo.records import Record
+from sdpo.training.sft import PromptAnswerDataset
+
+RECORD = Record("r1", None, ["Earth, Wind & Fire", "Beck"], ["Jeff Beck", "Crosby, Stills, Nash & Young", "Mø"], "Mø")
+
+
+def test_comma_names_stay_whole():
+    prompt = build_prompt(RECORD, "music")
+    lines = prompt.splitlines()
+    for title in [*RECORD.history, *RECORD.candidates]:
+        assert f"- {title}" in lines
+    assert render_list(["a, b", "c"]).splitlines() == ["- a, b", "- c"]
+
+
+def test_phrasing_is_seeded_per_record_and_varies():
+    assert build_prompt(RECORD, "music", seed=0) == build_prompt(RECORD, "music", seed=0)
+    phrasings = {build_prompt(Record(f"r{i}", None, ["a"], ["b", "c"], "b"), "movies") for i in range(60)}
+    assert len(phrasings) == len(TEMPLATES) >= 3
+    for domain, (item, items, verb) in DOMAINS.items():
+        assert items in build_prompt(RECORD, domain)
+    with pytest.raises(ValueError, match="unknown domain"):
+        build_prompt(RECORD, "podcasts")
+
+
+TITLES = ["Beck", "Jeff Beck", "Crosby, Stills, Nash & Young", "Mø", "Ke$ha", "The The", "Sigur Rós", "50 Cent", "AC/DC", "!!!"]
+
+
+@pytest.mark.parametrize("title", TITLES)
+def test_prompt_and_answer_tokenize_as_one_text(tiny, title):
+    """Separately encoded prompt + answer are exactly the tokens of the joined text."""
+    _, tokenizer = tiny
+    prompt_ids = encode_prompt(tokenizer, build_prompt(RECORD, "music"))
+    answer_ids = encode_answer(tokenizer, title)
+    assert answer_ids[-1] == tokenizer.eos_token_id
+    joined_text = tokenizer.decode(prompt_ids) + title
+    assert tokenizer(joined_text, add_special_tokens=False)["input_ids"] == prompt_ids + answer_ids[:-1]
+
+
+def test_training_and_evaluation_use_the_same_ids(tiny):
+    _, tokenizer = tiny
+    example = PromptAnswerDataset([RECORD], tokenizer, "music")[0]
+    assert example["prompt_ids"] == record_prompt_ids(tokenizer, RECORD, "music")
+    assert example["answer_ids"] == [encode_answer(tokenizer, RECORD.target)]

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from sdpo.config import build_config
+from sdpo.datasets import load_split
+from sdpo.errors import UserError
+from sdpo.models import load_model
+from sdpo.prompts import encode_answer, record_prompt_ids
+from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.training.sft import CONFIG_FILE, SFTConfig, run_sft
+
+
+def mean_nll(model, tokenizer, records) -> float:
+    prompts = [record_prompt_ids(tokenizer, r, "music") for r in records]
+    answers = [[encode_answer(tokenizer, r.target)] for r in records]
+    with torch.no_grad():
+        logps, counts = answer_logprobs(model.eval(), pack_answers(prompts, answers, tokenizer.pad_token_id))
+    return (-logps.sum() / counts.sum()).item()
+
+
+def sft_config(small_data, out, **overrides):
+    values = {
+        "model": "tiny", "data": str(small_data), "output_dir": str(out), "learning_rate": 5e-3,
+        "num_train_epochs": 3, "per_device_train_batch_size": 4, "lora_dropout": 0.0, "logging_steps": 2,
+        "save_steps": 2, "disable_tqdm": True, **overrides,
+    }
+    return build_config(SFTConfig, values)
+
+
+def test_sft_lowers_the_loss_and_saves_a_loadable_adapter(small_data, tmp_path):
+    out = run_sft(sft_config(small_data, tmp_path / "sft"))
+    records = load_split(small_data, "train")
+    base, tokenizer = load_model("tiny")
+    trained, _ = load_model("tiny", adapter=out)
+    before, after = mean_nll(base, tokenizer, records), mean_nll(trained, tokenizer, records)
+    assert after < before - 0.5, (before, after)
+    saved = (out / CONFIG_FILE).read_text()
+    assert "learning_rate: 0.005" in saved and "model: tiny" in saved
+    assert (out / "tokenizer.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0]
+
+
+def test_sft_resumes_from_its_checkpoint(small_data, tmp_path):
+    out = tmp_path / "sft"
+    run_sft(sft_config(small_data, out, max_steps=4))
+    with pytest.raises(UserError, match="not empty .*--resume"):
+        run_sft(sft_config(small_data, out, max_steps=6))
+    run_sft(sft_config(small_data, out, max_steps=6, resume=True))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    steps = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert steps == [2, 4, 6]  # steps 1-4 came from the first run's checkpoint, not retrained
+
+
+def test_resume_without_checkpoint_and_missing_data(small_data, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        run_sft(sft_config(small_data, tmp_path / "none", resume=True))
+    with pytest.raises(UserError, match="no dataset given"):
+        run_sft(sft_config("", tmp_path / "x"))
+
+
+def test_config_rejects_unknown_options(small_data, tmp_path):
+    with pytest.raises(UserError, match="unknown option"):
+        build_config(SFTConfig, {"learning_rat": 1})
+    with pytest.raises(UserError, match="unknown command-line option"):
+        build_config(SFTConfig, {}, ["--no_such_flag", "1"])
+    config = build_config(SFTConfig, {"learning_rate": 1e-3}, ["--learning-rate", "3e-4", "--lora_r", "4"])
+    assert config.learning_rate == 3e-4 and config.lora_r == 4 and config.lora_alpha == 32
