@@ -73,8 +73,27 @@ def test_sft_then_sdpo_then_evaluate_on_tiny(small_data, tmp_path):
     assert 0 <= result.metrics["hr@1"] <= 1
 
 
+def test_reference_adapter_mode_matches_the_sft_model(small_data, tmp_path):
+    """With a frozen copy of the SFT adapter as reference, step 1 has zero rewards and training moves on."""
+    sft_dir = run_sft(build_config(SFTConfig, {
+        "model": "tiny", "data": str(small_data), "output_dir": str(tmp_path / "sft"), "max_steps": 2,
+        "learning_rate": 5e-3, "disable_tqdm": True, "train_limit": 8, "lora_dropout": 0.0,
+    }))
+    out = run_align(build_config(AlignConfig, {
+        "sft": str(sft_dir), "output_dir": str(tmp_path / "sdpo"), "negatives": 2, "reference": "adapter",
+        "negative_sampling": "resample", "learning_rate": 5e-2, "max_steps": 3, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "disable_tqdm": True, "train_limit": 8,
+    }))
+    logs = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if '"loss"' in line]
+    assert abs(logs[0]["rewards/chosen"]) < 1e-5 and abs(logs[0]["rewards/rejected"]) < 1e-5
+    assert abs(logs[-1]["rewards/margins"]) > 1e-4  # the policy moved away from the frozen reference
+    assert not (out / "reference").exists() and (out / "adapter_model.safetensors").is_file()
+
+
 def test_align_refuses_bad_options(small_data, tmp_path):
     with pytest.raises(UserError, match="not an SFT run folder"):
         run_align(build_config(AlignConfig, {"sft": str(tmp_path), "output_dir": str(tmp_path / "x")}))
     with pytest.raises(UserError, match="--loss must be one of sdpo, dpo"):
         build_config(AlignConfig, {"loss": "ipo"})
+    with pytest.raises(UserError, match="hard picks negatives by reference scores"):
+        build_config(AlignConfig, {"reference": "adapter", "negative_sampling": "hard"})

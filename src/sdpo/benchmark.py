@@ -162,6 +162,7 @@ def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list
             policy.zero_grad(set_to_none=True)
             return shared_step(policy, packed)
 
+        print(f"[benchmark] K={k}: {len(records)} records, naive batch {tuple(batch[0].shape)}, packed {tuple(packed['input_ids'].shape)}", flush=True)
         naive_s, naive_mb, naive_lp = _timed(run_naive, dev, repeats)
         shared_s, shared_mb, shared_lp = _timed(run_shared, dev, repeats)
         policy.zero_grad(set_to_none=True)

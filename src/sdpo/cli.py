@@ -93,6 +93,25 @@ def align(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help
     typer.echo(f"align: adapter saved in {out}")
 
 
+@app.command("baseline", context_settings=PASS_THROUGH)
+def baseline(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help="YAML config; flags override it")) -> None:
+    """Classic recommenders on the same records: --model sasrec|gru4rec|caser|popularity --data DIR --output_dir DIR."""
+    from sdpo.baselines.train import BaselineConfig, run_baseline
+    from sdpo.config import build_config, read_yaml
+
+    if config is not None and str(config).startswith("-"):
+        ctx.args.insert(0, str(config))
+        config = None
+    if {"--help", "-h"} & set(ctx.args):
+        _hf_help(BaselineConfig)
+        return
+    args = ["--output_dir" if a == "--output" else a for a in ctx.args]
+    values = read_yaml(config) if config else {}
+    metrics = run_baseline(build_config(BaselineConfig, values, args, where=str(config or "baseline")))
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")}
+    typer.echo(f"{metrics['model']} on {metrics['n_records']} {metrics['split']} records: {shown}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     data: Path = typer.Option(..., help="prepared dataset folder"),

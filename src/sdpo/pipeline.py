@@ -7,6 +7,7 @@ A pipeline config (see ``configs/quickstart.yaml``)::
     data: {dataset: lastfm}          # fetch + prepare into OUTPUT/data (or {path: DIR})
     sft: {train_limit: 256, ...}     # any SFTConfig option; output in OUTPUT/sft
     align: {negatives: 3, ...}       # any AlignConfig option, from OUTPUT/sft; output in OUTPUT/align
+    baselines: {models: [popularity, sasrec], ...}   # any BaselineConfig option; OUTPUT/baselines/NAME
     evaluate: {split: test, limit: 200, protocols: [generate, rank]}
 
 Evaluation covers the zero-shot base model and every trained stage. A stage whose output
@@ -28,7 +29,7 @@ from sdpo.evaluation import PROTOCOLS, evaluate
 from sdpo.io import write_json, write_text_atomic
 
 KNOWN_PREPARERS = ("lastfm",)
-PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "evaluate"}
+PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate"}
 TABLE_COLUMNS = ("hr@1", "valid_ratio", "strict_hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
 
 
@@ -127,11 +128,34 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
                 print(f"[evaluate] {label}, {protocol} protocol, {split} split")
                 metrics = evaluate_model(data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8))
             rows.append({**metrics, "stage": label})
+    rows.extend(_run_baselines(config, path, out, data_dir, seed, split, limit))
     table = results_table(rows)
     write_json(out / "results.json", rows)
     write_text_atomic(out / "results.md", table + "\n")
     print(table)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in {out / 'results.md'}")
+    return rows
+
+
+def _run_baselines(config, path, out, data_dir, seed, split, limit) -> list[dict[str, Any]]:
+    """Rows for the classic recommenders, evaluated on the same split and records as the LMs."""
+    if "baselines" not in config:
+        return []
+    from sdpo.baselines.train import BaselineConfig, run_baseline
+
+    section = dict(_section(config, "baselines", path))
+    names = section.pop("models", ["popularity", "sasrec"])
+    rows = []
+    for name in names:
+        target = out / "baselines" / name
+        if (target / "metrics.json").is_file():
+            print(f"[baseline] reusing {target}")
+            metrics = json.loads((target / "metrics.json").read_text())
+        else:
+            print(f"[baseline] {name}")
+            values = {"data": str(data_dir), "seed": seed, "eval_split": split, "eval_limit": limit, **section, "model": name, "output_dir": str(target)}
+            metrics = run_baseline(build_config(BaselineConfig, values, where=f"{path}: baselines"))
+        rows.append({**metrics, "stage": name, "protocol": "rank"})
     return rows
 
 

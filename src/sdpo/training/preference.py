@@ -2,7 +2,10 @@
 
 The policy starts as the SFT adapter (trainable); the reference is the same SFT model,
 frozen, represented by its log-probs of every candidate computed once before training
-(`sdpo.training.reference`). Each step scores the positive and the K negatives of every
+(`sdpo.training.reference`), or, with ``--reference adapter``, by a frozen second copy of
+the SFT adapter inside the same PeftModel, run without gradients at each step (for
+per-epoch resampling at scale). Never the base model with the adapter disabled: that is
+not the SFT model. Each step scores the positive and the K negatives of every
 record with ONE `answer_logprobs` call (prompt encoded once, answers packed behind it).
 
 Logged with TRL's names: rewards/chosen, rewards/rejected, rewards/margins,
@@ -36,6 +39,7 @@ from sdpo.training.reference import cached_reference_logps, compute_reference_lo
 from sdpo.training.sft import CONFIG_FILE, ModelArguments, SFTConfig, check_output_dir
 
 LOSSES = ("sdpo", "dpo")
+REFERENCE_ADAPTER = "reference"
 LOG_FILE = "log.jsonl"
 
 
@@ -53,6 +57,7 @@ class AlignConfig(SFTConfig):
     negative_sampling: str = field(default="random", metadata={"help": "random (drawn once), resample (each epoch) or hard"})
     beta: float = field(default=1.0, metadata={"help": "reward temperature"})
     sft_weight: float = field(default=0.0, metadata={"help": "weight of an extra NLL term on the positive (0 = off)"})
+    reference: str = field(default="precomputed", metadata={"help": "precomputed (scores cached once) or adapter (a frozen copy of the SFT adapter, run each step)"})
     select_by: str = field(default="loss", metadata={"help": "keep the best checkpoint by validation loss or hr@1"})
     hr_limit: int = field(default=100, metadata={"help": "validation records ranked for eval hr@1"})
     output_dir: str = "runs/align"
@@ -63,6 +68,10 @@ class AlignConfig(SFTConfig):
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.negative_sampling not in STRATEGIES:
             raise ValueError(f"--negative_sampling must be one of {', '.join(STRATEGIES)}, got {self.negative_sampling!r}")
+        if self.reference not in ("precomputed", "adapter"):
+            raise ValueError(f"--reference must be precomputed or adapter, got {self.reference!r}")
+        if self.reference == "adapter" and self.negative_sampling == "hard":
+            raise ValueError("--negative_sampling hard picks negatives by reference scores: use --reference precomputed")
         if self.select_by not in ("loss", "hr@1"):
             raise ValueError(f"--select_by must be loss or hr@1, got {self.select_by!r}")
         if self.eval_strategy != "no":  # validate as we go and keep the best checkpoint
@@ -92,11 +101,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         chosen = [record.candidates.index(record.target), *self.negatives_of(index)]
-        return {
+        example = {
             "prompt_ids": record_prompt_ids(self.tokenizer, record, self.domain, self.config.prompt_seed),
             "answer_ids": [encode_answer(self.tokenizer, record.candidates[i]) for i in chosen],
-            "reference_logps": self.reference[index, chosen],
         }
+        if self.reference is not None:  # else the reference adapter scores them during the step
+            example["reference_logps"] = self.reference[index, chosen]
+        return example
 
 
 class PreferenceCollator:
@@ -105,7 +116,8 @@ class PreferenceCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         packed = pack_answers([e["prompt_ids"] for e in examples], [e["answer_ids"] for e in examples], self.pad_token_id)
-        packed["reference_logps"] = torch.stack([e["reference_logps"] for e in examples])  # [B, 1+K]
+        if "reference_logps" in examples[0]:
+            packed["reference_logps"] = torch.stack([e["reference_logps"] for e in examples])  # [B, 1+K]
         return packed
 
 
@@ -136,9 +148,22 @@ class PreferenceTrainer(Trainer):
         self.align, self.hr_records, self.domain = align, hr_records, domain
         self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
 
+    def reference_logps(self, model, inputs) -> torch.Tensor:
+        """[B, 1+K] reference log-probs: precomputed, or from the frozen SFT adapter copy."""
+        if "reference_logps" in inputs:
+            return inputs["reference_logps"]
+        with torch.no_grad():
+            model.set_adapter(REFERENCE_ADAPTER)
+            try:
+                logps, _ = answer_logprobs(model, inputs)
+            finally:
+                model.set_adapter("default")  # PEFT makes the active adapter the trainable one
+        return logps
+
     def preference_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
+        reference = self.reference_logps(model, inputs)
         logps, n_tokens = answer_logprobs(model, inputs)  # [B, 1+K]
-        reference = inputs["reference_logps"].to(logps.dtype)
+        reference = reference.to(logps.dtype)
         chosen, rejected = logps[:, 0], logps[:, 1:]
         ref_chosen, ref_rejected = reference[:, 0], reference[:, 1:]
         beta = self.align.beta
@@ -223,14 +248,22 @@ def run_align(config: AlignConfig) -> Path:
         raise UserError(f"--negatives: {exc}.") from None
     model, tokenizer = load_model(base_model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    # The policy starts equal to the SFT model, so its scores now are the frozen reference's.
-    train_reference = reference_table(model, tokenizer, train, config, base_model, domain, "train")
-    train_dataset = PreferenceDataset(train, train_reference, tokenizer, config, domain)
+
+    def reference_for(records: list[Record], name: str) -> torch.Tensor | None:
+        if config.reference == "adapter":
+            return None
+        # The policy starts equal to the SFT model, so its scores now are the frozen reference's.
+        return reference_table(model, tokenizer, records, config, base_model, domain, name)
+
+    train_dataset = PreferenceDataset(train, reference_for(train, "train"), tokenizer, config, domain)
     eval_dataset, hr_records = None, []
     if config.eval_strategy != "no":
         val = load_split(config.data, "val", limit=config.eval_limit)
-        eval_dataset = PreferenceDataset(val, reference_table(model, tokenizer, val, config, base_model, domain, "val"), tokenizer, config, domain)
+        eval_dataset = PreferenceDataset(val, reference_for(val, "val"), tokenizer, config, domain)
         hr_records = val[: config.hr_limit]
+    if config.reference == "adapter":
+        model.load_adapter(config.sft, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter("default")
     model.train()
     trainer = PreferenceTrainer(
         model=model,
@@ -245,6 +278,8 @@ def run_align(config: AlignConfig) -> Path:
         domain=domain,
     )
     trainer.train(resume_from_checkpoint=resume_from)
+    if config.reference == "adapter":
+        trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
     trainer.save_model(config.output_dir)
     trainer.save_state()
     save_config(config, Path(config.output_dir) / CONFIG_FILE)
