@@ -79,3 +79,14 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     assert "| sft | rank | 3 |" in result.stdout
     again = sdpo("pipeline", tmp_path / "p.yaml")  # finished stages are reused
     assert again.returncode == 0 and "[sft] reusing" in again.stdout and "[evaluate] reusing" in again.stdout
+
+
+def test_baseline_and_align_commands(small_data, tmp_path):
+    result = sdpo("baseline", "--model", "popularity", "--data", small_data, "--output", tmp_path / "pop")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "popularity on 8 test records" in result.stdout
+    assert json.loads((tmp_path / "pop" / "metrics.json").read_text())["valid_ratio"] == 1.0
+    assert_user_error(sdpo("baseline", "--model", "bert4rec", "--data", small_data, "--output", tmp_path / "x"), "unknown baseline")
+    assert_user_error(sdpo("align", "--sft", tmp_path, "--output_dir", tmp_path / "a"), "not an SFT run folder")
+    help_text = sdpo("align", "--help")
+    assert help_text.returncode == 0 and "--negatives" in help_text.stdout and "--select_by" in help_text.stdout

@@ -1,4 +1,4 @@
-"""The ``sdpo`` command: data, sft, evaluate, pipeline.
+"""The ``sdpo`` command: data, sft, align, baseline, evaluate, benchmark, pipeline.
 
 User mistakes (bad files, bad options) end with one ``error:`` line and exit status 2;
 no traceback.
@@ -25,7 +25,7 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 @data_app.command("fetch")
 def data_fetch(
-    dataset: str = typer.Argument(..., help="dataset name: lastfm"),
+    dataset: str = typer.Argument(..., help="dataset name: lastfm or movielens-100k"),
     mirror: Optional[Path] = typer.Option(None, help="copy from this local mirror folder (default: $SDPO_MIRROR)"),
     raw_dir: Optional[Path] = typer.Option(None, help="where raw files are kept (default: $SDPO_HOME/raw)"),
 ) -> None:
@@ -38,77 +38,74 @@ def data_fetch(
 
 @data_app.command("prepare")
 def data_prepare(
-    dataset: str = typer.Argument(..., help="dataset name: lastfm"),
+    dataset: str = typer.Argument(..., help="lastfm, movielens-100k, interactions (your own logs) or llara (a LLaRA folder)"),
     out: Path = typer.Option(..., help="folder to write train/val/test.jsonl and manifest.json into"),
-    seed: int = typer.Option(0, help="seed for the training records' negative candidates"),
+    seed: int = typer.Option(0, help="seed for user splits and negative candidates"),
     mirror: Optional[Path] = typer.Option(None, help="local mirror folder (default: $SDPO_MIRROR)"),
     raw_dir: Optional[Path] = typer.Option(None, help="where raw files are kept (default: $SDPO_HOME/raw)"),
     overwrite: bool = typer.Option(False, help="replace an existing prepared folder"),
+    interactions: Optional[Path] = typer.Option(None, help="interactions: CSV/JSONL with user, item, timestamp[, rating]"),
+    items: Optional[Path] = typer.Option(None, help="interactions: CSV/JSONL with item, title"),
+    domain: Optional[str] = typer.Option(None, help="interactions/llara: music, movies, books or games"),
+    min_rating: Optional[float] = typer.Option(None, help="interactions/movielens-100k: drop ratings below this"),
+    dir: Optional[Path] = typer.Option(None, "--dir", help="llara: folder with id2name.txt and the *_data.df pickles"),
+    trust_pickles: bool = typer.Option(False, help="llara: load pickles whose SHA-256 is not on the pinned list"),
 ) -> None:
-    """Turn a dataset's raw files into a prepared record folder (fetching them first if needed)."""
+    """Turn a dataset into a prepared record folder (fetching raw files first where needed)."""
     from sdpo.pipeline import prepare_dataset
 
-    manifest = prepare_dataset(dataset, out, seed=seed, mirror=mirror, raw_dir=raw_dir, overwrite=overwrite)
+    manifest = prepare_dataset(
+        dataset, out, seed=seed, mirror=mirror, raw_dir=raw_dir, overwrite=overwrite, interactions=interactions,
+        items=items, folder=dir, domain=domain, min_rating=min_rating, trust_pickles=trust_pickles,
+    )
     counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
     typer.echo(f"{dataset}: wrote {out} ({counts})")
 
 
-def _hf_help(cls) -> None:
+def _config_from(ctx: typer.Context, config: Optional[Path], cls, name: str, aliases: dict[str, str] | None = None):
+    """`cls` from an optional YAML file plus the command's pass-through flags (which win)."""
     from transformers import HfArgumentParser
 
-    HfArgumentParser(cls).print_help()
+    from sdpo.config import build_config, read_yaml
+
+    args = [(aliases or {}).get(a, a) for a in ctx.args]
+    if config is not None and str(config).startswith("-"):  # no YAML given: the first token is a flag
+        args.insert(0, (aliases or {}).get(str(config), str(config)))
+        config = None
+    if {"--help", "-h"} & set(args):
+        HfArgumentParser(cls).print_help()
+        raise typer.Exit()
+    return build_config(cls, read_yaml(config) if config else {}, args, where=str(config or name))
+
+
+CONFIG_ARGUMENT = typer.Argument(None, help="YAML config; flags override it")
 
 
 @app.command("sft", context_settings=PASS_THROUGH)
-def sft(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help="YAML config; flags override it")) -> None:
+def sft(ctx: typer.Context, config: Optional[Path] = CONFIG_ARGUMENT) -> None:
     """Supervised fine-tuning with LoRA. Options: every field of SFTConfig (sdpo sft --help)."""
-    from sdpo.config import build_config, read_yaml
     from sdpo.training.sft import SFTConfig, run_sft
 
-    if config is not None and str(config).startswith("-"):
-        ctx.args.insert(0, str(config))
-        config = None
-    if {"--help", "-h"} & set(ctx.args):
-        _hf_help(SFTConfig)
-        return
-    values = read_yaml(config) if config else {}
-    out = run_sft(build_config(SFTConfig, values, ctx.args, where=str(config or "sft")))
+    out = run_sft(_config_from(ctx, config, SFTConfig, "sft"))
     typer.echo(f"sft: adapter saved in {out}")
 
 
 @app.command("align", context_settings=PASS_THROUGH)
-def align(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help="YAML config; flags override it")) -> None:
+def align(ctx: typer.Context, config: Optional[Path] = CONFIG_ARGUMENT) -> None:
     """S-DPO / DPO from an SFT run: --sft RUN_DIR --loss sdpo|dpo --negatives K --beta B (sdpo align --help)."""
-    from sdpo.config import build_config, read_yaml
     from sdpo.training.preference import AlignConfig, run_align
 
-    if config is not None and str(config).startswith("-"):
-        ctx.args.insert(0, str(config))
-        config = None
-    if {"--help", "-h"} & set(ctx.args):
-        _hf_help(AlignConfig)
-        return
-    values = read_yaml(config) if config else {}
-    out = run_align(build_config(AlignConfig, values, ctx.args, where=str(config or "align")))
+    out = run_align(_config_from(ctx, config, AlignConfig, "align"))
     typer.echo(f"align: adapter saved in {out}")
 
 
 @app.command("baseline", context_settings=PASS_THROUGH)
-def baseline(ctx: typer.Context, config: Optional[Path] = typer.Argument(None, help="YAML config; flags override it")) -> None:
-    """Classic recommenders on the same records: --model sasrec|gru4rec|caser|popularity --data DIR --output_dir DIR."""
+def baseline(ctx: typer.Context, config: Optional[Path] = CONFIG_ARGUMENT) -> None:
+    """Classic recommenders on the same records: --model sasrec|gru4rec|caser|popularity --data DIR --output DIR."""
     from sdpo.baselines.train import BaselineConfig, run_baseline
-    from sdpo.config import build_config, read_yaml
 
-    if config is not None and str(config).startswith("-"):
-        ctx.args.insert(0, str(config))
-        config = None
-    if {"--help", "-h"} & set(ctx.args):
-        _hf_help(BaselineConfig)
-        return
-    args = ["--output_dir" if a == "--output" else a for a in ctx.args]
-    values = read_yaml(config) if config else {}
-    metrics = run_baseline(build_config(BaselineConfig, values, args, where=str(config or "baseline")))
-    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")}
+    metrics = run_baseline(_config_from(ctx, config, BaselineConfig, "baseline", {"--output": "--output_dir"}))
+    shown = {k: round(metrics[k], 4) for k in ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")}
     typer.echo(f"{metrics['model']} on {metrics['n_records']} {metrics['split']} records: {shown}")
 
 

@@ -22,6 +22,8 @@ from sdpo.errors import UserError
 DOWNLOAD_BASE = "https://raw.githubusercontent.com"
 LLARA_LASTFM = ("zhangt766/LLaRA_Lastfm", "bca572701abd75401caeb5aa05e093742fd630d5", "data/ref/lastfm")
 SDPO_SAMPLES = ("chenyuxin1999/S-DPO", "07befa4141239c1ecd8d13b1136d226315d0227b", "sample_data/lastfm-sft-cans20")
+# The extracted GroupLens ml-100k.zip files, byte for byte, as kept in a public repository.
+ML100K = ("Vickyilango/Boltzmann_Machine", "ee05160966c42d48cc5112caab217e805461db22", "ml-100k")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ def _llara(name: str, sha256: str) -> RemoteFile:
     return RemoteFile(name, repo, commit, f"{folder}/{name}", sha256)
 
 
+def _ml100k(name: str, sha256: str) -> RemoteFile:
+    repo, commit, folder = ML100K
+    return RemoteFile(name, repo, commit, f"{folder}/{name}", sha256)
+
+
 def _sdpo(name: str, remote_name: str, sha256: str) -> RemoteFile:
     repo, commit, folder = SDPO_SAMPLES
     return RemoteFile(name, repo, commit, f"{folder}/{remote_name}", sha256)
@@ -54,6 +61,11 @@ DATASETS: dict[str, list[RemoteFile]] = {
         _llara("id2name.txt", "b608bcf14300b1608ccd88f4fe240e6345125201ecdb55157395c19787fe4eaf"),
         _sdpo("sdpo-lastfm-val.json", "lastfm-val.json", "4fe1044f3c95eb77d402d0fc2d1b513bf3a585225c344b8f84c23b1c3f3007a4"),
         _sdpo("sdpo-lastfm-test.json", "lastfm-test.json", "868fe7570f4fdeea9cbbf3fb85c1fdadc20cf2f375e7a70247dae7d34d867983"),
+    ],
+    "movielens-100k": [
+        _ml100k("u.data", "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490"),
+        _ml100k("u.item", "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701"),
+        _ml100k("README", "4883b8cf340ed0059971b33f56ad3adc88a40792108ebca3d24aafc4c82e8b52"),  # the licence
     ],
 }
 

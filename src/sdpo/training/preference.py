@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 
 from sdpo.config import save_config
 from sdpo.datasets import load_split
@@ -246,6 +246,7 @@ def run_align(config: AlignConfig) -> Path:
         check_k(train, config.negatives)
     except ValueError as exc:
         raise UserError(f"--negatives: {exc}.") from None
+    set_seed(config.seed)
     model, tokenizer = load_model(base_model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
 

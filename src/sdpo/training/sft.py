@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from sdpo.config import save_config
@@ -134,6 +134,7 @@ def run_sft(config: SFTConfig) -> Path:
     resume_from = check_output_dir(config)
     domain = config.resolved_domain()
     train = load_split(config.data, "train", limit=config.train_limit)
+    set_seed(config.seed)  # before LoRA's random init, which Trainer's own seeding comes too late for
     model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation)
     model = add_lora(model, config.lora_settings())
     eval_dataset = None
