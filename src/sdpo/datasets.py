@@ -11,13 +11,11 @@ passed validation, so a failed run leaves nothing half-written behind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sdpo.errors import UserError
+from sdpo.io import write_folder_atomic
 from sdpo.records import Record, read_records, record_problem, write_records
 
 SPLITS = ("train", "val", "test")
@@ -36,19 +34,12 @@ def write_prepared(out: str | Path, splits: dict[str, list[Record]], manifest: d
             if problem:
                 raise UserError(f"{split} record {index} (id {record.id!r}): {problem}. Nothing was written.")
             seen.add(record.id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+
+    def fill(staging: Path) -> None:
         counts = {split: write_records(staging / f"{split}.jsonl", records) for split, records in splits.items()}
-        manifest = {**manifest, "counts": counts}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+        (staging / "manifest.json").write_text(json.dumps({**manifest, "counts": counts}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    return write_folder_atomic(out, fill)
 
 
 def split_path(data_dir: str | Path, split: str) -> Path:

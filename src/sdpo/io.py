@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -30,3 +31,22 @@ def write_json(path: str | Path, value: Any) -> None:
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Run ``fill(staging)`` on a temporary sibling folder, then rename it to `folder`.
+
+    `folder` is replaced only once `fill` has finished; if it raises, nothing changes.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        fill(staging)
+        staging.chmod(0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -12,8 +12,6 @@ Everything is loaded from local files; ``trust_remote_code`` stays off unless as
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from sdpo.errors import UserError
+from sdpo.io import write_folder_atomic
 from sdpo.sources.fetch import cache_home
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,28 +50,13 @@ def _smollm2_package_dir() -> Path:
     return folder
 
 
-def _atomic_save(folder: Path, save) -> Path:
-    """Run ``save(tmp_folder)`` and rename the result to `folder` (no half-written cache)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        save(staging)
-        staging.chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
 def smollm2_tokenizer_path() -> Path:
     """A plain HF tokenizer folder for SmolLM2, extracted from the GGUF file once."""
     folder = models_dir() / "smollm2-135m-tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
         source = _smollm2_package_dir()
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        _atomic_save(folder, tokenizer.save_pretrained)
+        write_folder_atomic(folder, tokenizer.save_pretrained)
     return folder
 
 
@@ -93,7 +77,7 @@ def smollm2_path() -> Path:
             plain.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
 
-        _atomic_save(folder, save)
+        write_folder_atomic(folder, save)
     return folder
 
 
