@@ -44,17 +44,24 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def rank_candidates(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True):
-    """Per record, its candidates with log-probs, best first: list of [(title, logp), ...]."""
+def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[torch.Tensor]:
+    """Per record, log pi(candidate | prompt) of each candidate in candidate order: a [C] tensor."""
     model.eval()
-    ranked = []
-    for batch in tqdm(list(_batches(records, batch_size)), desc="rank", disable=not progress):
+    scores = []
+    for batch in tqdm(list(_batches(records, batch_size)), desc="score candidates", disable=not progress):
         prompts = [record_prompt_ids(tokenizer, r, domain, seed) for r in batch]
         answers = [[encode_answer(tokenizer, c) for c in r.candidates] for r in batch]
-        scores = score_answers(model, prompts, answers, tokenizer.pad_token_id).cpu()
-        for record, row in zip(batch, scores):
-            pairs = [(title, float(row[i])) for i, title in enumerate(record.candidates)]
-            ranked.append(sorted(pairs, key=lambda pair: -pair[1]))  # stable: ties keep candidate order
+        rows = score_answers(model, prompts, answers, tokenizer.pad_token_id).float().cpu()
+        scores.extend(row[: len(record.candidates)] for record, row in zip(batch, rows))
+    return scores
+
+
+def rank_candidates(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True):
+    """Per record, its candidates with log-probs, best first: list of [(title, logp), ...]."""
+    ranked = []
+    for record, row in zip(records, candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)):
+        pairs = [(title, float(row[i])) for i, title in enumerate(record.candidates)]
+        ranked.append(sorted(pairs, key=lambda pair: -pair[1]))  # stable: ties keep candidate order
     return ranked
 
 

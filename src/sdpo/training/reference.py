@@ -18,10 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdpo.evaluation import _batches
-from sdpo.prompts import encode_answer, record_prompt_ids
+from sdpo.evaluation import candidate_logps
 from sdpo.records import Record
-from sdpo.scoring import score_answers
 
 
 def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path, domain: str, prompt_seed: int) -> str:
@@ -36,17 +34,12 @@ def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path,
     return digest.hexdigest()
 
 
-@torch.no_grad()
 def compute_reference_logps(model, tokenizer, records: list[Record], domain: str, prompt_seed: int = 0, batch_size: int = 8) -> torch.Tensor:
-    """[N, C]: log pi_ref(candidate c | prompt of record n), in each record's candidate order."""
-    model.eval()
-    rows = []
-    for batch in _batches(records, batch_size):
-        prompts = [record_prompt_ids(tokenizer, r, domain, prompt_seed) for r in batch]
-        answers = [[encode_answer(tokenizer, c) for c in r.candidates] for r in batch]
-        rows.append(score_answers(model, prompts, answers, tokenizer.pad_token_id).float().cpu())
-    width = max(r.shape[1] for r in rows)
-    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=float("-inf")) for r in rows])
+    """[N, C]: log pi_ref(candidate c | prompt of record n), in each record's candidate order
+    (rows of records with fewer candidates padded with -inf)."""
+    rows = candidate_logps(model, tokenizer, records, domain, batch_size, prompt_seed, progress=True)
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=float("-inf")) for r in rows])
 
 
 def cached_reference_logps(path: Path, key: str, compute) -> torch.Tensor:
