@@ -52,6 +52,8 @@ def test_evaluate_refuses_a_bad_dataset_and_writes_nothing(small_data, tmp_path)
     assert_user_error(result, "unknown protocol 'beam'")
     result = sdpo("evaluate", "--data", small_data, "--model", "tiny", "--adapter", tmp_path, "--output", tmp_path / "o2")
     assert_user_error(result, "holds no LoRA adapter")
+    result = sdpo("evaluate", "--data", small_data, "--model", "no-such-org/no-such-model", "--output", tmp_path / "o3")
+    assert_user_error(result, "cannot load a tokenizer for 'no-such-org/no-such-model'")
 
 
 def test_sft_cli_errors(tmp_path):

@@ -107,7 +107,10 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         path = smollm2_tokenizer_path()
     else:
         path = _local_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError as exc:
+        raise UserError(f"cannot load a tokenizer for {name!r} from local files ({exc}). Give a local folder or an alias: {ALIASES}.") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
