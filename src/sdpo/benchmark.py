@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
-import json
 import statistics
 import threading
 import time

@@ -151,7 +151,7 @@ def benchmark_step_cmd(
         raise UserError(f"--negatives must be comma-separated integers, got {negatives!r}.") from None
     chosen = load_split(data, "test", limit=records)
     if any(not 1 <= k < len(r.candidates) for k in ks for r in chosen):
-        raise UserError(f"--negatives: every K must be between 1 and the number of negatives per record (19).")
+        raise UserError("--negatives: every K must be between 1 and the number of negatives per record (19).")
     results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device)
     save_results(json_out, model, device, results, repeats)
     typer.echo(format_table(results))

@@ -36,7 +36,7 @@ from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
 from sdpo.scoring import answer_logprobs, pack_answers
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
-from sdpo.training.sft import CONFIG_FILE, ModelArguments, SFTConfig, check_output_dir
+from sdpo.training.sft import CONFIG_FILE, SFTConfig, check_output_dir
 
 LOSSES = ("sdpo", "dpo")
 REFERENCE_ADAPTER = "reference"
