@@ -88,6 +88,10 @@ def test_baseline_and_align_commands(small_data, tmp_path):
     assert "popularity on 8 test records" in result.stdout
     assert json.loads((tmp_path / "pop" / "metrics.json").read_text())["valid_ratio"] == 1.0
     assert_user_error(sdpo("baseline", "--model", "bert4rec", "--data", small_data, "--output", tmp_path / "x"), "unknown baseline")
+    bench = ("benchmark", "baseline", "--data", small_data, "--json", tmp_path / "b.json")
+    assert_user_error(sdpo(*bench, "--models", "caser,popularity"), "popularity cannot be timed")
+    assert_user_error(sdpo("benchmark", "baseline", "--data", tmp_path / "nowhere", "--json", tmp_path / "b.json"), "nowhere")
+    assert not (tmp_path / "b.json").exists()
     assert_user_error(sdpo("align", "--sft", tmp_path, "--output_dir", tmp_path / "a"), "not an SFT run folder")
     help_text = sdpo("align", "--help")
     assert help_text.returncode == 0 and "--negatives" in help_text.stdout and "--select_by" in help_text.stdout

@@ -15,7 +15,6 @@ the OS on free so one step's peak does not hide the next's).
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import statistics
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdpo.allocator import return_freed_memory
 from sdpo.losses import softmax_dpo_loss
 from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.negatives import random_negatives
@@ -70,14 +70,6 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_mb = (max(self._peak, self._rss()) - self._start) / 2**20
-
-
-def _return_freed_memory_to_os() -> None:
-    """Make glibc map every block over 1 MiB on its own, so freeing it lowers the RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def naive_sequences(prompts, answers, pad_token_id):
@@ -138,7 +130,7 @@ def _timed(fn, device, repeats: int):
 
 def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list[int], repeats: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
     """Time one S-DPO step both ways for each K; one result dict per K."""
-    _return_freed_memory_to_os()
+    return_freed_memory()
     dev = torch.device(device)
     base, tokenizer = load_model(model_name)
     policy = add_lora(base, LoraSettings(dropout=0.0)).to(dev).train()

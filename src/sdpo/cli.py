@@ -158,6 +158,30 @@ def benchmark_step_cmd(
     typer.echo(f"wrote {json_out}")
 
 
+@bench_app.command("baseline")
+def benchmark_baseline_cmd(
+    data: Path = typer.Option(..., help="prepared dataset folder whose train records are used"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    models: str = typer.Option("sasrec,gru4rec,caser", help="comma-separated baselines"),
+    steps: int = typer.Option(20, help="timed training steps per child process (after 3 warm-up steps)"),
+    repeats: int = typer.Option(3, help="child processes per setting (the median is reported)"),
+) -> None:
+    """Time a baseline training step with glibc's default malloc and with freed memory kept."""
+    from sdpo.baselines.benchmark import benchmark_baselines, format_table, save_results
+    from sdpo.baselines.train import MODELS
+    from sdpo.datasets import load_split
+
+    chosen = [m.strip() for m in models.split(",")]
+    unknown = [m for m in chosen if m not in MODELS or m == "popularity"]
+    if unknown:
+        raise UserError(f"--models: {', '.join(unknown)} cannot be timed; choose from sasrec, gru4rec, caser.")
+    load_split(data, "train", limit=1)  # a clear message for a wrong folder before any child starts
+    results = benchmark_baselines(chosen, str(data), steps, repeats)
+    save_results(json_out, str(data), steps, repeats, results)
+    typer.echo(format_table(results))
+    typer.echo(f"wrote {json_out}")
+
+
 @app.command("pipeline")
 def pipeline_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see configs/quickstart.yaml)")) -> None:
     """Run the stages a pipeline config lists (data, sft, evaluate) and print the results table."""

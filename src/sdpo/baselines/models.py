@@ -16,6 +16,11 @@ class SequentialRecommender(nn.Module):
     def __init__(self, n_items: int, dim: int):
         super().__init__()
         self.item_embedding = nn.Embedding(n_items, dim, padding_idx=PAD)
+        # Small scores at the start, as in Caser's code (PyTorch's N(0, 1) default gives
+        # logits of size ~sqrt(dim) and killed Caser's ReLU units in the first steps).
+        nn.init.normal_(self.item_embedding.weight, std=1.0 / dim)
+        with torch.no_grad():
+            self.item_embedding.weight[PAD].zero_()
 
     def encode(self, histories: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, L, D]: a user state after every position (only the last is used by some)."""

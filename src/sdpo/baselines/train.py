@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sdpo.allocator import keep_freed_memory
 from sdpo.baselines.items import PAD, ItemTable
 from sdpo.baselines.models import Caser, GRU4Rec, SASRec, SequentialRecommender
 from sdpo.datasets import load_split
@@ -107,12 +108,12 @@ def model_scores(model: SequentialRecommender, split: EncodedSplit, batch_size: 
 
 
 def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l2: float, config: BaselineConfig):
-    """Train with one L2 weight; returns (best model state, best val HR@1, epochs run)."""
+    """Train with one L2 weight; returns (best model state, best val HR@1, val HR@1 after each epoch)."""
     torch.manual_seed(config.seed)
     model = build_model(name, n_items, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=l2)
     generator = torch.Generator().manual_seed(config.seed)
-    best_hr, best_state, stale, epoch = -1.0, None, 0, 0
+    best_hr, best_state, stale, curve = -1.0, None, 0, []
     bar = tqdm(range(config.max_epochs), desc=f"{name} l2={l2:g}", disable=not config.progress)
     for epoch in bar:
         model.train()
@@ -124,6 +125,7 @@ def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l
             loss.backward()
             optimizer.step()
         hr = rank_records(val.records, model_scores(model, val)).metrics["hr@1"]
+        curve.append(round(hr, 4))
         bar.set_postfix(loss=f"{loss.item():.3f}", val_hr1=f"{hr:.4f}")
         if hr > best_hr:
             best_hr, stale = hr, 0
@@ -132,7 +134,7 @@ def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l
             stale += 1
             if stale >= config.patience:
                 break
-    return best_state, best_hr, epoch + 1
+    return best_state, best_hr, curve
 
 
 def popularity_scores(train: list[Record], split: list[Record]) -> torch.Tensor:
@@ -166,14 +168,15 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
     if config.model == "popularity":
         result = rank_records(eval_records, popularity_scores(train_records, eval_records))
     else:
+        keep_freed_memory()
         items = ItemTable.from_records(train_records)
         train = encode(train_records, items, config.max_len)
         val = encode(load_split(config.data, "val"), items, config.max_len)
         search = []
         best = None
         for l2 in l2_values(config.l2):
-            state, hr, epochs = train_one(config.model, len(items), train, val, l2, config)
-            search.append({"l2": l2, "val_hr@1": hr, "epochs": epochs})
+            state, hr, curve = train_one(config.model, len(items), train, val, l2, config)
+            search.append({"l2": l2, "val_hr@1": hr, "epochs": len(curve), "val_hr@1_by_epoch": curve})
             if best is None or hr > best[1]:
                 best = (l2, hr, state)
         l2, val_hr, state = best
