@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -95,3 +96,15 @@ def test_baseline_and_align_commands(small_data, tmp_path):
     assert_user_error(sdpo("align", "--sft", tmp_path, "--output_dir", tmp_path / "a"), "not an SFT run folder")
     help_text = sdpo("align", "--help")
     assert help_text.returncode == 0 and "--negatives" in help_text.stdout and "--select_by" in help_text.stdout
+
+
+def test_pipeline_with_baselines_only(small_data, tmp_path):
+    """The shape of configs/baselines-lastfm.yaml: no LM protocols, a baseline row per model."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "baselines-lastfm.yaml").read_text())
+    config.update(output_dir=str(tmp_path / "run"), data={"path": str(small_data)})
+    config["baselines"]["models"] = ["popularity"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    result = sdpo("pipeline", tmp_path / "p.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [(r["stage"], r["protocol"], r["n_records"]) for r in rows] == [("popularity", "rank", 8)]
