@@ -142,3 +142,64 @@ def test_step_benchmark_times_both_settings_in_child_processes(planted):
     assert all(len(result["all_step_s"][s]) == 1 and result["all_step_s"][s][0] > 0 for s in SETTINGS)
     assert result["speedup"] == round(result["default_step_s"] / result["keep_freed_step_s"], 2)
     assert "| caser |" in format_table([result])
+
+
+def test_an_interrupted_search_resumes_to_the_same_result(planted, tmp_path, monkeypatch):
+    import sdpo.baselines.train as train_module
+
+    config = dict(model="gru4rec", data=str(planted), l2="auto", max_epochs=3, patience=3, progress=False)
+    whole = run_baseline(BaselineConfig(output_dir=str(tmp_path / "whole"), **config))
+
+    real_rank, calls = train_module.rank_records, []
+
+    def interrupt_in_the_eighth_epoch(records, scores):  # 3 epochs per weight: the 2nd epoch of the 3rd weight
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_rank(records, scores)
+
+    monkeypatch.setattr(train_module, "rank_records", interrupt_in_the_eighth_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), **config))
+    monkeypatch.setattr(train_module, "rank_records", real_rank)
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert [e["l2"] for e in saved["search"]] == [1e-3, 1e-4] and saved["current"]["curve"] and len(saved["current"]["curve"]) == 1
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+
+    with pytest.raises(UserError, match="add --resume to continue"):
+        run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), **config))
+    with pytest.raises(UserError, match=r"other options \(max_epochs 3 -> 4\)"):
+        run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), resume=True, **{**config, "max_epochs": 4}))
+    resumed = run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), resume=True, **config))
+    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert strip(resumed) == strip(whole)
+    assert (tmp_path / "cut" / "predictions.jsonl").read_text() == (tmp_path / "whole" / "predictions.jsonl").read_text()
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    with pytest.raises(UserError, match=r"no checkpoint.pt .*\(the run there is finished\)"):
+        run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), resume=True, **config))
+
+
+@pytest.mark.parametrize("model", ["sasrec", "gru4rec"])
+def test_resumed_training_is_bit_identical(planted, model):
+    """Model, optimizer, shuffling and dropout states all come back: the last epoch's weights match."""
+    import copy
+
+    from sdpo.baselines.train import load_split, train_one
+
+    items = ItemTable.from_records(load_split(planted, "train"))
+    train, val = (encode(load_split(planted, s), items, 10) for s in ("train", "val"))
+    config = BaselineConfig(model=model, max_epochs=4, patience=10, progress=False)
+    whole, cut = [], []
+    train_one(model, len(items), train, val, 1e-6, config, save=lambda s: whole.append(copy.deepcopy(s)))
+
+    def stop_after_two_epochs(state):
+        cut.append(copy.deepcopy(state))
+        if len(cut) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_one(model, len(items), train, val, 1e-6, config, save=stop_after_two_epochs)
+    train_one(model, len(items), train, val, 1e-6, config, resume=cut[-1], save=lambda s: cut.append(copy.deepcopy(s)))
+    assert len(cut) == len(whole) == 4
+    assert all(torch.equal(cut[-1]["model"][k], whole[-1]["model"][k]) for k in whole[-1]["model"])
+    assert cut[-1]["curve"] == whole[-1]["curve"]

@@ -89,6 +89,10 @@ def test_baseline_and_align_commands(small_data, tmp_path):
     assert "popularity on 8 test records" in result.stdout
     assert json.loads((tmp_path / "pop" / "metrics.json").read_text())["valid_ratio"] == 1.0
     assert_user_error(sdpo("baseline", "--model", "bert4rec", "--data", small_data, "--output", tmp_path / "x"), "unknown baseline")
+    again = sdpo("baseline", "--model", "popularity", "--data", small_data, "--output", tmp_path / "pop")
+    assert_user_error(again, "is not empty", "--overwrite")
+    resume = sdpo("baseline", "--model", "popularity", "--data", small_data, "--output", tmp_path / "pop", "--resume")
+    assert_user_error(resume, "no checkpoint.pt", "the run there is finished")
     bench = ("benchmark", "baseline", "--data", small_data, "--json", tmp_path / "b.json")
     assert_user_error(sdpo(*bench, "--models", "caser,popularity"), "popularity cannot be timed")
     assert_user_error(sdpo("benchmark", "baseline", "--data", tmp_path / "nowhere", "--json", tmp_path / "b.json"), "nowhere")

@@ -180,7 +180,7 @@ def _run_baselines(config, path, out, data_dir, seed, split, limit) -> list[dict
     """Rows for the classic recommenders, evaluated on the same split and records as the LMs."""
     if "baselines" not in config:
         return []
-    from sdpo.baselines.train import BaselineConfig, run_baseline
+    from sdpo.baselines.train import CHECKPOINT, BaselineConfig, run_baseline
 
     section = dict(_section(config, "baselines", path))
     names = section.pop("models", ["popularity", "sasrec"])
@@ -191,8 +191,10 @@ def _run_baselines(config, path, out, data_dir, seed, split, limit) -> list[dict
             print(f"[baseline] reusing {target}")
             metrics = json.loads((target / "metrics.json").read_text())
         else:
-            print(f"[baseline] {name}")
-            values = {"data": str(data_dir), "seed": seed, "eval_split": split, "eval_limit": limit, **section, "model": name, "output_dir": str(target)}
+            resume = (target / CHECKPOINT).is_file()
+            print(f"[baseline] {name}" + (" (resuming)" if resume else ""))
+            values = {"data": str(data_dir), "seed": seed, "eval_split": split, "eval_limit": limit, **section,
+                      "model": name, "output_dir": str(target), "resume": resume, "overwrite": True}
             metrics = run_baseline(build_config(BaselineConfig, values, where=f"{path}: baselines"))
         rows.append({**metrics, "stage": name, "protocol": "rank"})
     return rows

@@ -6,6 +6,11 @@ validation HR@1. Sequence models learn next-item prediction with a full softmax 
 item table; SASRec and GRU4Rec at every history position, Caser after the last one. Val and
 test records are scored on their own 20 candidates and go through the same metric code as
 `sdpo evaluate --protocol rank`.
+
+After every epoch the whole search (finished L2 weights, the best model so far, and the
+model, optimizer and random states of the weight in training) is saved to
+``checkpoint.pt`` in the output folder; ``--resume`` continues from it and ends with the
+same numbers as an uninterrupted run. The checkpoint is removed once the results are written.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -25,11 +30,12 @@ from sdpo.baselines.models import Caser, GRU4Rec, SASRec, SequentialRecommender
 from sdpo.datasets import load_split
 from sdpo.errors import UserError
 from sdpo.evaluation import Evaluation, score_rankings
-from sdpo.io import write_json
+from sdpo.io import replace_atomic, write_json
 from sdpo.records import Record
 
 MODELS = ("sasrec", "gru4rec", "caser", "popularity")
 L2_GRID = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -48,6 +54,13 @@ class BaselineConfig:
     eval_limit: int | None = field(default=None, metadata={"help": "report on the first N records of eval_split only"})
     seed: int = 0
     progress: bool = True
+    resume: bool = field(default=False, metadata={"help": "continue the search saved in output_dir/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
+
+    def training_settings(self) -> dict[str, Any]:
+        """The options a checkpoint must share with the run that resumes it."""
+        keys = ("model", "data", "l2", "learning_rate", "batch_size", "max_epochs", "patience", "dim", "max_len", "seed")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -107,15 +120,29 @@ def model_scores(model: SequentialRecommender, split: EncodedSplit, batch_size: 
     return torch.cat(parts)
 
 
-def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l2: float, config: BaselineConfig):
-    """Train with one L2 weight; returns (best model state, best val HR@1, val HR@1 after each epoch)."""
+def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l2: float, config: BaselineConfig,
+              resume: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None):
+    """Train with one L2 weight; returns (best model state, best val HR@1, val HR@1 after each epoch).
+
+    `resume` is a state that `save` received after some epoch: training continues from there
+    exactly as if it had never stopped (model, optimizer, shuffling and dropout states).
+    """
     torch.manual_seed(config.seed)
     model = build_model(name, n_items, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=l2)
     generator = torch.Generator().manual_seed(config.seed)
-    best_hr, best_state, stale, curve = -1.0, None, 0, []
-    bar = tqdm(range(config.max_epochs), desc=f"{name} l2={l2:g}", disable=not config.progress)
-    for epoch in bar:
+    run = {"curve": [], "best_hr": -1.0, "best_state": None, "stale": 0}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        run = {k: resume[k] for k in run}
+    bar = tqdm(range(len(run["curve"]), config.max_epochs), desc=f"{name} l2={l2:g}", disable=not config.progress,
+               initial=len(run["curve"]), total=config.max_epochs)
+    for _ in bar:
+        if run["stale"] >= config.patience:
+            break
         model.train()
         order = torch.randperm(len(train.records), generator=generator)
         for start in range(0, len(order), config.batch_size):
@@ -125,16 +152,38 @@ def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l
             loss.backward()
             optimizer.step()
         hr = rank_records(val.records, model_scores(model, val)).metrics["hr@1"]
-        curve.append(round(hr, 4))
+        run["curve"].append(round(hr, 4))
         bar.set_postfix(loss=f"{loss.item():.3f}", val_hr1=f"{hr:.4f}")
-        if hr > best_hr:
-            best_hr, stale = hr, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if hr > run["best_hr"]:
+            run["best_hr"], run["stale"] = hr, 0
+            run["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    return best_state, best_hr, curve
+            run["stale"] += 1
+        if save is not None:
+            save({"l2": l2, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), **run})
+    return run["best_state"], run["best_hr"], run["curve"]
+
+
+def check_output_dir(config: BaselineConfig) -> dict[str, Any] | None:
+    """The saved search to continue (with --resume), or None; refuses to overwrite a run."""
+    out = Path(config.output_dir)
+    path = out / CHECKPOINT
+    if config.resume:
+        if not path.is_file():
+            finished = " (the run there is finished)" if (out / "metrics.json").is_file() else ""
+            raise UserError(f"--resume: no {CHECKPOINT} in {out}{finished}. Start without --resume.")
+        saved = torch.load(path, weights_only=True)
+        now = config.training_settings()
+        changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in now.items() if saved["settings"].get(k) != v]
+        if changed:
+            raise UserError(f"--resume: {path} was saved with other options ({'; '.join(changed)}). "
+                            "Resume with the same options, or start in another --output.")
+        return saved
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        hint = " (it has a checkpoint: add --resume to continue)" if path.is_file() else ""
+        raise UserError(f"{out} is not empty{hint}. Choose another --output, or pass --overwrite.")
+    return None
 
 
 def popularity_scores(train: list[Record], split: list[Record]) -> torch.Tensor:
@@ -160,7 +209,8 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
         raise UserError(f"unknown baseline {config.model!r}; choose one of {', '.join(MODELS)}.")
     if not config.data:
         raise UserError("baseline: no dataset given. Pass --data DIR (a folder made by sdpo data prepare).")
-    started = time.perf_counter()
+    saved = check_output_dir(config)
+    started = time.perf_counter() - (saved["seconds"] if saved else 0.0)
     out = Path(config.output_dir)
     train_records = load_split(config.data, "train")
     eval_records = load_split(config.data, config.eval_split, limit=config.eval_limit)
@@ -172,23 +222,33 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
         items = ItemTable.from_records(train_records)
         train = encode(train_records, items, config.max_len)
         val = encode(load_split(config.data, "val"), items, config.max_len)
-        search = []
-        best = None
+        search = saved["search"] if saved else []  # finished weights: l2, val_hr@1, epochs, val_hr@1_by_epoch
+        best = saved["best"] if saved else None  # {"l2", "val_hr@1", "state"} of the best finished weight
+
+        def save(current: dict[str, Any] | None) -> None:
+            checkpoint = {"settings": config.training_settings(), "search": search, "best": best, "current": current,
+                          "seconds": time.perf_counter() - started}
+            replace_atomic(out / CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp))
+
         for l2 in l2_values(config.l2):
-            state, hr, curve = train_one(config.model, len(items), train, val, l2, config)
+            if any(entry["l2"] == l2 for entry in search):
+                continue
+            current = saved["current"] if saved and saved["current"] and saved["current"]["l2"] == l2 else None
+            state, hr, curve = train_one(config.model, len(items), train, val, l2, config, current, save)
             search.append({"l2": l2, "val_hr@1": hr, "epochs": len(curve), "val_hr@1_by_epoch": curve})
-            if best is None or hr > best[1]:
-                best = (l2, hr, state)
-        l2, val_hr, state = best
+            if best is None or hr > best["val_hr@1"]:
+                best = {"l2": l2, "val_hr@1": hr, "state": state}
+            save(None)
         model = build_model(config.model, len(items), config)
-        model.load_state_dict(state)
+        model.load_state_dict(best["state"])
         result = rank_records(eval_records, model_scores(model, encode(eval_records, items, config.max_len)))
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+        weights = {k: v.contiguous() for k, v in best["state"].items()}
+        replace_atomic(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp)))
         items.save(out / "items.json")
-        info.update({"l2": l2, "val_hr@1": val_hr, "l2_search": search, **items.coverage(eval_records)})
+        info.update({"l2": best["l2"], "val_hr@1": best["val_hr@1"], "l2_search": search, **items.coverage(eval_records)})
     result.metrics = {**result.metrics, "n_records": len(eval_records), "seconds": round(time.perf_counter() - started, 2), **info}
     write_json(out / "config.json", {k: v for k, v in vars(config).items()})
     result.save(out)
+    (out / CHECKPOINT).unlink(missing_ok=True)
     return result.metrics
 
