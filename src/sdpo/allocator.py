@@ -6,8 +6,7 @@
   again: on a 2-core CPU about half of GRU4Rec's step time went to the kernel. Keeping a pad
   of freed memory at the top of the heap (``M_TOP_PAD``) makes those steps about 2x faster
   (docs/benchmark.md, "Classic baselines"). It is not used for the LM stages: there it made
-  a SmolLM2 S-DPO step slower (6.5 s against 4.7 s; glibc then maps every mid-size block
-  on its own, which the LM's many mid-size tensors pay for).
+  a SmolLM2 S-DPO step slower (median 5.96 s against 4.79 s, benchmarks/lm_step_malloc.py).
 - `return_freed_memory`: the opposite, for `sdpo benchmark step`, which reads peak memory
   from the process's resident size: every block over 1 MiB gets its own mapping, so freeing
   it lowers the resident size and one step's peak does not hide the next one's.

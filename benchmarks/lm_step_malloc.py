@@ -1,0 +1,40 @@
+"""Does `keep_freed_memory` help LM steps too? (It does not; docs/benchmark.md.)
+
+Run twice per setting, alternating, each in a fresh process (the malloc setting cannot be
+undone):  python benchmarks/lm_step_malloc.py DATA_DIR 0|1
+Prints the median of 5 timed shared-prompt S-DPO steps (K=3, 4 train records, SmolLM2-135M
+with LoRA, after one warm-up step).
+"""
+
+import json
+import statistics
+import sys
+import time
+
+from sdpo.allocator import keep_freed_memory
+from sdpo.benchmark import shared_step
+from sdpo.datasets import load_split
+from sdpo.models import LoraSettings, add_lora, load_model
+from sdpo.negatives import random_negatives
+from sdpo.prompts import encode_answer, record_prompt_ids
+from sdpo.scoring import pack_answers
+
+data, keep = sys.argv[1], sys.argv[2] == "1"
+if keep and not keep_freed_memory():
+    sys.exit("this C library does not take the malloc setting")
+records = load_split(data, "train", limit=4)
+base, tokenizer = load_model("smollm2-135m")
+policy = add_lora(base, LoraSettings(dropout=0.0)).train()
+prompts = [record_prompt_ids(tokenizer, r, "music") for r in records]
+answers = []
+for position, record in enumerate(records):
+    chosen = [record.candidates.index(record.target), *random_negatives(record, 3, 0, position)]
+    answers.append([encode_answer(tokenizer, record.candidates[i]) for i in chosen])
+packed = pack_answers(prompts, answers, tokenizer.pad_token_id)
+seconds = []
+for _ in range(6):
+    policy.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    shared_step(policy, packed)
+    seconds.append(time.perf_counter() - start)
+print(json.dumps({"keep_freed_memory": keep, "median_step_s": round(statistics.median(seconds[1:]), 3)}))
