@@ -170,6 +170,11 @@ def test_an_interrupted_search_resumes_to_the_same_result(planted, tmp_path, mon
         run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), **config))
     with pytest.raises(UserError, match=r"other options \(max_epochs 3 -> 4\)"):
         run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), resume=True, **{**config, "max_epochs": 4}))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "checkpoint.pt").write_bytes((tmp_path / "cut" / "checkpoint.pt").read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot read .*--overwrite"):
+        run_baseline(BaselineConfig(output_dir=str(damaged), resume=True, **config))
     resumed = run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), resume=True, **config))
     strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
     assert strip(resumed) == strip(whole)

@@ -173,7 +173,10 @@ def check_output_dir(config: BaselineConfig) -> dict[str, Any] | None:
         if not path.is_file():
             finished = " (the run there is finished)" if (out / "metrics.json").is_file() else ""
             raise UserError(f"--resume: no {CHECKPOINT} in {out}{finished}. Start without --resume.")
-        saved = torch.load(path, weights_only=True)
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as exc:  # a checkpoint from another tool or version, or a damaged file
+            raise UserError(f"--resume: cannot read {path} ({type(exc).__name__}). Start over with --overwrite.") from None
         now = config.training_settings()
         changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in now.items() if saved["settings"].get(k) != v]
         if changed:
