@@ -2,6 +2,7 @@
 
 import json
 import random
+import statistics
 import sys
 
 import pytest
@@ -140,7 +141,8 @@ def test_step_benchmark_times_both_settings_in_child_processes(planted):
 
     [result] = benchmark_baselines(["caser"], str(planted), steps=2, repeats=1)
     assert all(len(result["all_step_s"][s]) == 1 and result["all_step_s"][s][0] > 0 for s in SETTINGS)
-    assert result["speedup"] == round(result["default_step_s"] / result["keep_freed_step_s"], 2)
+    default, kept = (statistics.median(result["all_step_s"][s]) for s in SETTINGS)
+    assert result["speedup"] == round(default / kept, 2)  # from the medians, not the rounded step times
     assert "| caser |" in format_table([result])
 
 
