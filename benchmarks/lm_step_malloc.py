@@ -12,11 +12,10 @@ import sys
 import time
 
 from sdpo.allocator import keep_freed_memory
-from sdpo.benchmark import shared_step
+from sdpo.benchmark import shared_step, step_answers
 from sdpo.datasets import load_split
 from sdpo.models import LoraSettings, add_lora, load_model
-from sdpo.negatives import random_negatives
-from sdpo.prompts import encode_answer, record_prompt_ids
+from sdpo.prompts import record_prompt_ids
 from sdpo.scoring import pack_answers
 
 data, keep = sys.argv[1], sys.argv[2] == "1"
@@ -26,11 +25,7 @@ records = load_split(data, "train", limit=4)
 base, tokenizer = load_model("smollm2-135m")
 policy = add_lora(base, LoraSettings(dropout=0.0)).train()
 prompts = [record_prompt_ids(tokenizer, r, "music") for r in records]
-answers = []
-for position, record in enumerate(records):
-    chosen = [record.candidates.index(record.target), *random_negatives(record, 3, 0, position)]
-    answers.append([encode_answer(tokenizer, record.candidates[i]) for i in chosen])
-packed = pack_answers(prompts, answers, tokenizer.pad_token_id)
+packed = pack_answers(prompts, step_answers(tokenizer, records, 3), tokenizer.pad_token_id)
 seconds = []
 for _ in range(6):
     policy.zero_grad(set_to_none=True)

@@ -117,13 +117,10 @@ def test_caser_units_survive_the_first_steps():
     net = build_model("caser", n_items, config)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-7)
     histories = torch.randint(2, n_items, (256, 10))
-    from sdpo.baselines.train import next_item_loss
+    from sdpo.baselines.train import train_step
 
     for _ in range(20):
-        loss = next_item_loss(net.train(), histories, torch.randint(2, n_items, (256,)))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(net.train(), optimizer, histories, torch.randint(2, n_items, (256,)))
     with torch.no_grad():
         states = net.eval()(histories)
     assert (states > 0).float().mean() > 0.2

@@ -72,6 +72,15 @@ class PeakMemory:
             self.peak_mb = (max(self._peak, self._rss()) - self._start) / 2**20
 
 
+def step_answers(tokenizer, records: list[Record], k: int) -> list[list[list[int]]]:
+    """Per record, the token ids of its target and of K seeded random negatives (target first)."""
+    answers = []
+    for position, record in enumerate(records):
+        chosen = [record.candidates.index(record.target), *random_negatives(record, k, 0, position)]
+        answers.append([encode_answer(tokenizer, record.candidates[i]) for i in chosen])
+    return answers
+
+
 def naive_sequences(prompts, answers, pad_token_id):
     """[R, L] input ids, attention mask, and labels (-100 outside answers) for R = B * (1+K) sequences."""
     sequences, label_rows = [], []
@@ -138,10 +147,7 @@ def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list
     prompts = [record_prompt_ids(tokenizer, r, domain) for r in records]
     results = []
     for k in ks:
-        answers = []
-        for position, record in enumerate(records):
-            chosen = [record.candidates.index(record.target), *random_negatives(record, k, 0, position)]
-            answers.append([encode_answer(tokenizer, record.candidates[i]) for i in chosen])
+        answers = step_answers(tokenizer, records, k)
         batch = tuple(t.to(dev) for t in naive_sequences(prompts, answers, tokenizer.pad_token_id))
         packed = {key: v.to(dev) for key, v in pack_answers(prompts, answers, tokenizer.pad_token_id).items()}
 

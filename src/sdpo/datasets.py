@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.errors import UserError
-from sdpo.io import write_folder_atomic
+from sdpo.io import refuse_non_empty, write_folder_atomic
 from sdpo.records import Record, read_records, record_problem, write_records
 
 SPLITS = ("train", "val", "test")
@@ -24,9 +24,7 @@ SPLITS = ("train", "val", "test")
 def write_prepared(out: str | Path, splits: dict[str, list[Record]], manifest: dict[str, Any], overwrite: bool = False) -> Path:
     """Validate `splits` and write them with `manifest` into the folder `out`."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        if any(out.iterdir()):
-            raise UserError(f"{out} already exists and is not empty. Choose another --out or pass --overwrite.")
+    refuse_non_empty(out, overwrite, "--out")
     for split, records in splits.items():
         seen: set[str] = set()
         for index, record in enumerate(records):

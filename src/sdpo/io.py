@@ -9,6 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from sdpo.errors import UserError
+
+
+def refuse_non_empty(folder: str | Path, overwrite: bool, flag: str, hint: str = "") -> None:
+    """A user error if `folder` holds anything and `overwrite` is off: nothing a user made is lost."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"{folder} is not empty{hint}. Choose another {flag}, or pass --overwrite.")
+
 
 def replace_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Let `write` fill a temporary file beside `path`, then rename it into place."""

@@ -26,7 +26,7 @@ def time_steps(model_name: str, data: str, steps: int, keep: bool) -> float:
     """Median seconds of one training step, in this process."""
     from sdpo.allocator import keep_freed_memory
     from sdpo.baselines.items import ItemTable
-    from sdpo.baselines.train import BaselineConfig, build_model, encode, next_item_loss
+    from sdpo.baselines.train import BaselineConfig, build_model, encode, train_step
     from sdpo.datasets import load_split
 
     if keep and not keep_freed_memory():
@@ -43,10 +43,7 @@ def time_steps(model_name: str, data: str, steps: int, keep: bool) -> float:
     for step in range(3 + steps):
         batch = order[step * config.batch_size : (step + 1) * config.batch_size]
         started = time.perf_counter()
-        loss = next_item_loss(model, train.histories[batch], train.targets[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, train.histories[batch], train.targets[batch])
         times.append(time.perf_counter() - started)
     return statistics.median(times[3:])
 

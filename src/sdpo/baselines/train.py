@@ -30,7 +30,7 @@ from sdpo.baselines.models import Caser, GRU4Rec, SASRec, SequentialRecommender
 from sdpo.datasets import load_split
 from sdpo.errors import UserError
 from sdpo.evaluation import Evaluation, score_rankings
-from sdpo.io import replace_atomic, write_json
+from sdpo.io import refuse_non_empty, replace_atomic, write_json
 from sdpo.records import Record
 
 MODELS = ("sasrec", "gru4rec", "caser", "popularity")
@@ -107,6 +107,15 @@ def next_item_loss(model: SequentialRecommender, histories: torch.Tensor, target
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+def train_step(model: SequentialRecommender, optimizer: torch.optim.Optimizer, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on a batch of histories [B, L] and targets [B]; returns the loss."""
+    loss = next_item_loss(model, histories, targets)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def rank_records(records: list[Record], scores: torch.Tensor) -> Evaluation:
     """Rank each record's candidates by `scores` [N, C] (ties keep candidate order) with the shared metrics."""
     rankings = [sorted(zip(r.candidates, row), key=lambda pair: -pair[1]) for r, row in zip(records, scores.tolist())]
@@ -147,10 +156,7 @@ def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l
         order = torch.randperm(len(train.records), generator=generator)
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            loss = next_item_loss(model, train.histories[batch], train.targets[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, train.histories[batch], train.targets[batch])
         hr = rank_records(val.records, model_scores(model, val)).metrics["hr@1"]
         run["curve"].append(round(hr, 4))
         bar.set_postfix(loss=f"{loss.item():.3f}", val_hr1=f"{hr:.4f}")
@@ -183,9 +189,7 @@ def check_output_dir(config: BaselineConfig) -> dict[str, Any] | None:
             raise UserError(f"--resume: {path} was saved with other options ({'; '.join(changed)}). "
                             "Resume with the same options, or start in another --output.")
         return saved
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        hint = " (it has a checkpoint: add --resume to continue)" if path.is_file() else ""
-        raise UserError(f"{out} is not empty{hint}. Choose another --output, or pass --overwrite.")
+    refuse_non_empty(out, config.overwrite, "--output", " (it has a checkpoint: add --resume to continue)" if path.is_file() else "")
     return None
 
 

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sdpo.config import save_config
 from sdpo.datasets import load_split, read_manifest
 from sdpo.errors import UserError
+from sdpo.io import refuse_non_empty
 from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
@@ -121,9 +122,7 @@ def check_output_dir(config: ModelArguments) -> str | None:
         if last is None:
             raise UserError(f"--resume: no checkpoint-* folder in {out}. Start without --resume.")
         return last
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        hint = " (it has checkpoints: add --resume to continue)" if last else ""
-        raise UserError(f"{out} is not empty{hint}. Choose another --output_dir, or pass --overwrite.")
+    refuse_non_empty(out, config.overwrite, "--output_dir", " (it has checkpoints: add --resume to continue)" if last else "")
     return None
 
 
