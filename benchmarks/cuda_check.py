@@ -6,9 +6,13 @@ architecture with random weights (timings and memory do not depend on the weight
     python benchmarks/cuda_check.py CONFIG_JSON TOKENIZER_DIR DATA_DIR OUT_DIR
 (CONFIG_JSON and TOKENIZER_DIR from $SDPO_HOME/models/smollm2-135m*, DATA_DIR a prepared folder.)
 """
-import json, sys, time
+import json
+import sys
+import time
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 config_json, tokenizer_dir, data_dir, out = sys.argv[1:5]
 print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
 config = AutoConfig.from_pretrained(config_json)
@@ -16,9 +20,10 @@ torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(config)  # random weights, SmolLM2-135M's shape
 tok = AutoTokenizer.from_pretrained(tokenizer_dir)
 model.save_pretrained("/tmp/smol-arch"); tok.save_pretrained("/tmp/smol-arch")
-from sdpo.scoring import score_answers
 from sdpo.datasets import load_split
-from sdpo.prompts import record_prompt_ids, encode_answer
+from sdpo.prompts import encode_answer, record_prompt_ids
+from sdpo.scoring import score_answers
+
 records = load_split(data_dir, "test", limit=4)
 report = {}
 for dtype in (torch.float32, torch.bfloat16):
@@ -28,7 +33,7 @@ for dtype in (torch.float32, torch.bfloat16):
     with torch.no_grad():
         packed = score_answers(m, prompts, answers, tok.pad_token_id).float().cpu()
         worst = 0.0
-        for b, (p, ans) in enumerate(zip(prompts, answers)):
+        for b, (p, ans) in enumerate(zip(prompts, answers, strict=True)):
             for a, x in enumerate(ans):
                 ids = torch.tensor([p + x], device="cuda")
                 lp = torch.log_softmax(m(input_ids=ids).logits[0].float(), -1)
@@ -38,6 +43,7 @@ for dtype in (torch.float32, torch.bfloat16):
     print("packed vs plain on CUDA", dtype, "max abs diff", worst, flush=True)
 json.dump(report, open(f"{out}/cuda-kernel-check.json", "w"), indent=2)
 from sdpo.benchmark import benchmark_step, format_table, save_results
+
 records = load_split(data_dir, "test", limit=8)
 t = time.time()
 results = benchmark_step("/tmp/smol-arch", records, "music", [1, 3, 7, 15], repeats=5, device="cuda")

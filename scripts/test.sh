@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then run the test suite. Tests read the data through SDPO_MIRROR (e.g. ../shared/data).
+# Set up, lint (ruff, rules in pyproject.toml), then run the test suite.
+# Tests read the data through SDPO_MIRROR (e.g. ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check src tests benchmarks
 exec .venv/bin/python -m pytest "$@"

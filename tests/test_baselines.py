@@ -149,18 +149,18 @@ def test_an_interrupted_search_resumes_to_the_same_result(planted, tmp_path, mon
     config = dict(model="gru4rec", data=str(planted), l2="auto", max_epochs=3, patience=3, progress=False)
     whole = run_baseline(BaselineConfig(output_dir=str(tmp_path / "whole"), **config))
 
-    real_rank, calls = train_module.rank_records, []
+    real_hit_rate, calls = train_module.hit_rate, []
 
-    def interrupt_in_the_eighth_epoch(records, scores):  # 3 epochs per weight: the 2nd epoch of the 3rd weight
+    def interrupt_in_the_eighth_epoch(model, split):  # 3 epochs per weight: the 2nd epoch of the 3rd weight
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
-        return real_rank(records, scores)
+        return real_hit_rate(model, split)
 
-    monkeypatch.setattr(train_module, "rank_records", interrupt_in_the_eighth_epoch)
+    monkeypatch.setattr(train_module, "hit_rate", interrupt_in_the_eighth_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_baseline(BaselineConfig(output_dir=str(tmp_path / "cut"), **config))
-    monkeypatch.setattr(train_module, "rank_records", real_rank)
+    monkeypatch.setattr(train_module, "hit_rate", real_hit_rate)
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert [e["l2"] for e in saved["search"]] == [1e-3, 1e-4] and saved["current"]["curve"] and len(saved["current"]["curve"]) == 1
     assert not (tmp_path / "cut" / "metrics.json").exists()

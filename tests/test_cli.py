@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -68,19 +69,37 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     config = {
         "output_dir": str(tmp_path / "run"),
         "model": "tiny",
+        "prompt_seed": 3,
         "data": {"path": str(small_data)},
         "sft": {"train_limit": 8, "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True},
+        "align": [{"name": "dpo", "loss": "dpo", "negatives": 1, "train_limit": 4, "max_steps": 1, "disable_tqdm": True}],
         "evaluate": {"split": "test", "limit": 3, "protocols": ["generate", "rank"], "batch_size": 2},
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     result = sdpo("pipeline", tmp_path / "p.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [(r["stage"], r["protocol"]) for r in rows] == [("zero-shot", "generate"), ("zero-shot", "rank"), ("sft", "generate"), ("sft", "rank")]
-    assert all(r["n_records"] == 3 for r in rows)
-    assert "| sft | rank | 3 |" in result.stdout
+    run = tmp_path / "run"
+    rows = json.loads((run / "results.json").read_text())
+    assert [(r["stage"], r["protocol"]) for r in rows] == [
+        ("zero-shot", "generate"), ("zero-shot", "rank"), ("sft", "generate"), ("sft", "rank"), ("sft", "rank-reward"),
+        ("dpo", "generate"), ("dpo", "rank"), ("dpo", "rank-reward"),
+    ]
+    assert all(r["n_records"] == 3 and r["prompt_seed"] == 3 for r in rows)
+    assert "| sft | rank | 3 |" in result.stdout and "| dpo | rank-reward | 3 |" in result.stdout
+    # every stage trained and was evaluated with the pipeline's one prompt setting
+    assert all(yaml.safe_load((run / s / "sdpo_config.yaml").read_text())["prompt_seed"] == 3 for s in ("sft", "dpo"))
+    # each stage's reward is its log-prob minus its reference stage's, from the saved predictions
+    predictions = {s: [json.loads(line) for line in (run / "eval" / f"{s}-rank" / "predictions.jsonl").read_text().splitlines()]
+                   for s in ("zero-shot", "sft", "dpo")}
+    for stage, reference in (("sft", "zero-shot"), ("dpo", "sft")):
+        for row, ref_row in zip(predictions[stage], predictions[reference], strict=True):
+            ref = {e["title"]: e["logp"] for e in ref_row["ranking"]}
+            assert all(abs(e["reward"] - (e["logp"] - ref[e["title"]])) < 1e-9 for e in row["ranking"])
     again = sdpo("pipeline", tmp_path / "p.yaml")  # finished stages are reused
     assert again.returncode == 0 and "[sft] reusing" in again.stdout and "[evaluate] reusing" in again.stdout
+    config["sft"]["prompt_seed"] = 1
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert_user_error(sdpo("pipeline", tmp_path / "p.yaml"), "set prompt_seed at the top level")
 
 
 def test_baseline_and_align_commands(small_data, tmp_path):
@@ -112,3 +131,111 @@ def test_pipeline_with_baselines_only(small_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [(r["stage"], r["protocol"], r["n_records"]) for r in rows] == [("popularity", "rank", 8)]
+
+
+def test_bad_inputs_each_end_in_one_error_line(small_data, tmp_path):
+    """One class of input per case: manifest fields, YAML values, run and adapter folders, CLI values.
+
+    A few go through the command (one error line, status 2, no traceback); the rest call what
+    the command calls, whose UserError the command prints the same way."""
+    from sdpo.config import build_config, read_yaml
+    from sdpo.errors import UserError
+    from sdpo.pipeline import evaluate_model
+    from sdpo.training.preference import AlignConfig, run_align
+    from sdpo.training.sft import SFTConfig
+
+    bad_domain = tmp_path / "bad-domain"
+    bad_domain.mkdir()
+    (bad_domain / "test.jsonl").write_text((small_data / "test.jsonl").read_text())
+    (bad_domain / "manifest.json").write_text(json.dumps({"domain": "podcasts"}))
+    assert_user_error(sdpo("evaluate", "--data", bad_domain, "--model", "tiny", "--output_dir", tmp_path / "o1"),
+                      "manifest.json: unknown domain 'podcasts'")
+    with pytest.raises(UserError, match="--domain 'podcasts': unknown"):
+        evaluate_model(small_data, "test", "tiny", None, "rank", None, tmp_path / "o1", domain="podcasts")
+
+    (tmp_path / "typed.yaml").write_text("learning_rate: fast\n")
+    assert_user_error(sdpo("sft", tmp_path / "typed.yaml"), "option learning_rate must be a number, got 'fast'")
+    with pytest.raises(UserError, match="option train_limit must be an integer \\(or null\\), got 2.5"):
+        build_config(SFTConfig, {"train_limit": 2.5})
+    assert build_config(SFTConfig, read_yaml(_write(tmp_path / "e.yaml", "learning_rate: 1e-4\n"))).learning_rate == 1e-4
+
+    with pytest.raises(UserError, match="--limit must be at least 1"):
+        evaluate_model(small_data, "test", "tiny", None, "rank", -3, tmp_path / "o2")
+    with pytest.raises(UserError, match="--beta must be above 0"):
+        build_config(AlignConfig, {"beta": 0})
+    with pytest.raises(UserError, match="--train_limit must be at least 1"):
+        build_config(SFTConfig, {"train_limit": 0})
+    assert build_config(SFTConfig, {}, ["--no_bf16"]).bf16 is False
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+    assert_user_error(sdpo("evaluate", "--data", small_data, "--model", "tiny", "--adapter", adapter, "--output_dir", tmp_path / "o3"),
+                      "adapter_model.safetensors: damaged")
+    (adapter / "sdpo_config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="sdpo_config.yaml: unreadable"):
+        run_align(build_config(AlignConfig, {"sft": str(adapter), "output_dir": str(tmp_path / "a")}))
+    assert not any(p.exists() for p in (tmp_path / "o1", tmp_path / "o2", tmp_path / "o3", tmp_path / "a"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_a_windows_edited_record_file_is_read(small_data, tmp_path):
+    """A UTF-8 byte-order mark and CRLF line endings (what Windows editors save) do not make good records bad."""
+    folder = tmp_path / "windows"
+    folder.mkdir()
+    (folder / "manifest.json").write_bytes(b"\xef\xbb\xbf" + (small_data / "manifest.json").read_bytes().replace(b"\n", b"\r\n"))
+    text = (small_data / "test.jsonl").read_text(encoding="utf-8")
+    (folder / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    from sdpo.datasets import load_split
+
+    assert load_split(folder, "test") == load_split(small_data, "test")
+
+
+def test_the_paper_recipe_parses_into_the_stage_configs():
+    """configs/paper-lastfm.yaml holds the authors' settings (FACTS.md) and builds valid SFT and align configs."""
+    from sdpo.config import build_config
+    from sdpo.training.preference import AlignConfig
+    from sdpo.training.sft import SFTConfig
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper-lastfm.yaml").read_text())
+    sft = build_config(SFTConfig, {**config["sft"], "model": config["model"]})
+    align_section = {k: v for k, v in config["align"].items() if k != "name"}
+    align = build_config(AlignConfig, align_section)
+    for stage in (sft, align):
+        assert stage.per_device_train_batch_size * stage.gradient_accumulation_steps == 128
+        assert stage.learning_rate == 1e-5 and stage.lr_scheduler_type == "cosine"
+        assert stage.warmup_steps == 0.05 and stage.max_grad_norm == 0.3
+        assert stage.load_best_model_at_end and stage.eval_limit == 2000
+    assert sft.num_train_epochs == 5 and align.num_train_epochs == 3
+    assert (align.loss, align.negatives, align.beta) == ("sdpo", 3, 1.0)
+    assert align.metric_for_best_model == "loss" and not align.greater_is_better
+    assert sft.metric_for_best_model == "eval_loss" and not sft.greater_is_better
+
+
+def test_pipeline_stages_are_named_and_linked(tmp_path):
+    from sdpo.errors import UserError
+    from sdpo.pipeline import _training_stages
+
+    config = {
+        "sft": [{"name": "sft-small", "train_limit": 8}, {"name": "sft-big", "train_limit": 16}],
+        "align": [{"loss": "dpo", "negatives": 1}, {"name": "sdpo-k3", "from": "sft-big", "negatives": 3}],
+    }
+    sft, align = _training_stages(config, tmp_path / "p.yaml")
+    assert [name for name, _ in sft] == ["sft-small", "sft-big"]
+    assert [(name, start) for name, _, start in align] == [("dpo", "sft-small"), ("sdpo-k3", "sft-big")]
+    assert align[1][1] == {"negatives": 3}  # name and from are the pipeline's, not the stage's options
+    single = _training_stages({"sft": {"train_limit": 8}, "align": {"negatives": 3}}, tmp_path / "p.yaml")
+    assert [n for n, _ in single[0]] == ["sft"] and [(n, s) for n, _, s in single[1]] == [("s-dpo", "sft")]
+    for bad, message in (
+        ({"sft": {}, "align": [{"name": "a"}, {"name": "a"}]}, "stage name 'a' is taken"),
+        ({"sft": {}, "align": {"from": "nope"}}, "starts from 'nope', which is not an sft stage"),
+        ({"align": {}}, "add an sft section"),
+        ({"sft": {"name": "zero-shot"}}, "stage name 'zero-shot' is taken"),
+    ):
+        with pytest.raises(UserError, match=message):
+            _training_stages(bad, tmp_path / "p.yaml")

@@ -22,7 +22,7 @@ def test_eval_splits_are_the_papers_records_exactly(lastfm_dir, mirror, split, n
     paper = json.loads((mirror / "lastfm" / name).read_text(encoding="utf-8"))
     records = load_split(lastfm_dir, split)
     assert len(records) == len(paper)
-    for record, row in zip(records, paper):
+    for record, row in zip(records, paper, strict=True):
         assert record.history == row["historyList"].split("::")
         assert record.candidates == row["itemList"]
         assert record.target == row["trueSelection"]

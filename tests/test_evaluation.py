@@ -2,10 +2,14 @@
 
 import json
 
+import pytest
 import torch
 
 from sdpo.datasets import load_split
-from sdpo.evaluation import evaluate, generate_answers
+from sdpo.errors import UserError
+from sdpo.evaluation import candidate_logps, evaluate, generate_answers
+from sdpo.metrics import target_ranks
+from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.pipeline import evaluate_model
 from sdpo.prompts import encode_answer, record_prompt_ids
 from tests.test_scoring import plain_logprob
@@ -15,7 +19,7 @@ def test_rank_protocol_orders_by_plain_logprobs(tiny, small_data):
     model, tokenizer = tiny
     records = load_split(small_data, "test", limit=3)
     result = evaluate(model, tokenizer, records, "music", "rank", batch_size=2, progress=False)
-    for record, prediction in zip(records, result.predictions):
+    for record, prediction in zip(records, result.predictions, strict=True):
         prompt = record_prompt_ids(tokenizer, record, "music")
         with torch.no_grad():
             expected = {c: plain_logprob(model, prompt, encode_answer(tokenizer, c)) for c in record.candidates}
@@ -31,7 +35,7 @@ def test_generate_decodes_only_new_tokens(tiny, small_data):
     records = load_split(small_data, "test", limit=3)
     texts = generate_answers(model, tokenizer, records, "music", batch_size=2, progress=False)
     assert len(texts) == 3
-    for record, text in zip(records, texts):
+    for record, text in zip(records, texts, strict=True):
         assert "- " + record.candidates[0] not in text  # the prompt's candidate list is not echoed back
         assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 21
     # batching (left padding) does not change greedy answers
@@ -46,3 +50,66 @@ def test_evaluate_model_writes_files(small_data, tmp_path):
         assert key in saved
     lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and len(json.loads(lines[0])["ranking"]) == 20
+
+
+def random_adapter(folder, scale: float):
+    """A saved LoRA adapter on the tiny model whose B matrices are `scale`-sized noise (0: the base model)."""
+    base, tokenizer = load_model("tiny")
+    model = add_lora(base, LoraSettings(dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, scale) if scale else param.zero_()
+    model.save_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def test_rank_by_reward_against_the_base_model(small_data, tmp_path):
+    policy, tokenizer = random_adapter(tmp_path / "adapter", 0.5)
+    metrics = evaluate_model(small_data, "test", "tiny", tmp_path / "adapter", "rank", 3, tmp_path / "out", score="reward", progress=False)
+    assert metrics["score"] == "reward" and metrics["reference"] == "base model"
+    for key in ("hr@1", "reward_hr@1", "reward_mrr"):
+        low, high = metrics["ci95"][key]
+        assert low <= metrics[key] <= high
+    prediction = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+    record = load_split(small_data, "test", 3)[0]
+    prompt = record_prompt_ids(tokenizer, record, "music")
+    base, _ = load_model("tiny")
+    with torch.no_grad():
+        for entry in prediction["ranking"][:3]:
+            answer = encode_answer(tokenizer, entry["title"])
+            expected = plain_logprob(policy, prompt, answer) - plain_logprob(base.eval(), prompt, answer)
+            assert entry["reward"] == pytest.approx(expected, abs=1e-3)
+    rewards = [entry["reward"] for entry in prediction["ranking"]]
+    assert rewards == sorted(rewards, reverse=True) and prediction["rank"] == prediction["reward_rank"]
+
+
+def test_an_untrained_adapter_ties_every_reward_and_the_ties_are_seeded(small_data, tmp_path):
+    random_adapter(tmp_path / "adapter", 0.0)
+    metrics = evaluate_model(small_data, "test", "tiny", tmp_path / "adapter", "rank", None, tmp_path / "out", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert all(entry["reward"] == 0.0 for row in rows for entry in row["ranking"])
+    records = load_split(small_data, "test")
+    assert [row["reward_rank"] for row in rows] == target_ranks(records, [[0.0] * 20] * len(records))
+    assert metrics["reward_hr@1"] == sum(row["reward_rank"] == 1 for row in rows) / len(rows)
+
+
+def test_evaluation_refuses_reward_without_an_adapter_and_contradicting_settings(small_data, tmp_path):
+    with pytest.raises(UserError, match="give the policy with --adapter"):
+        evaluate_model(small_data, "test", "tiny", None, "rank", 2, tmp_path / "o", score="reward")
+    with pytest.raises(UserError, match="--score 'best'"):
+        evaluate_model(small_data, "test", "tiny", None, "rank", 2, tmp_path / "o", score="best")
+    with pytest.raises(UserError, match="--batch_size must be at least 1"):
+        evaluate_model(small_data, "test", "tiny", None, "rank", 2, tmp_path / "o", batch_size=0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bf16_scores_follow_fp32_within_bf16_noise(small_data):
+    records = load_split(small_data, "test", 2)
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tokenizer = load_model("tiny", dtype=dtype)
+        rows[dtype] = torch.stack(candidate_logps(model, tokenizer, records, "music", progress=False))
+    gap = (rows[torch.float32] - rows[torch.bfloat16]).abs()
+    assert rows[torch.bfloat16].dtype == torch.float32  # log-probs are summed in fp32
+    assert 0 < gap.max() < 0.5 and gap.mean() < 0.1

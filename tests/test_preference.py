@@ -12,8 +12,19 @@ from sdpo.errors import UserError
 from sdpo.evaluation import evaluate
 from sdpo.models import load_model
 from sdpo.negatives import hard_negatives, random_negatives
+from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
-from sdpo.training.preference import LOG_FILE, AlignConfig, run_align
+from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.training.preference import (
+    LOG_FILE,
+    REFERENCE_ADAPTER,
+    AlignConfig,
+    frozen_adapter_logps,
+    inherit_from_sft,
+    read_sft_run,
+    reference_table,
+    run_align,
+)
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps
 from sdpo.training.sft import SFTConfig, run_sft
 
@@ -97,3 +108,52 @@ def test_align_refuses_bad_options(small_data, tmp_path):
         build_config(AlignConfig, {"loss": "ipo"})
     with pytest.raises(UserError, match="hard picks negatives by reference scores"):
         build_config(AlignConfig, {"reference": "adapter", "negative_sampling": "hard"})
+
+
+def sft_run(small_data, out, **overrides):
+    return run_sft(build_config(SFTConfig, {
+        "model": "tiny", "data": str(small_data), "output_dir": str(out), "max_steps": 2, "learning_rate": 5e-2,
+        "disable_tqdm": True, "train_limit": 8, **overrides,
+    }))
+
+
+def preference_batch(tokenizer, records, k=3):
+    prompts = [record_prompt_ids(tokenizer, r, "music") for r in records]
+    answers = [[encode_answer(tokenizer, c) for c in [r.target, *r.negatives[:k]]] for r in records]
+    return pack_answers(prompts, answers, tokenizer.pad_token_id)
+
+
+def test_frozen_reference_adapter_is_deterministic_in_train_mode(small_data, tmp_path):
+    """The adapter reference runs without LoRA dropout even while the policy trains (dropout 0.1)."""
+    sft_dir = sft_run(small_data, tmp_path / "sft", lora_dropout=0.1)
+    model, tokenizer = load_model("tiny", sft_dir, trainable_adapter=True)
+    model.load_adapter(str(sft_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter("default")
+    model.train()
+    packed = preference_batch(tokenizer, load_split(small_data, "train", limit=4))
+    first, second = frozen_adapter_logps(model, packed), frozen_adapter_logps(model, packed)
+    assert torch.equal(first, second)
+    assert model.training and model.active_adapter == "default"
+    with torch.no_grad():
+        dropped, _ = answer_logprobs(model, packed)  # the policy itself does drop out in train mode
+    assert not torch.allclose(dropped, first, atol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_rewards_are_zero_at_step_zero(small_data, tmp_path, bf16):
+    """The reference table is computed at the policy's precision: before any update every reward is 0 (bf16: to bf16 noise)."""
+    sft_dir = sft_run(small_data, tmp_path / "sft", lora_dropout=0.0)
+    config = build_config(AlignConfig, {"sft": str(sft_dir), "output_dir": str(tmp_path / "align"), "train_limit": 8, "bf16": bf16})
+    model, tokenizer = load_model("tiny", sft_dir, trainable_adapter=True, dtype=torch.bfloat16 if bf16 else torch.float32)
+    inherit_from_sft(config, read_sft_run(str(sft_dir)))
+    records = load_split(small_data, "train", 8, config.subset_seed)
+    table = reference_table(model, tokenizer, records, config, "train")  # batches of 4 records x 20 candidates
+    model.train()
+    chosen = [[r.candidates.index(c) for c in [r.target, *r.negatives[:3]]] for r in records]
+    with torch.no_grad():
+        logps, _ = answer_logprobs(model, preference_batch(tokenizer, records))  # one batch, 1+K answers each
+    rewards = logps - torch.stack([table[i, idx] for i, idx in enumerate(chosen)])
+    # bf16: a table computed in fp32 against this bf16 policy (the old mismatch) is off by 0.039 here
+    assert rewards.abs().max() < (0.01 if bf16 else 1e-4), rewards.abs().max()
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16 if bf16 else torch.float32}

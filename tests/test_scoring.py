@@ -46,7 +46,7 @@ def test_packed_equals_plain(attn, lora):
         for prompts, answers in cases:
             packed = score_answers(model, prompts, answers, tokenizer.pad_token_id)
             assert packed.shape == (len(prompts), max(len(a) for a in answers))
-            for b, (prompt, record_answers) in enumerate(zip(prompts, answers)):
+            for b, (prompt, record_answers) in enumerate(zip(prompts, answers, strict=True)):
                 for a, answer in enumerate(record_answers):
                     assert abs(packed[b, a].item() - plain_logprob(model, prompt, answer)) <= 1e-4
                 assert torch.isneginf(packed[b, len(record_answers):]).all()

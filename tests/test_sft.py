@@ -1,7 +1,10 @@
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from sdpo.config import build_config
 from sdpo.datasets import load_split
@@ -43,16 +46,51 @@ def test_sft_lowers_the_loss_and_saves_a_loadable_adapter(small_data, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def interrupt_after(out, step: int) -> None:
+    """Make a finished run look like one killed after checkpoint `step`: later checkpoints and final files gone."""
+    for path in out.iterdir():
+        if path.name.startswith("checkpoint-") and int(path.name.split("-")[1]) > step:
+            shutil.rmtree(path)
+        elif path.is_file() and path.name != CONFIG_FILE and path.name != "log.jsonl":
+            path.unlink()
+
+
 def test_sft_resumes_from_its_checkpoint(small_data, tmp_path):
-    out = tmp_path / "sft"
-    run_sft(sft_config(small_data, out, max_steps=4))
+    out, whole = tmp_path / "sft", tmp_path / "whole"
+    run_sft(sft_config(small_data, whole, max_steps=6, save_total_limit=None))
+    run_sft(sft_config(small_data, out, max_steps=6, save_total_limit=None))
+    interrupt_after(out, 4)
     with pytest.raises(UserError, match="not empty .*--resume"):
-        run_sft(sft_config(small_data, out, max_steps=6))
-    run_sft(sft_config(small_data, out, max_steps=6, resume=True))
+        run_sft(sft_config(small_data, out, max_steps=6, save_total_limit=None))
+    with pytest.raises(UserError, match="other options .*learning_rate"):
+        run_sft(sft_config(small_data, out, max_steps=6, save_total_limit=None, learning_rate=1e-3, resume=True))
+    run_sft(sft_config(small_data, out, max_steps=6, save_total_limit=None, resume=True))
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     steps = [e["step"] for e in state["log_history"] if "loss" in e]
-    assert steps == [2, 4, 6]  # steps 1-4 came from the first run's checkpoint, not retrained
+    assert steps == [2, 4, 6]  # steps 1-4 came from the checkpoint, not retrained
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert logged == [2, 4, 6]  # the log holds each step once
+    resumed, uninterrupted = (load_file(str(d / "adapter_model.safetensors")) for d in (out, whole))
+    assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in uninterrupted)
+
+
+def test_resume_refuses_another_version_and_a_damaged_checkpoint(small_data, tmp_path):
+    out = tmp_path / "sft"
+    run_sft(sft_config(small_data, out, max_steps=4, save_total_limit=None))
+    interrupt_after(out, 2)
+    (out / "checkpoint-2" / "optimizer.pt").unlink()
+    with pytest.raises(UserError, match="checkpoint-2: incomplete checkpoint, optimizer.pt is missing"):
+        run_sft(sft_config(small_data, out, max_steps=4, resume=True))
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
+    (out / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="adapter_model.safetensors: damaged"):
+        run_sft(sft_config(small_data, out, max_steps=4, resume=True))
+    config = yaml.safe_load((out / CONFIG_FILE).read_text())
+    config["sdpo_version"] = "0.1.0"
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match="written by sdpo 0.1.0"):
+        run_sft(sft_config(small_data, out, max_steps=4, resume=True))
 
 
 def test_resume_without_checkpoint_and_missing_data(small_data, tmp_path):

@@ -1,3 +1,3 @@
 """sdpo: train language-model recommenders with Softmax-DPO (Chen et al., NeurIPS 2024)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -28,6 +28,7 @@ from sdpo.allocator import return_freed_memory
 from sdpo.losses import softmax_dpo_loss
 from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.negatives import random_negatives
+from sdpo.precision import compute_context, cpu_name, model_dtype
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
 from sdpo.scoring import answer_logprobs, pack_answers
@@ -84,7 +85,7 @@ def step_answers(tokenizer, records: list[Record], k: int) -> list[list[list[int
 def naive_sequences(prompts, answers, pad_token_id):
     """[R, L] input ids, attention mask, and labels (-100 outside answers) for R = B * (1+K) sequences."""
     sequences, label_rows = [], []
-    for prompt, record_answers in zip(prompts, answers):
+    for prompt, record_answers in zip(prompts, answers, strict=True):
         for answer in record_answers:
             sequences.append(prompt + answer)
             label_rows.append([-100] * len(prompt) + answer)
@@ -97,7 +98,8 @@ def naive_sequences(prompts, answers, pad_token_id):
 
 def naive_logps(model, input_ids, attention, labels) -> torch.Tensor:
     """[R] summed answer log-probs the published way: full-vocabulary logits at every position."""
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # [R, L-1, V]
+    with compute_context(model.get_output_embeddings().weight):
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # [R, L-1, V]
     targets = labels[:, 1:]
     mask = targets != -100
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -137,11 +139,12 @@ def _timed(fn, device, repeats: int):
     return statistics.median(seconds), statistics.median(peaks), result
 
 
-def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list[int], repeats: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
+def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list[int], repeats: int = 3, device: str = "cpu",
+                   bf16: bool = False) -> list[dict[str, Any]]:
     """Time one S-DPO step both ways for each K; one result dict per K."""
     return_freed_memory()
     dev = torch.device(device)
-    base, tokenizer = load_model(model_name)
+    base, tokenizer = load_model(model_name, dtype=model_dtype(bf16))
     policy = add_lora(base, LoraSettings(dropout=0.0)).to(dev).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the published code's second model
     prompts = [record_prompt_ids(tokenizer, r, domain) for r in records]
@@ -151,11 +154,11 @@ def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list
         batch = tuple(t.to(dev) for t in naive_sequences(prompts, answers, tokenizer.pad_token_id))
         packed = {key: v.to(dev) for key, v in pack_answers(prompts, answers, tokenizer.pad_token_id).items()}
 
-        def run_naive():
+        def run_naive(batch=batch, k=k):
             policy.zero_grad(set_to_none=True)
             return naive_step(policy, reference, batch, k + 1)
 
-        def run_shared():
+        def run_shared(packed=packed):
             policy.zero_grad(set_to_none=True)
             return shared_step(policy, packed)
 
@@ -187,7 +190,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def save_results(path: str | Path, model: str, device: str, results: list[dict[str, Any]], repeats: int) -> None:
+def save_results(path: str | Path, model: str, device: str, results: list[dict[str, Any]], repeats: int, bf16: bool = False) -> None:
     from sdpo.io import write_json
 
-    write_json(path, {"model": model, "device": device, "repeats": repeats, "torch_threads": torch.get_num_threads(), "results": results})
+    write_json(path, {"model": model, "device": device, "precision": "bf16" if bf16 else "fp32", "cpu": cpu_name(),
+                      "repeats": repeats, "torch_threads": torch.get_num_threads(), "results": results})

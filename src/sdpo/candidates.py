@@ -7,7 +7,7 @@ position, so two records with the same target do not share negatives by construc
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

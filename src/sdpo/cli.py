@@ -73,9 +73,9 @@ def _config_from(ctx: typer.Context, config: Optional[Path], cls, name: str, ali
         args.insert(0, (aliases or {}).get(str(config), str(config)))
         config = None
     if {"--help", "-h"} & set(args):
-        HfArgumentParser(cls).print_help()
+        HfArgumentParser(cls, prog=f"sdpo {name} [CONFIG.yaml]").print_help()
         raise typer.Exit()
-    return build_config(cls, read_yaml(config) if config else {}, args, where=str(config or name))
+    return build_config(cls, read_yaml(config) if config else {}, args, where=str(config or name), prog=f"sdpo {name}")
 
 
 CONFIG_ARGUMENT = typer.Argument(None, help="YAML config; flags override it")
@@ -101,7 +101,7 @@ def align(ctx: typer.Context, config: Optional[Path] = CONFIG_ARGUMENT) -> None:
 
 @app.command("baseline", context_settings=PASS_THROUGH)
 def baseline(ctx: typer.Context, config: Optional[Path] = CONFIG_ARGUMENT) -> None:
-    """Classic recommenders on the same records: --model sasrec|gru4rec|caser|popularity --data DIR --output DIR."""
+    """Classic recommenders on the same records: --model sasrec|gru4rec|caser|popularity --data DIR --output_dir DIR."""
     from sdpo.baselines.train import BaselineConfig, run_baseline
 
     metrics = run_baseline(_config_from(ctx, config, BaselineConfig, "baseline", {"--output": "--output_dir"}))
@@ -113,22 +113,40 @@ def baseline(ctx: typer.Context, config: Optional[Path] = CONFIG_ARGUMENT) -> No
 def evaluate_cmd(
     data: Path = typer.Option(..., help="prepared dataset folder"),
     split: str = typer.Option("test", help="train, val or test"),
-    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
-    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (output of sdpo sft)"),
+    model: Optional[str] = typer.Option(None, help="alias, local HF folder or cached hub id (default: the adapter's base model, else smollm2-135m)"),
+    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (output of sdpo sft or sdpo align)"),
     protocol: str = typer.Option("rank", help="generate (the paper's) or rank (likelihood ranking)"),
-    limit: Optional[int] = typer.Option(None, help="evaluate only the first N records"),
-    output: Path = typer.Option(..., help="folder for metrics.json and predictions.jsonl"),
+    score: str = typer.Option("logp", help="rank: order predictions by logp, log pi(c|x), or by reward, "
+                              "log pi(c|x) - log pi_ref(c|x); both are in metrics.json"),
+    reference_adapter: Optional[Path] = typer.Option(None, help="rank: pi_ref for the reward, e.g. the SFT run an S-DPO "
+                                                     "adapter started from (default: the base model)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate N records drawn at random with --subset_seed (default: all)"),
+    subset_seed: int = typer.Option(0, help="seed of the --limit draw"),
+    output_dir: Path = typer.Option(..., "--output_dir", "--output", help="folder for metrics.json and predictions.jsonl"),
     batch_size: int = typer.Option(8, help="records per forward pass"),
-    domain: Optional[str] = typer.Option(None, help="prompt domain (default: the manifest's)"),
-    prompt_seed: int = typer.Option(0, help="seed fixing each record's prompt phrasing"),
+    domain: Optional[str] = typer.Option(None, help="prompt domain (default: the adapter's, else the manifest's)"),
+    prompt_seed: Optional[int] = typer.Option(None, help="seed fixing each record's prompt phrasing (default: the adapter's, else 0)"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
 ) -> None:
     """Evaluate a model (optionally with a LoRA adapter) on a prepared split."""
     from sdpo.pipeline import evaluate_model
 
-    metrics = evaluate_model(data, split, model, adapter, protocol, limit, output, batch_size, domain, prompt_seed)
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-    typer.echo(f"{protocol} on {metrics['n_records']} {split} records: {shown}")
-    typer.echo(f"wrote {output / 'metrics.json'} and {output / 'predictions.jsonl'}")
+    metrics = evaluate_model(data, split, model, adapter, protocol, limit, output_dir, batch_size, domain, prompt_seed,
+                             subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter)
+    typer.echo(f"{protocol} on {metrics['n_records']} {split} records ({'bf16' if metrics['bf16'] else 'fp32'}):")
+    intervals = metrics.get("ci95", {})
+    for key, value in metrics.items():
+        if isinstance(value, float) and key != "seconds":
+            interval = intervals.get(key)
+            typer.echo(f"  {key:<20} {value:.4f}" + (f"  95% CI [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""))
+    typer.echo(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'predictions.jsonl'}")
+
+
+def _parse_ks(negatives: str) -> list[int]:
+    try:
+        return [int(k) for k in negatives.split(",")]
+    except ValueError:
+        raise UserError(f"--negatives must be comma-separated integers, got {negatives!r}.") from None
 
 
 @bench_app.command("step")
@@ -140,21 +158,45 @@ def benchmark_step_cmd(
     json_out: Path = typer.Option(..., "--json", help="result file to write"),
     repeats: int = typer.Option(3, help="timed repeats after one warm-up (the median is reported)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
 ) -> None:
     """Time one S-DPO step (forward + backward + reference) the published way and the shared-prompt way."""
     from sdpo.benchmark import benchmark_step, format_table, save_results
     from sdpo.datasets import load_split, read_manifest
+    from sdpo.precision import resolve_bf16
 
-    try:
-        ks = [int(k) for k in negatives.split(",")]
-    except ValueError:
-        raise UserError(f"--negatives must be comma-separated integers, got {negatives!r}.") from None
+    ks = _parse_ks(negatives)
+    if records < 1 or repeats < 1:
+        raise UserError("--records and --repeats must be at least 1.")
     chosen = load_split(data, "test", limit=records)
     if any(not 1 <= k < len(r.candidates) for k in ks for r in chosen):
         raise UserError("--negatives: every K must be between 1 and the number of negatives per record (19).")
-    results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device)
-    save_results(json_out, model, device, results, repeats)
+    bf16 = resolve_bf16(bf16, device)
+    results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device, bf16)
+    save_results(json_out, model, device, results, repeats, bf16)
     typer.echo(format_table(results))
+    typer.echo(f"wrote {json_out}")
+
+
+@bench_app.command("precision")
+def benchmark_precision_cmd(
+    data: Path = typer.Option(..., help="prepared dataset folder (train records for the steps, test records for ranking)"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    records: int = typer.Option(4, help="records per training step"),
+    negatives: str = typer.Option("3,15", help="comma-separated K values for the S-DPO steps"),
+    repeats: int = typer.Option(3, help="timed repeats per step after one warm-up, the precisions alternating (medians reported)"),
+    rank_records: int = typer.Option(200, help="test records ranked in each precision (speed, log-prob gap and top-1 agreement)"),
+    batch_size: int = typer.Option(8, help="records per forward pass when ranking"),
+) -> None:
+    """fp32 against bf16, side by side: records/s of SFT and S-DPO steps and of ranking, log-prob gaps, top-1 agreement."""
+    from sdpo.benchmark_precision import benchmark_precision, format_table
+
+    ks = _parse_ks(negatives)
+    if min(records, repeats, rank_records, batch_size) < 1:
+        raise UserError("--records, --repeats, --rank_records and --batch_size must be at least 1.")
+    result = benchmark_precision(model, data, ks, records, repeats, rank_records, batch_size, json_out)
+    typer.echo(format_table(result))
     typer.echo(f"wrote {json_out}")
 
 
@@ -192,7 +234,7 @@ def pipeline_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see con
 
 def main() -> None:
     try:
-        app()
+        app()  # typer reports a bad flag or value itself: usage line, the problem, exit status 2
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

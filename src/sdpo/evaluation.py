@@ -3,13 +3,23 @@
 - ``generate`` (the paper's protocol): greedy decoding of at most 20 new tokens; only the
   new tokens are decoded. HitRatio@1 and ValidRatio by the paper's substring rule, and
   beside them by the stricter longest-match rule (``strict_hr@1``, ``strict_valid_ratio``).
-- ``rank``: every candidate scored by `score_answers` behind its prompt in one pass; the
-  candidates sorted by log-prob give HR@1/5, NDCG@5/10 and MRR (ValidRatio is 1).
+- ``rank``: every candidate scored behind its prompt in one packed pass; HR@1/5, NDCG@5/10
+  and MRR (ValidRatio is 1), by two scores:
+
+  * ``logp``: log pi(c | x), the summed log-prob of the title. It carries the base LM's
+    prior over title strings: long or rare names are penalised whatever the history says.
+  * ``reward``: log pi(c | x) - log pi_ref(c | x), the implicit reward that DPO and S-DPO
+    optimise. The reference is the base model (for an SFT adapter) or the SFT adapter (for
+    an S-DPO/DPO one), so the prior cancels and what remains is what training changed.
+
+  Metrics by logp keep their plain names (``hr@1``); by reward they are prefixed
+  (``reward_hr@1``). Every metric comes with its 95% bootstrap interval (``ci95``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +28,17 @@ import torch
 from tqdm.auto import tqdm
 
 from sdpo.io import write_json, write_jsonl
-from sdpo.metrics import longest_match, paper_match, rank_of, ranking_metrics
+from sdpo.metrics import longest_match, paper_match, per_record_ranking, ranked_indices, ranking_metrics
+from sdpo.precision import compute_context
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
 from sdpo.scoring import score_answers
+from sdpo.stats import bootstrap_cis
 
 PROTOCOLS = ("generate", "rank")
+SCORES = ("logp", "reward")
 MAX_NEW_TOKENS = 20
+REFERENCE_ADAPTER = "reference"
 
 
 @dataclass
@@ -43,6 +57,10 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
+def _weight(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
 @torch.no_grad()
 def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[torch.Tensor]:
     """Per record, log pi(candidate | prompt) of each candidate in candidate order: a [C] tensor."""
@@ -52,16 +70,36 @@ def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_
         prompts = [record_prompt_ids(tokenizer, r, domain, seed) for r in batch]
         answers = [[encode_answer(tokenizer, c) for c in r.candidates] for r in batch]
         rows = score_answers(model, prompts, answers, tokenizer.pad_token_id).float().cpu()
-        scores.extend(row[: len(record.candidates)] for record, row in zip(batch, rows))
+        scores.extend(row[: len(record.candidates)] for record, row in zip(batch, rows, strict=True))
     return scores
 
 
+@torch.no_grad()
+def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0,
+                    progress: bool = True, reference_adapter: str | Path | None = None) -> list[torch.Tensor]:
+    """`candidate_logps` under the reference of a PEFT model: its base (adapter off) or `reference_adapter`."""
+    if reference_adapter is None:
+        with model.disable_adapter():
+            return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+    from sdpo.models import quiet_peft
+
+    with quiet_peft():
+        model.load_adapter(str(reference_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    active = model.active_adapter
+    model.set_adapter(REFERENCE_ADAPTER)
+    try:
+        return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+    finally:
+        model.set_adapter(active)
+        model.delete_adapter(REFERENCE_ADAPTER)
+
+
 def rank_candidates(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True):
-    """Per record, its candidates with log-probs, best first: list of [(title, logp), ...]."""
+    """Per record, its candidates with log-probs, best first (seeded tie order): list of [(title, logp), ...]."""
     ranked = []
-    for record, row in zip(records, candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)):
-        pairs = [(title, float(row[i])) for i, title in enumerate(record.candidates)]
-        ranked.append(sorted(pairs, key=lambda pair: -pair[1]))  # stable: ties keep candidate order
+    for record, row in zip(records, candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress), strict=True):
+        scores = row.tolist()
+        ranked.append([(record.candidates[i], scores[i]) for i in ranked_indices(scores, record.id)])
     return ranked
 
 
@@ -76,55 +114,73 @@ def generate_answers(model, tokenizer, records: list[Record], domain: str, batch
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with compute_context(_weight(model)):
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         texts.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
     return texts
 
 
 def score_generations(records: list[Record], texts: list[str]) -> Evaluation:
-    """Paper and longest-match metrics for generated answers."""
-    predictions, counts = [], {"hit": 0, "valid": 0, "strict_hit": 0, "strict_valid": 0}
+    """Paper and longest-match metrics for generated answers, with their bootstrap intervals."""
+    predictions, columns = [], {"hr@1": [], "valid_ratio": [], "strict_hr@1": [], "strict_valid_ratio": []}
     for record, text in zip(records, texts, strict=True):
         paper = paper_match(text, record.candidates, record.target)
         strict = longest_match(text, record.candidates, record.target)
         flags = {"hit": paper.hit, "valid": paper.valid, "strict_hit": strict.hit, "strict_valid": strict.valid}
-        for key, value in flags.items():
-            counts[key] += value
+        for column, flag in zip(columns, flags.values(), strict=True):
+            columns[column].append(float(flag))
         predictions.append({"id": record.id, "target": record.target, "generated": text, "matched": list(paper.matched), **flags})
-    n = len(records)
-    metrics = {
-        "hr@1": counts["hit"] / n,
-        "valid_ratio": counts["valid"] / n,
-        "strict_hr@1": counts["strict_hit"] / n,
-        "strict_valid_ratio": counts["strict_valid"] / n,
-    }
+    metrics: dict[str, Any] = {name: sum(values) / len(values) for name, values in columns.items()}
+    metrics["ci95"] = bootstrap_cis(columns)
     return Evaluation(metrics, predictions)
 
 
-def score_rankings(records: list[Record], rankings: list[list[tuple[str, float]]]) -> Evaluation:
-    """Ranking metrics and per-record predictions from ranked (title, score) lists."""
-    predictions, ranks = [], []
-    for record, ranking in zip(records, rankings, strict=True):
-        rank = rank_of(record.target, [title for title, _ in ranking])
-        ranks.append(rank)
-        predictions.append(
-            {
-                "id": record.id,
-                "target": record.target,
-                "ranking": [{"title": t, "score": s} for t, s in ranking],
-                "rank": rank,
-                "hit": rank == 1,
-                "valid": True,
-            }
-        )
-    return Evaluation(ranking_metrics(ranks), predictions)
+def score_rankings(records: list[Record], logps: Sequence[Sequence[float]], reference: Sequence[Sequence[float]] | None = None,
+                   score: str = "logp", label: str = "logp") -> Evaluation:
+    """Ranking metrics (by logp, and by reward when `reference` is given) and per-record predictions.
+
+    logps, reference: per record, a score per candidate in candidate order. `score` picks the
+    ranking each prediction lists (``ranking``, ``rank``, ``hit``); both ranks are kept
+    (``logp_rank``, ``reward_rank``). `label` names the first score in the output (the
+    classic baselines' scores are not log-probs).
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose logp or reward")
+    if score == "reward" and reference is None:
+        raise ValueError("ranking by reward needs the reference's log-probs")
+    by_score: dict[str, list[list[float]]] = {"logp": [[float(x) for x in row] for row in logps]}
+    if reference is not None:
+        by_score["reward"] = [[p - float(r) for p, r in zip(row, ref, strict=True)] for row, ref in zip(by_score["logp"], reference, strict=True)]
+    orders = {name: [ranked_indices(rows[i], r.id) for i, r in enumerate(records)] for name, rows in by_score.items()}
+    ranks = {name: [order.index(r.candidates.index(r.target)) + 1 for r, order in zip(records, rows, strict=True)] for name, rows in orders.items()}
+    metrics: dict[str, Any] = {"score": label if score == "logp" else score}
+    intervals: dict[str, list[float]] = {}
+    for name, name_ranks in ranks.items():
+        prefix = "" if name == "logp" else f"{name}_"
+        metrics.update({prefix + k: v for k, v in ranking_metrics(name_ranks).items() if prefix == "" or k != "valid_ratio"})
+        intervals.update({prefix + k: v for k, v in bootstrap_cis(per_record_ranking(name_ranks)).items()})
+    metrics["ci95"] = intervals
+    predictions = []
+    for i, record in enumerate(records):
+        ranking = []
+        for c in orders[score][i]:
+            entry = {"title": record.candidates[c], label: by_score["logp"][i][c]}
+            if reference is not None:
+                entry["reward"] = by_score["reward"][i][c]
+            ranking.append(entry)
+        rank = ranks[score][i]
+        row = {"id": record.id, "target": record.target, "rank": rank, "hit": rank == 1, "valid": True}
+        if reference is not None:
+            row.update({f"{name}_rank": name_ranks[i] for name, name_ranks in ranks.items()})
+        predictions.append({**row, "ranking": ranking})
+    return Evaluation(metrics, predictions)
 
 
 def evaluate(
@@ -137,13 +193,26 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     info: dict[str, Any] | None = None,
+    *,
+    score: str = "logp",
+    reference: Sequence[Sequence[float]] | str | Path | bool | None = None,
 ) -> Evaluation:
-    """Run one protocol on `records`; metrics carry n_records, protocol, seconds and `info`."""
+    """Run one protocol on `records`; metrics carry n_records, protocol, seconds and `info`.
+
+    For the rank protocol, `reference` adds the reward ranking: True scores the candidates
+    with the model's base (adapter off), a folder with that reference adapter, and a list
+    of per-record scores is used as it is (e.g. the previous stage's log-probs).
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
     start = time.perf_counter()
     if protocol == "rank":
-        result = score_rankings(records, rank_candidates(model, tokenizer, records, domain, batch_size, seed, progress))
+        logps = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+        if reference is True:
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+        elif isinstance(reference, (str, Path)):
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference)
+        result = score_rankings(records, logps, reference or None, score)
     else:
         result = score_generations(records, generate_answers(model, tokenizer, records, domain, batch_size, seed, progress))
     result.metrics = {

@@ -12,6 +12,8 @@ Everything is loaded from local files; ``trust_remote_code`` stays off unless as
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.1
     target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    last_layers: int | None = None  # LoRA on the last N decoder layers only (None: all)
 
 
 def models_dir() -> Path:
@@ -159,21 +162,47 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} holds no LoRA adapter (adapter_config.json). Give the output folder of sdpo sft.")
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
+        from sdpo.runs import check_adapter_folder
+
+        check_adapter_folder(adapter)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
     return model, tokenizer
 
 
+@contextmanager
+def quiet_peft():
+    """Silence the deprecation warning PEFT triggers in transformers by reading ``is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last component) of the linear layers inside the decoder blocks: what "all-linear" means."""
+    decoder = model.get_decoder()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)})
+
+
 def add_lora(model, settings: LoraSettings):
-    """Wrap `model` in a trainable PEFT LoRA model."""
+    """Wrap `model` in a trainable PEFT LoRA model (adapter weights in fp32 even on a bf16 base)."""
     from peft import LoraConfig, get_peft_model
 
+    targets, layers = settings.target_modules, None
+    if settings.last_layers is not None:
+        n_layers = model.config.num_hidden_layers
+        if not 1 <= settings.last_layers <= n_layers:
+            raise UserError(f"--lora_layers must be between 1 and {n_layers} (the model's layers), got {settings.last_layers}.")
+        layers = list(range(n_layers - settings.last_layers, n_layers))
+        if targets == "all-linear":  # PEFT takes a layer list only with explicit module names
+            targets = linear_module_names(model)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config, autocast_adapter_dtype=True)

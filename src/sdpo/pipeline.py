@@ -4,15 +4,24 @@ A pipeline config (see ``configs/quickstart.yaml``)::
 
     output_dir: runs/quickstart      # everything goes under here
     model: smollm2-135m              # the base LM
+    seed: 0                          # training seed (and the data preparation's)
+    prompt_seed: 0                   # prompts, record draws and precision: one setting for
+    subset_seed: 0                   #   every stage, so evaluation reads what training read
+    bf16: null                       #   (null: on where the hardware computes bf16 natively)
     data: {dataset: lastfm}          # fetch + prepare into OUTPUT/data (or {path: DIR})
     sft: {train_limit: 256, ...}     # any SFTConfig option; output in OUTPUT/sft
-    align: {negatives: 3, ...}       # any AlignConfig option, from OUTPUT/sft; output in OUTPUT/align
+    align: {negatives: 3, ...}       # any AlignConfig option, from OUTPUT/sft; output in OUTPUT/<name>
     baselines: {models: [popularity, sasrec], ...}   # any BaselineConfig option; OUTPUT/baselines/NAME
     evaluate: {split: test, limit: 200, protocols: [generate, rank]}
 
-Evaluation covers the zero-shot base model and every trained stage. A stage whose output
-is complete is reused, and an interrupted SFT resumes from its last checkpoint, so
-re-running a pipeline continues where it stopped.
+``sft`` and ``align`` are one stage or a list of them, each named by its ``name`` option
+(default: sft; s-dpo or dpo by its loss) and trained into OUTPUT/<name>; an align stage
+starts from the SFT stage its ``from`` option names (default: the first). Evaluation covers the
+zero-shot base model and every trained stage; for the rank protocol a trained stage is also
+ranked by its reward against its reference (the base model for SFT, the SFT model for an
+align stage), from the reference stage's saved log-probs. A stage whose output is complete
+is reused, and an interrupted training stage resumes from its last checkpoint, so re-running
+a pipeline continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,13 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.config import build_config, read_yaml
-from sdpo.datasets import load_split, read_manifest
+from sdpo.datasets import load_split, read_manifest, resolve_domain
 from sdpo.errors import UserError
 from sdpo.evaluation import PROTOCOLS, evaluate
 from sdpo.io import write_json, write_text_atomic
+from sdpo.records import Record
 
 PREPARERS = ("lastfm", "movielens-100k", "interactions", "llara")
-PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate"}
+SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
+PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", *SHARED_KEYS}
+EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score"}
 TABLE_COLUMNS = ("hr@1", "valid_ratio", "strict_hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
 
 
@@ -88,29 +100,139 @@ def prepare_dataset(
 
 
 def evaluate_model(
-    data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=0, progress=True
+    data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=None, progress=True,
+    *, subset_seed=0, bf16=None, score="logp", reference_adapter=None, reference_scores=None,
 ) -> dict[str, Any]:
-    """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl."""
+    """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl.
+
+    With an adapter that a training run wrote, the base model and the prompt settings come
+    from its sdpo_config.yaml (a contradicting --model, --domain or --prompt_seed is refused).
+    With an adapter, the rank protocol also ranks by reward against the reference: the base
+    model, or `reference_adapter`, or `reference_scores` (per record, the reference's log-prob
+    of each candidate) when they were computed already.
+    """
+    from sdpo.evaluation import SCORES
     from sdpo.models import load_model
+    from sdpo.precision import model_dtype, resolve_bf16
 
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose generate or rank.")
+    if score not in SCORES:
+        raise UserError(f"--score {score!r}: choose logp or reward.")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}.")
-    domain = domain or read_manifest(data).get("domain", "music")
-    records = load_split(data, split, limit=limit)
-    model, tokenizer = load_model(model_name, adapter)
-    info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split}
-    result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info)
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}.")
+    if adapter is None and (score == "reward" or reference_adapter is not None):
+        raise UserError("--score reward / --reference_adapter rank by log pi(c|x) - log pi_ref(c|x): give the policy with --adapter DIR.")
+    model_name, domain, prompt_seed = _settings_of_adapter(adapter, model_name, domain, prompt_seed)
+    domain = resolve_domain(data, domain)
+    records = load_split(data, split, limit, subset_seed)
+    bf16 = resolve_bf16(bf16)
+    model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16))
+    if reference_adapter is not None:
+        from sdpo.runs import check_adapter_folder
+
+        check_adapter_folder(reference_adapter, "reference adapter")
+    reference = None
+    if adapter is not None and protocol == "rank":
+        reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
+    info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split,
+            "limit": limit, "subset_seed": subset_seed, "domain": domain, "prompt_seed": prompt_seed,
+            "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores)}
+    result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
+                      score=score, reference=reference)
     result.save(output)
     return result.metrics
+
+
+def _reference_label(adapter, reference_adapter, reference_scores) -> str | None:
+    if adapter is None:
+        return None
+    if reference_adapter is not None:
+        return str(reference_adapter)
+    return "given scores" if reference_scores is not None else "base model"
+
+
+def _settings_of_adapter(adapter, model_name, domain, prompt_seed):
+    """(model, domain, prompt_seed): the adapter's training settings, unless given; contradictions refused."""
+    from sdpo.runs import CONFIG_FILE, read_run_config
+
+    if adapter is None or not (Path(adapter) / CONFIG_FILE).is_file():
+        return model_name or "smollm2-135m", domain, prompt_seed or 0
+    trained = read_run_config(adapter)
+    resolved = []
+    for flag, mine, key in (("--model", model_name, "model"), ("--domain", domain, "domain"), ("--prompt_seed", prompt_seed, "prompt_seed")):
+        theirs = trained.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise UserError(f"{flag} {mine!r} differs from {theirs!r}, which {adapter} was trained with. Leave {flag} out to use the adapter's.")
+        resolved.append(mine if mine is not None else theirs)
+    model_name, domain, prompt_seed = resolved
+    return model_name or "smollm2-135m", domain, prompt_seed or 0
+
+
+def read_candidate_logps(predictions: str | Path, records: list[Record]) -> list[list[float]] | None:
+    """Per record, the log-prob of each candidate (candidate order) from a rank predictions.jsonl; None if it does not cover `records`."""
+    path = Path(predictions)
+    if not path.is_file():
+        return None
+    by_id = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        by_id[row["id"]] = {entry["title"]: entry["logp"] for entry in row["ranking"]}
+    try:
+        return [[by_id[r.id][c] for c in r.candidates] for r in records]
+    except KeyError:
+        return None
 
 
 def _section(config: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     value = config.get(key) or {}
     if not isinstance(value, dict):
         raise UserError(f"{path}: '{key}' must be a mapping of options.")
+    shared = sorted(set(value) & set(SHARED_KEYS))
+    if shared:
+        raise UserError(f"{path}: set {', '.join(shared)} at the top level of the pipeline, not in '{key}': "
+                        "every stage must read the same prompts and records.")
     return value
+
+
+RESERVED_NAMES = ("zero-shot", "data", "eval", "baselines")
+
+
+def _stages(config: dict[str, Any], key: str, path: Path, default_name) -> list[tuple[str, dict[str, Any]]]:
+    """(name, options) of every stage of section `key`: one mapping or a list of them, each with an optional `name`."""
+    value = config.get(key)
+    if value is None:
+        return []
+    sections = value if isinstance(value, list) else [value]
+    stages = []
+    for number, section in enumerate(sections, start=1):
+        if not isinstance(section, dict):
+            raise UserError(f"{path}: {key} stage {number} must be a mapping of options.")
+        options = dict(_section({key: section}, key, path))
+        stages.append((str(options.pop("name", default_name(options))), options))
+    return stages
+
+
+def _training_stages(config: dict[str, Any], path: Path) -> tuple[list, list]:
+    """The SFT stages and the align stages, each align stage with the SFT stage it starts from (`from`)."""
+    sft_stages = _stages(config, "sft", path, lambda options: "sft")
+    align_stages = _stages(config, "align", path, lambda options: "s-dpo" if options.get("loss", "sdpo") == "sdpo" else "dpo")
+    names = [name for name, _ in sft_stages + align_stages]
+    for name in names:
+        if names.count(name) > 1 or name in RESERVED_NAMES or "/" in name or not name:
+            raise UserError(f"{path}: stage name {name!r} is taken or not a folder name; give each stage its own name.")
+    if align_stages and not sft_stages:
+        raise UserError(f"{path}: the align stage starts from the SFT model; add an sft section.")
+    sft_names = [name for name, _ in sft_stages]
+    linked = []
+    for name, options in align_stages:
+        start = options.pop("from", sft_names[0])
+        if start not in sft_names:
+            raise UserError(f"{path}: align stage {name!r} starts from {start!r}, which is not an sft stage ({', '.join(sft_names)}).")
+        linked.append((name, options, start))
+    return sft_stages, linked
 
 
 def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
@@ -122,7 +244,16 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(PIPELINE_KEYS))}.")
     out = Path(config.get("output_dir", "runs/pipeline"))
     base_model = str(config.get("model", "smollm2-135m"))
-    seed = int(config.get("seed", 0))
+    seed = _integer(config, "seed", path)
+    shared = {"prompt_seed": _integer(config, "prompt_seed", path), "subset_seed": _integer(config, "subset_seed", path),
+              "domain": config.get("domain"), "bf16": config.get("bf16")}
+    if shared["bf16"] not in (None, True, False):
+        raise UserError(f"{path}: bf16 must be true, false or null (null: on where the hardware computes bf16 natively).")
+    eval_cfg = _section(config, "evaluate", path)
+    unknown = sorted(set(eval_cfg) - EVALUATE_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown evaluate option(s) {', '.join(unknown)}; known: {', '.join(sorted(EVALUATE_KEYS))}.")
+    sft_stages, align_stages = _training_stages(config, path)
     started = time.perf_counter()
 
     data_cfg = _section(config, "data", path)
@@ -137,27 +268,24 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
             prepare_dataset(dataset, data_dir, seed=seed, mirror=data_cfg.get("mirror"))
         else:
             print(f"[data] reusing {data_dir}")
+    shared["domain"] = resolve_domain(data_dir, shared["domain"])
 
     from sdpo.training.preference import AlignConfig, run_align
     from sdpo.training.sft import SFTConfig, run_sft
 
-    models: list[tuple[str, str | None]] = [("zero-shot", None)]
-    common = {"model": base_model, "data": str(data_dir), "seed": seed}
-    if "sft" in config:
-        sft_dir = _run_training_stage("sft", SFTConfig, run_sft, {**common, **_section(config, "sft", path)}, out / "sft", path)
-        models.append(("sft", str(sft_dir)))
-    if "align" in config:
-        if "sft" not in config:
-            raise UserError(f"{path}: the align stage starts from the SFT model; add an sft section.")
-        section = {**common, "sft": str(out / "sft"), **_section(config, "align", path)}
-        label = "s-dpo" if section.get("loss", "sdpo") == "sdpo" else "dpo"
-        models.append((label, str(_run_training_stage("align", AlignConfig, run_align, section, out / "align", path))))
+    # (label, adapter folder, label of the stage whose log-probs are its reference)
+    models: list[tuple[str, str | None, str | None]] = [("zero-shot", None, None)]
+    common = {"model": base_model, "data": str(data_dir), "seed": seed, **shared}
+    for name, options in sft_stages:
+        models.append((name, str(_run_training_stage(name, SFTConfig, run_sft, {**common, **options}, out / name, path)), "zero-shot"))
+    for name, options, start in align_stages:
+        section = {**common, "sft": str(out / start), **options}
+        models.append((name, str(_run_training_stage(name, AlignConfig, run_align, section, out / name, path)), start))
 
-    eval_cfg = _section(config, "evaluate", path)
     protocols = eval_cfg.get("protocols", list(PROTOCOLS))
     split, limit = eval_cfg.get("split", "test"), eval_cfg.get("limit")
     rows = []
-    for label, adapter in models:
+    for label, adapter, reference_label in models:
         for protocol in protocols:
             target = out / "eval" / f"{label}-{protocol}"
             if (target / "metrics.json").is_file():
@@ -165,9 +293,19 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
                 metrics = json.loads((target / "metrics.json").read_text())
             else:
                 print(f"[evaluate] {label}, {protocol} protocol, {split} split")
-                metrics = evaluate_model(data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8))
+                reference_scores = None
+                if protocol == "rank" and reference_label is not None:
+                    records = load_split(data_dir, split, limit, shared["subset_seed"])
+                    reference_scores = read_candidate_logps(out / "eval" / f"{reference_label}-rank" / "predictions.jsonl", records)
+                metrics = evaluate_model(
+                    data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8),
+                    shared["domain"], shared["prompt_seed"], subset_seed=shared["subset_seed"], bf16=shared["bf16"],
+                    score=eval_cfg.get("score", "logp"), reference_scores=reference_scores,
+                )
             rows.append({**metrics, "stage": label})
-    rows.extend(_run_baselines(config, path, out, data_dir, seed, split, limit))
+            if "reward_hr@1" in metrics:
+                rows.append({**reward_row(metrics), "stage": label})
+    rows.extend(_run_baselines(config, path, out, data_dir, seed, split, limit, shared["subset_seed"]))
     table = results_table(rows)
     write_json(out / "results.json", rows)
     write_text_atomic(out / "results.md", table + "\n")
@@ -176,7 +314,24 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_baselines(config, path, out, data_dir, seed, split, limit) -> list[dict[str, Any]]:
+def _integer(config: dict[str, Any], key: str, path: Path) -> int:
+    value = config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{path}: {key} must be an integer, got {value!r}.")
+    return value
+
+
+def reward_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The rank metrics by reward, under the plain metric names, as a row of its own (protocol rank-reward)."""
+    row = {k: v for k, v in metrics.items() if k not in TABLE_COLUMNS and not k.startswith("reward_") and k != "ci95"}
+    row.update({k[len("reward_"):]: v for k, v in metrics.items() if k.startswith("reward_")})
+    row["ci95"] = {k[len("reward_"):]: v for k, v in metrics["ci95"].items() if k.startswith("reward_")}
+    row["protocol"] = "rank-reward"
+    row["valid_ratio"] = 1.0
+    return row
+
+
+def _run_baselines(config, path, out, data_dir, seed, split, limit, subset_seed) -> list[dict[str, Any]]:
     """Rows for the classic recommenders, evaluated on the same split and records as the LMs."""
     if "baselines" not in config:
         return []
@@ -193,8 +348,8 @@ def _run_baselines(config, path, out, data_dir, seed, split, limit) -> list[dict
         else:
             resume = (target / CHECKPOINT).is_file()
             print(f"[baseline] {name}" + (" (resuming)" if resume else ""))
-            values = {"data": str(data_dir), "seed": seed, "eval_split": split, "eval_limit": limit, **section,
-                      "model": name, "output_dir": str(target), "resume": resume, "overwrite": True}
+            values = {"data": str(data_dir), "seed": seed, "eval_split": split, "eval_limit": limit, "subset_seed": subset_seed,
+                      **section, "model": name, "output_dir": str(target), "resume": resume, "overwrite": True}
             metrics = run_baseline(build_config(BaselineConfig, values, where=f"{path}: baselines"))
         rows.append({**metrics, "stage": name, "protocol": "rank"})
     return rows
@@ -202,7 +357,7 @@ def _run_baselines(config, path, out, data_dir, seed, split, limit) -> list[dict
 
 def _run_training_stage(name: str, config_cls, runner, values: dict[str, Any], out: Path, path: Path) -> Path:
     """Run a training stage into `out`, reusing a finished run and resuming an interrupted one."""
-    from sdpo.training.sft import CONFIG_FILE
+    from sdpo.runs import CONFIG_FILE
 
     if (out / CONFIG_FILE).is_file() and (out / "adapter_config.json").is_file():
         print(f"[{name}] reusing {out}")
@@ -214,13 +369,24 @@ def _run_training_stage(name: str, config_cls, runner, values: dict[str, Any], o
     return runner(build_config(config_cls, values, where=f"{path}: {name}"))
 
 
+def format_metric(row: dict[str, Any], column: str) -> str:
+    """A metric cell: the value, and its 95% interval for the HR@1 columns."""
+    if column not in row:
+        return "–"
+    cell = f"{row[column]:.4f}"
+    interval = row.get("ci95", {}).get(column)
+    if interval is not None and column in ("hr@1", "strict_hr@1"):
+        cell += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return cell
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: one row per (model, protocol), the metrics each protocol has."""
+    """A Markdown table: one row per (model, protocol), the metrics each protocol has, 95% intervals beside HR@1."""
     header = ["stage", "protocol", "n", *TABLE_COLUMNS, "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["stage"], row["protocol"], str(row["n_records"])]
-        cells += [f"{row[c]:.4f}" if c in row else "–" for c in TABLE_COLUMNS]
+        cells += [format_metric(row, c) for c in TABLE_COLUMNS]
         cells.append(f"{row.get('seconds', 0):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -6,8 +6,10 @@ candidates are rendered one title per line, so a title containing a comma stays 
 title. The answer is the target title followed by the tokenizer's EOS token.
 
 Tokenization is defined once here: ``encode_prompt`` gives the prompt ids (the chat
-template's generation prompt when the tokenizer has one), ``encode_answer`` the answer
-ids. SFT, S-DPO and both evaluation protocols use exactly these ids.
+template's generation prompt when the tokenizer has one, else the prompt followed by
+"\nAnswer:"), ``encode_answer`` the answer ids, tokenized the way they read behind the
+prompt: prompt ids + answer ids are the ids of the whole text. SFT, S-DPO and both
+evaluation protocols use exactly these ids.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import random
 
 from sdpo.records import Record
 
+DEFAULT_DOMAIN = "music"
+ANSWER_CUE = "\nAnswer:"  # ends a prompt for a tokenizer without a chat template
 DOMAINS = {
     "music": ("artist", "artists", "listened to"),
     "movies": ("movie", "movies", "watched"),
@@ -71,12 +75,26 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
         return list(ids)
-    return tokenizer(prompt + "\nAnswer: ", add_special_tokens=True)["input_ids"]
+    return tokenizer(prompt + ANSWER_CUE, add_special_tokens=True)["input_ids"]
 
 
 def encode_answer(tokenizer, title: str) -> list[int]:
-    """Token ids of one answer: the title followed by EOS."""
-    return tokenizer(title, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Token ids of one answer, the title followed by EOS, as the title tokenizes behind the prompt.
+
+    After a chat template's assistant header the title starts a new line and is tokenized
+    on its own. After the plain "Answer:" cue it follows a space: the ids are those that
+    "Answer: <title>" gives beyond "Answer:", so "Glee" is 'ĠG','lee' as in the whole text,
+    not a lone space token followed by 'G','lee'.
+    """
+    if tokenizer.chat_template:
+        ids = tokenizer(title, add_special_tokens=False)["input_ids"]
+    else:
+        cue = tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+        joint = tokenizer(f"{ANSWER_CUE} {title}", add_special_tokens=False)["input_ids"]
+        if joint[: len(cue)] != cue:  # the title's first token merged into the cue: no clean boundary
+            raise ValueError(f"cannot tokenize the answer {title!r} apart from the prompt's end {ANSWER_CUE!r}")
+        ids = joint[len(cue) :]
+    return ids + [tokenizer.eos_token_id]
 
 
 def record_prompt_ids(tokenizer, record: Record, domain: str, seed: int = 0) -> list[int]:

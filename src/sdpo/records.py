@@ -9,9 +9,9 @@ each line and names file, line and problem when one is wrong.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 from sdpo.errors import UserError
 
@@ -85,7 +85,7 @@ def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
     """Read and validate a JSONL file of records (the first `limit` lines if given)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the data
     except FileNotFoundError:
         raise UserError(f"{path}: no such file. Prepare a dataset first (sdpo data prepare ...).") from None
     except (OSError, UnicodeDecodeError) as exc:

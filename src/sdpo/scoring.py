@@ -21,9 +21,11 @@ projection is paid for answer tokens only. SFT, preference training and ranking 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
+
+from sdpo.precision import compute_context
 
 PROMPT, PAD = 0, -1
 
@@ -46,7 +48,7 @@ def pack_answers(
     rows, positions, segments = [], [], []
     token_row, token_source, token_target, token_answer = [], [], [], []
     answer_mask = torch.zeros(len(prompts), n_answers, dtype=torch.bool)
-    for b, (prompt, record_answers) in enumerate(zip(prompts, answers)):
+    for b, (prompt, record_answers) in enumerate(zip(prompts, answers, strict=True)):
         if not prompt:
             raise ValueError(f"record {b}: empty prompt")
         row, position, segment = list(prompt), list(range(len(prompt))), [PROMPT] * len(prompt)
@@ -108,21 +110,24 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """Summed log-prob and token count of every packed answer.
 
     Returns (logps, n_tokens), both [B, A]; entries where ``answer_mask`` is False are 0.
-    Differentiable: SFT and preference losses backpropagate through it.
+    Differentiable: SFT and preference losses backpropagate through it. With bf16 base
+    weights the decoder and the LM head run under bf16 autocast; the logits are upcast, so
+    the normalisation and the sums are fp32 either way.
     """
     decoder, lm_head = _causal_lm_parts(model)
     input_ids = packed["input_ids"]
     batch, length = input_ids.shape
-    dtype = lm_head.weight.dtype
-    hidden = decoder(
-        input_ids=input_ids,
-        attention_mask=block_attention_mask(packed["segment_ids"], dtype),
-        position_ids=packed["position_ids"],
-        use_cache=False,
-    ).last_hidden_state  # [B, L, H]
     flat_source = packed["token_row"] * length + packed["token_source"]  # [N]
     unique_source, inverse = torch.unique(flat_source, return_inverse=True)  # [U], [N]
-    logits = lm_head(hidden.reshape(batch * length, -1)[unique_source]).float()  # [U, V]
+    with compute_context(lm_head.weight):
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=block_attention_mask(packed["segment_ids"], lm_head.weight.dtype),
+            position_ids=packed["position_ids"],
+            use_cache=False,
+        ).last_hidden_state  # [B, L, H]
+        logits = lm_head(hidden.reshape(batch * length, -1)[unique_source])  # [U, V]
+    logits = logits.float()
     log_norm = torch.logsumexp(logits, dim=-1)  # [U]
     token_logps = logits[inverse, packed["token_target"]] - log_norm[inverse]  # [N]
     n_slots = packed["answer_mask"].numel()

@@ -32,7 +32,7 @@ class ItemTable:
         self.loose = {loose_key(t): self.ids[t] for t in self.titles if keys[loose_key(t)] == 1}
 
     @classmethod
-    def from_records(cls, records: list[Record]) -> "ItemTable":
+    def from_records(cls, records: list[Record]) -> ItemTable:
         """Every title of the training records, in first-seen order."""
         seen: dict[str, None] = {}
         for record in records:
@@ -70,5 +70,5 @@ class ItemTable:
         write_json(path, {"titles": self.titles})
 
     @classmethod
-    def load(cls, path: str | Path) -> "ItemTable":
+    def load(cls, path: str | Path) -> ItemTable:
         return cls(json.loads(Path(path).read_text(encoding="utf-8"))["titles"])

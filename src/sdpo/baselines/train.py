@@ -16,9 +16,10 @@ same numbers as an uninterrupted run. The checkpoint is removed once the results
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -31,6 +32,7 @@ from sdpo.datasets import load_split
 from sdpo.errors import UserError
 from sdpo.evaluation import Evaluation, score_rankings
 from sdpo.io import refuse_non_empty, replace_atomic, write_json
+from sdpo.metrics import target_ranks
 from sdpo.records import Record
 
 MODELS = ("sasrec", "gru4rec", "caser", "popularity")
@@ -51,7 +53,8 @@ class BaselineConfig:
     dim: int = 64
     max_len: int = field(default=10, metadata={"help": "most recent history items used"})
     eval_split: str = field(default="test", metadata={"help": "split reported in metrics.json"})
-    eval_limit: int | None = field(default=None, metadata={"help": "report on the first N records of eval_split only"})
+    eval_limit: int | None = field(default=None, metadata={"help": "report on N records of eval_split drawn at random with subset_seed"})
+    subset_seed: int = field(default=0, metadata={"help": "seed of the eval_limit draw (the same draw as sdpo evaluate --limit)"})
     seed: int = 0
     progress: bool = True
     resume: bool = field(default=False, metadata={"help": "continue the search saved in output_dir/checkpoint.pt"})
@@ -117,9 +120,8 @@ def train_step(model: SequentialRecommender, optimizer: torch.optim.Optimizer, h
 
 
 def rank_records(records: list[Record], scores: torch.Tensor) -> Evaluation:
-    """Rank each record's candidates by `scores` [N, C] (ties keep candidate order) with the shared metrics."""
-    rankings = [sorted(zip(r.candidates, row), key=lambda pair: -pair[1]) for r, row in zip(records, scores.tolist())]
-    return score_rankings(records, rankings)
+    """Rank each record's candidates by `scores` [N, C] (seeded tie order) with the shared metrics."""
+    return score_rankings(records, scores.tolist(), label="score")
 
 
 @torch.no_grad()
@@ -127,6 +129,12 @@ def model_scores(model: SequentialRecommender, split: EncodedSplit, batch_size: 
     model.eval()
     parts = [model.score(split.histories[i : i + batch_size], split.candidates[i : i + batch_size]) for i in range(0, len(split.records), batch_size)]
     return torch.cat(parts)
+
+
+def hit_rate(model: SequentialRecommender, split: EncodedSplit) -> float:
+    """HR@1 of `model` on an encoded split (the early-stopping and model-selection criterion)."""
+    ranks = target_ranks(split.records, model_scores(model, split).tolist())
+    return sum(r == 1 for r in ranks) / len(ranks)
 
 
 def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l2: float, config: BaselineConfig,
@@ -157,7 +165,7 @@ def train_one(name: str, n_items: int, train: EncodedSplit, val: EncodedSplit, l
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
             loss = train_step(model, optimizer, train.histories[batch], train.targets[batch])
-        hr = rank_records(val.records, model_scores(model, val)).metrics["hr@1"]
+        hr = hit_rate(model, val)
         run["curve"].append(round(hr, 4))
         bar.set_postfix(loss=f"{loss.item():.3f}", val_hr1=f"{hr:.4f}")
         if hr > run["best_hr"]:
@@ -187,9 +195,9 @@ def check_output_dir(config: BaselineConfig) -> dict[str, Any] | None:
         changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in now.items() if saved["settings"].get(k) != v]
         if changed:
             raise UserError(f"--resume: {path} was saved with other options ({'; '.join(changed)}). "
-                            "Resume with the same options, or start in another --output.")
+                            "Resume with the same options, or start in another --output_dir.")
         return saved
-    refuse_non_empty(out, config.overwrite, "--output", " (it has a checkpoint: add --resume to continue)" if path.is_file() else "")
+    refuse_non_empty(out, config.overwrite, "--output_dir", " (it has a checkpoint: add --resume to continue)" if path.is_file() else "")
     return None
 
 
@@ -220,7 +228,7 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
     started = time.perf_counter() - (saved["seconds"] if saved else 0.0)
     out = Path(config.output_dir)
     train_records = load_split(config.data, "train")
-    eval_records = load_split(config.data, config.eval_split, limit=config.eval_limit)
+    eval_records = load_split(config.data, config.eval_split, config.eval_limit, config.subset_seed)
     info: dict[str, Any] = {"model": config.model, "data": config.data, "split": config.eval_split}
     if config.model == "popularity":
         result = rank_records(eval_records, popularity_scores(train_records, eval_records))

@@ -47,7 +47,7 @@ def read_llara_windows(path: Path) -> list[tuple[list[int], int]]:
     missing = {"seq", "len_seq", "next"} - set(frame.columns)
     if missing:
         raise UserError(f"{path}: missing columns {sorted(missing)}.")
-    return [(list(seq[:length]), int(nxt)) for seq, length, nxt in zip(frame["seq"], frame["len_seq"], frame["next"])]
+    return [(list(seq[:length]), int(nxt)) for seq, length, nxt in zip(frame["seq"], frame["len_seq"], frame["next"], strict=True)]
 
 
 def read_paper_json(path: Path, split: str) -> list[Record]:

@@ -15,32 +15,35 @@ to tensorboard when ``report_to`` asks and always to ``log.jsonl`` in the run fo
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import Trainer, TrainerCallback, set_seed
 
-from sdpo.config import save_config
-from sdpo.datasets import load_split
+from sdpo.datasets import load_split, resolve_domain
 from sdpo.errors import UserError
-from sdpo.evaluation import rank_candidates
+from sdpo.evaluation import candidate_logps
 from sdpo.losses import dpo_loss, softmax_dpo_loss
-from sdpo.metrics import rank_of
+from sdpo.metrics import target_ranks
 from sdpo.models import load_model
 from sdpo.negatives import STRATEGIES, check_k, hard_negatives, random_negatives
+from sdpo.precision import model_dtype
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
+from sdpo.runs import check_adapter_folder, read_run_config, resume_point, write_run_config
 from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.training.logs import LOG_FILE, JsonlLogger, trim_log
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
-from sdpo.training.sft import CONFIG_FILE, SFTConfig, check_output_dir
+from sdpo.training.sft import SFTConfig
 
 LOSSES = ("sdpo", "dpo")
 REFERENCE_ADAPTER = "reference"
-LOG_FILE = "log.jsonl"
+# Settings an align run takes from its SFT run unless given, and may not contradict.
+INHERITED = ("model", "data", "domain", "prompt_seed", "subset_seed")
+
+__all__ = ["LOG_FILE", "AlignConfig", "run_align"]
 
 
 @dataclass
@@ -52,18 +55,31 @@ class AlignConfig(SFTConfig):
     """
 
     sft: str = field(default="", metadata={"help": "SFT run folder (adapter + sdpo_config.yaml) to start from"})
+    model: str | None = field(default=None, metadata={"help": "base model; default: the SFT run's (a different one is refused)"})
+    prompt_seed: int | None = field(default=None, metadata={"help": "prompt phrasing seed; default: the SFT run's (a different one is refused)"})
+    subset_seed: int | None = field(default=None, metadata={
+        "help": "seed of the train_limit / eval_limit draws; default: the SFT run's, so a smaller train_limit takes records the SFT run trained on"})
     loss: str = field(default="sdpo", metadata={"help": "sdpo (softmax over K negatives) or dpo (pairwise, averaged over K)"})
     negatives: int = field(default=3, metadata={"help": "K, negatives per record (1..19)"})
     negative_sampling: str = field(default="random", metadata={"help": "random (drawn once), resample (each epoch) or hard"})
     beta: float = field(default=1.0, metadata={"help": "reward temperature"})
     sft_weight: float = field(default=0.0, metadata={"help": "weight of an extra NLL term on the positive (0 = off)"})
-    reference: str = field(default="precomputed", metadata={"help": "precomputed (scores cached once) or adapter (a frozen copy of the SFT adapter, run each step)"})
+    reference: str = field(default="precomputed", metadata={
+        "help": "precomputed (scores cached once) or adapter (a frozen copy of the SFT adapter, run each step)"})
     select_by: str = field(default="loss", metadata={"help": "keep the best checkpoint by validation loss or hr@1"})
     hr_limit: int = field(default=100, metadata={"help": "validation records ranked for eval hr@1"})
     output_dir: str = "runs/align"
     learning_rate: float = 1e-5
 
     def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be above 0, got {self.beta}")
+        if self.negatives < 1:
+            raise ValueError(f"--negatives must be at least 1, got {self.negatives}")
+        if self.hr_limit < 1:
+            raise ValueError(f"--hr_limit must be at least 1, got {self.hr_limit}")
+        if self.sft_weight < 0:
+            raise ValueError(f"--sft_weight must be 0 or more, got {self.sft_weight}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.negative_sampling not in STRATEGIES:
@@ -131,13 +147,22 @@ class EpochSetter(TrainerCallback):
         self.dataset.epoch = int(state.epoch or 0)
 
 
-class JsonlLogger(TrainerCallback):
-    """Appends every log entry (train and eval) to OUTPUT/log.jsonl."""
+@torch.no_grad()
+def frozen_adapter_logps(model, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, A] log-probs of the packed answers under the frozen reference adapter.
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with open(Path(args.output_dir) / LOG_FILE, "a", encoding="utf-8") as out:
-                out.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+    Run in eval mode (no LoRA dropout), as the precomputed table is: the reference is one
+    fixed function, whatever mode the policy is in. The policy's mode and adapter are restored.
+    """
+    was_training = model.training
+    model.set_adapter(REFERENCE_ADAPTER)
+    model.eval()
+    try:
+        logps, _ = answer_logprobs(model, packed)
+    finally:
+        model.set_adapter("default")  # PEFT makes the active adapter the trainable one
+        model.train(was_training)
+    return logps
 
 
 class PreferenceTrainer(Trainer):
@@ -152,13 +177,7 @@ class PreferenceTrainer(Trainer):
         """[B, 1+K] reference log-probs: precomputed, or from the frozen SFT adapter copy."""
         if "reference_logps" in inputs:
             return inputs["reference_logps"]
-        with torch.no_grad():
-            model.set_adapter(REFERENCE_ADAPTER)
-            try:
-                logps, _ = answer_logprobs(model, inputs)
-            finally:
-                model.set_adapter("default")  # PEFT makes the active adapter the trainable one
-        return logps
+        return frozen_adapter_logps(model, inputs)
 
     def preference_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
         reference = self.reference_logps(model, inputs)
@@ -200,10 +219,10 @@ class PreferenceTrainer(Trainer):
         return loss.detach(), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        rankings = rank_candidates(self.model, self.processing_class, self.hr_records, self.domain,
-                                   self.args.per_device_eval_batch_size, self.align.prompt_seed, progress=False)
-        hr = sum(rank_of(r.target, [t for t, _ in ranking]) == 1 for r, ranking in zip(self.hr_records, rankings))
-        self._stored["eval"]["hr@1"].append(hr / len(self.hr_records))
+        scores = candidate_logps(self.model, self.processing_class, self.hr_records, self.domain,
+                                 self.args.per_device_eval_batch_size, self.align.prompt_seed, progress=False)
+        ranks = target_ranks(self.hr_records, scores)
+        self._stored["eval"]["hr@1"].append(sum(r == 1 for r in ranks) / len(ranks))
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -216,52 +235,68 @@ class PreferenceTrainer(Trainer):
 
 
 def read_sft_run(sft_dir: str) -> dict:
-    """The resolved config of an SFT run folder (its base model, data, prompts)."""
-    path = Path(sft_dir) / CONFIG_FILE
-    if not sft_dir or not path.is_file() or not (Path(sft_dir) / "adapter_config.json").is_file():
-        raise UserError(f"--sft {sft_dir!r}: not an SFT run folder (needs adapter_config.json and {CONFIG_FILE}). Run sdpo sft first.")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    """The resolved config of an SFT run folder (its base model, data, prompts), checked."""
+    if not sft_dir:
+        raise UserError("align: no SFT run given. Pass --sft DIR (the output folder of sdpo sft).")
+    values = read_run_config(sft_dir, "an SFT run folder")
+    check_adapter_folder(sft_dir, "adapter of an SFT run")
+    return values
 
 
-def reference_table(model, tokenizer, records, config: AlignConfig, base_model: str, domain: str, name: str) -> torch.Tensor:
-    key = fingerprint(records, base_model, config.sft, domain, config.prompt_seed)
+def inherit_from_sft(config: AlignConfig, sft_run: dict) -> None:
+    """Take the base model, data, prompts and record draws from the SFT run; refuse contradictions."""
+    for key in INHERITED:
+        mine, theirs = getattr(config, key), sft_run.get(key)
+        if mine is None or mine == "":
+            setattr(config, key, theirs)
+        elif theirs is not None and key != "data" and mine != theirs:
+            raise UserError(f"--{key} {mine!r} differs from the SFT run's {theirs!r} ({config.sft}). "
+                            f"The policy and its reference must see the same {key}: leave --{key} out.")
+    if config.prompt_seed is None:
+        config.prompt_seed = 0
+    if config.subset_seed is None:
+        config.subset_seed = 0
+
+
+def reference_table(model, tokenizer, records, config: AlignConfig, name: str) -> torch.Tensor:
+    key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, str(model_dtype(config.bf16)))
     path = Path(config.output_dir) / f"reference-{name}.safetensors"
     return cached_reference_logps(
-        path, key, lambda: compute_reference_logps(model, tokenizer, records, domain, config.prompt_seed, config.per_device_eval_batch_size)
+        path, key, lambda: compute_reference_logps(model, tokenizer, records, config.domain, config.prompt_seed, config.per_device_eval_batch_size)
     )
 
 
 def run_align(config: AlignConfig) -> Path:
     """Train the SFT model further with S-DPO or DPO; returns the output folder."""
-    sft_run = read_sft_run(config.sft)
-    base_model = sft_run.get("model", config.model)
-    config.model = base_model
-    config.data = config.data or sft_run.get("data", "")
+    inherit_from_sft(config, read_sft_run(config.sft))
     if not config.data:
         raise UserError("align: no dataset given. Pass --data DIR.")
-    resume_from = check_output_dir(config)
-    domain = config.resolved_domain()
-    train = load_split(config.data, "train", limit=config.train_limit)
+    config.domain = resolve_domain(config.data, config.domain)
+    resume_from = resume_point(config)
+    train = load_split(config.data, "train", config.train_limit, config.subset_seed)
     try:
         check_k(train, config.negatives)
     except ValueError as exc:
         raise UserError(f"--negatives: {exc}.") from None
     set_seed(config.seed)
-    model, tokenizer = load_model(base_model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation,
+                                  trainable_adapter=True, dtype=model_dtype(config.bf16))
+    out = Path(config.output_dir)
+    write_run_config(config, out)
+    trim_log(out, resume_from)
 
     def reference_for(records: list[Record], name: str) -> torch.Tensor | None:
         if config.reference == "adapter":
             return None
         # The policy starts equal to the SFT model, so its scores now are the frozen reference's.
-        return reference_table(model, tokenizer, records, config, base_model, domain, name)
+        return reference_table(model, tokenizer, records, config, name)
 
-    train_dataset = PreferenceDataset(train, reference_for(train, "train"), tokenizer, config, domain)
+    train_dataset = PreferenceDataset(train, reference_for(train, "train"), tokenizer, config, config.domain)
     eval_dataset, hr_records = None, []
     if config.eval_strategy != "no":
-        val = load_split(config.data, "val", limit=config.eval_limit)
-        eval_dataset = PreferenceDataset(val, reference_for(val, "val"), tokenizer, config, domain)
-        hr_records = val[: config.hr_limit]
+        val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
+        eval_dataset = PreferenceDataset(val, reference_for(val, "val"), tokenizer, config, config.domain)
+        hr_records = load_split(config.data, "val", config.hr_limit, config.subset_seed)
     if config.reference == "adapter":
         model.load_adapter(config.sft, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter("default")
@@ -276,12 +311,12 @@ def run_align(config: AlignConfig) -> Path:
         callbacks=[EpochSetter(train_dataset), JsonlLogger()],
         align=config,
         hr_records=hr_records,
-        domain=domain,
+        domain=config.domain,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     if config.reference == "adapter":
         trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    save_config(config, Path(config.output_dir) / CONFIG_FILE)
-    return Path(config.output_dir)
+    write_run_config(config, out)
+    return out

@@ -22,15 +22,15 @@ from sdpo.evaluation import candidate_logps
 from sdpo.records import Record
 
 
-def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path, domain: str, prompt_seed: int) -> str:
-    """A hash of everything the reference scores depend on."""
+def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path, domain: str, prompt_seed: int, dtype: str) -> str:
+    """A hash of everything the reference scores depend on (records, weights, prompts, precision)."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(record.to_json().encode())
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         path = Path(adapter_dir) / name
         digest.update(path.read_bytes() if path.is_file() else b"-")
-    digest.update(json.dumps([model_name, domain, prompt_seed]).encode())
+    digest.update(json.dumps([model_name, domain, prompt_seed, dtype]).encode())
     return digest.hexdigest()
 
 

@@ -2,8 +2,10 @@
 
 The loss is the mean negative log-likelihood of the answer tokens (title + EOS), computed
 with the shared scoring kernel (`answer_logprobs`), so the prompt and answer are tokenized
-exactly as in evaluation. Built on transformers.Trainer: gradient accumulation, mixed
-precision, report_to, multi-GPU launch via accelerate and checkpoint resume behave as usual.
+exactly as in evaluation. Built on transformers.Trainer: gradient accumulation, report_to,
+multi-GPU launch via accelerate and checkpoint resume behave as usual. Precision is
+sdpo's (`sdpo.precision`): ``--bf16`` stores the frozen base in bf16 and trains fp32 LoRA
+weights under bf16 autocast; it is on by default where the hardware computes bf16 natively.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from sdpo.config import save_config
-from sdpo.datasets import load_split, read_manifest
+from sdpo.datasets import load_split, resolve_domain
 from sdpo.errors import UserError
-from sdpo.io import refuse_non_empty
 from sdpo.models import LoraSettings, add_lora, load_model
+from sdpo.precision import model_dtype, resolve_bf16
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
+from sdpo.runs import CONFIG_FILE, resume_point, write_run_config
 from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.training.logs import JsonlLogger, trim_log
 
-CONFIG_FILE = "sdpo_config.yaml"
+__all__ = ["CONFIG_FILE", "ModelArguments", "SFTConfig", "run_sft"]
 
 
 @dataclass
@@ -33,25 +35,35 @@ class ModelArguments:
 
     model: str = field(default="smollm2-135m", metadata={"help": "alias (smollm2-135m, tiny), local HF folder or cached hub id"})
     data: str = field(default="", metadata={"help": "prepared dataset folder (sdpo data prepare)"})
-    domain: str | None = field(default=None, metadata={"help": "prompt domain; default: the dataset manifest's"})
-    train_limit: int | None = field(default=None, metadata={"help": "use only the first N train records"})
-    eval_limit: int | None = field(default=200, metadata={"help": "validation records used when evaluating during training"})
+    domain: str | None = field(default=None, metadata={"help": "prompt domain (music, movies, books, games); default: the dataset manifest's"})
+    train_limit: int | None = field(default=None, metadata={"help": "train on N records drawn at random with subset_seed (default: all)"})
+    eval_limit: int | None = field(default=200, metadata={"help": "validation records (drawn with subset_seed) used when evaluating during training"})
+    subset_seed: int = field(default=0, metadata={"help": "seed of the random draws of train_limit / eval_limit records"})
     prompt_seed: int = field(default=0, metadata={"help": "seed that fixes each record's prompt phrasing"})
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names or all-linear"})
+    lora_layers: int | None = field(default=None, metadata={"help": "put LoRA on the last N decoder layers only (default: all); backward then stops there"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa or eager (flash kernels cannot take block masks)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
 
+    def check_model_arguments(self) -> None:
+        """ValueError for option values no run can use (the CLI turns it into one error line)."""
+        for name in ("train_limit", "eval_limit", "lora_layers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1 (or left out for all), got {value}")
+        if self.lora_r < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"--lora_r must be at least 1 and --lora_alpha above 0, got {self.lora_r} and {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
     def lora_settings(self) -> LoraSettings:
         targets = self.lora_target_modules
         modules = targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=modules)
-
-    def resolved_domain(self) -> str:
-        return self.domain or read_manifest(self.data).get("domain", "music")
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=modules, last_layers=self.lora_layers)
 
 
 @dataclass
@@ -70,6 +82,18 @@ class SFTConfig(ModelArguments, TrainingArguments):
     save_steps: float = 100
     save_total_limit: int | None = 2
     remove_unused_columns: bool = False
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 base weights and matmuls, fp32 LoRA/optimizer/losses; default: on where the hardware computes bf16 natively; --no_bf16 for fp32"})
+
+    def __post_init__(self):
+        self.check_model_arguments()
+        on_cpu = self.use_cpu or not torch.cuda.is_available()
+        self.bf16 = resolve_bf16(self.bf16, "cpu" if on_cpu else "cuda")
+        if self.bf16 and on_cpu:
+            self.use_cpu = True  # Trainer refuses bf16 without a GPU unless told the run is on the CPU
+        if on_cpu:
+            self.dataloader_pin_memory = False  # nothing to pin memory for
+        super().__post_init__()
 
 
 class PromptAnswerDataset(torch.utils.data.Dataset):
@@ -114,41 +138,34 @@ class SFTTrainer(Trainer):
         return loss.detach(), None, None
 
 
-def check_output_dir(config: ModelArguments) -> str | None:
-    """The checkpoint to resume from, or None; refuses to overwrite a finished or started run."""
-    out = Path(config.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if config.resume:
-        if last is None:
-            raise UserError(f"--resume: no checkpoint-* folder in {out}. Start without --resume.")
-        return last
-    refuse_non_empty(out, config.overwrite, "--output_dir", " (it has checkpoints: add --resume to continue)" if last else "")
-    return None
-
-
 def run_sft(config: SFTConfig) -> Path:
-    """Train a LoRA adapter with SFT; returns the output folder (adapter, tokenizer, config)."""
+    """Train a LoRA adapter with SFT; returns the output folder (adapter, tokenizer, config, log.jsonl)."""
     if not config.data:
         raise UserError("sft: no dataset given. Pass --data DIR (a folder made by sdpo data prepare).")
-    resume_from = check_output_dir(config)
-    domain = config.resolved_domain()
-    train = load_split(config.data, "train", limit=config.train_limit)
+    config.domain = resolve_domain(config.data, config.domain)
+    resume_from = resume_point(config)
+    train = load_split(config.data, "train", config.train_limit, config.subset_seed)
     set_seed(config.seed)  # before LoRA's random init, which Trainer's own seeding comes too late for
-    model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation)
+    model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, dtype=model_dtype(config.bf16))
     model = add_lora(model, config.lora_settings())
     eval_dataset = None
     if config.eval_strategy != "no":
-        eval_dataset = PromptAnswerDataset(load_split(config.data, "val", limit=config.eval_limit), tokenizer, domain, config.prompt_seed)
+        val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
+        eval_dataset = PromptAnswerDataset(val, tokenizer, config.domain, config.prompt_seed)
+    out = Path(config.output_dir)
+    write_run_config(config, out)
+    trim_log(out, resume_from)
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=PromptAnswerDataset(train, tokenizer, domain, config.prompt_seed),
+        train_dataset=PromptAnswerDataset(train, tokenizer, config.domain, config.prompt_seed),
         eval_dataset=eval_dataset,
         data_collator=PackingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
+        callbacks=[JsonlLogger()],
     )
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    save_config(config, Path(config.output_dir) / CONFIG_FILE)
-    return Path(config.output_dir)
+    write_run_config(config, out)
+    return out

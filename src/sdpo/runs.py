@@ -1,0 +1,123 @@
+"""Training run folders: the resolved config they record, and what a resume may trust.
+
+A run folder (``sdpo sft`` / ``sdpo align`` output) holds ``sdpo_config.yaml``: every option
+of the run, resolved (base model, data, record draws, prompts, precision), plus the sdpo
+version that wrote it. It is written when training starts and again when it ends, so an
+interrupted run says what it was doing. ``--resume`` continues only a run of the same sdpo
+version and the same training options, from a checkpoint whose files are all readable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors import safe_open
+from transformers.trainer_utils import get_last_checkpoint
+
+from sdpo import __version__
+from sdpo.config import config_to_dict
+from sdpo.errors import UserError
+from sdpo.io import refuse_non_empty, write_text_atomic
+
+CONFIG_FILE = "sdpo_config.yaml"
+VERSION_KEY = "sdpo_version"
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors", "adapter_config.json")
+# Options that define what is trained: a resume must not change them.
+TRAINING_KEYS = (
+    "model", "data", "domain", "prompt_seed", "train_limit", "subset_seed", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "lora_layers", "bf16", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "sft", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
+)
+
+
+def write_run_config(config: Any, out: str | Path) -> None:
+    """Save the resolved options of `config` (and the sdpo version) as OUT/sdpo_config.yaml."""
+    values = {**config_to_dict(config), VERSION_KEY: __version__}
+    write_text_atomic(Path(out) / CONFIG_FILE, yaml.safe_dump(values, sort_keys=True, allow_unicode=True))
+
+
+def read_run_config(run_dir: str | Path, what: str = "a run folder") -> dict[str, Any]:
+    """The options a run folder recorded; a user error if the file is missing or unreadable."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not {what} (no {CONFIG_FILE}). Give the output folder of sdpo sft or sdpo align.")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__}). Rerun the stage that wrote it.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: not a run config (a YAML mapping). Rerun the stage that wrote it.")
+    return values
+
+
+def check_adapter_folder(folder: str | Path, what: str = "adapter") -> None:
+    """A user error unless `folder` holds a readable LoRA adapter (config + weights)."""
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder} holds no LoRA {what} (adapter_config.json). Give the output folder of sdpo sft or sdpo align.")
+    try:
+        json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{config_path}: damaged ({type(exc).__name__}). Retrain, or restore the file.") from None
+    _check_safetensors(folder / "adapter_model.safetensors")
+
+
+def _check_safetensors(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: missing. Retrain, or restore the file.")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                weights.get_slice(name)
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"{path}: damaged ({type(exc).__name__}: {exc}). Retrain, or restore the file.") from None
+
+
+def check_checkpoint(checkpoint: str | Path) -> None:
+    """A user error unless every file a resume reads is present and readable."""
+    checkpoint = Path(checkpoint)
+    hint = f"Delete {checkpoint} to resume from an earlier checkpoint, or start over with --overwrite."
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            raise UserError(f"{checkpoint}: incomplete checkpoint, {name} is missing. {hint}")
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise UserError(f"{checkpoint / 'trainer_state.json'}: damaged. {hint}") from None
+    try:
+        _check_safetensors(checkpoint / "adapter_model.safetensors")
+    except UserError as exc:
+        raise UserError(f"{exc} {hint}") from None
+
+
+def resume_point(config: Any) -> str | None:
+    """The checkpoint to resume from, or None; refuses to overwrite a run or to resume a different one.
+
+    With ``--resume``: the newest checkpoint-* folder, if the run folder was written by this
+    sdpo version with the same training options and the checkpoint is complete. Without:
+    the output folder must be empty (or ``--overwrite`` given).
+    """
+    out = Path(config.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if not config.resume:
+        refuse_non_empty(out, config.overwrite, "--output_dir", " (it has checkpoints: add --resume to continue)" if last else "")
+        return None
+    if last is None:
+        raise UserError(f"--resume: no checkpoint-* folder in {out}. Start without --resume.")
+    saved = read_run_config(out)
+    version = saved.get(VERSION_KEY)
+    if version != __version__:
+        raise UserError(f"--resume: {out} was written by sdpo {version or 'before 0.2'}, this is sdpo {__version__}; "
+                        "its checkpoints may not mean the same. Start over in another --output_dir (or with --overwrite).")
+    now = config_to_dict(config)
+    changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and saved.get(k) != now.get(k)]
+    if changed:
+        raise UserError(f"--resume: {out} was started with other options ({'; '.join(changed)}). "
+                        "Resume with the same options, or start in another --output_dir.")
+    check_checkpoint(last)
+    return last
