@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -49,14 +50,27 @@ def test_reference_table_reloads_equal_to_recomputed(tiny, small_data, tmp_path)
     model, tokenizer = tiny
     records = load_split(small_data, "val", limit=3)
     compute = lambda: compute_reference_logps(model, tokenizer, records, "music", batch_size=2)  # noqa: E731
-    first = cached_reference_logps(tmp_path / "ref.safetensors", "key-1", compute)
+    first = cached_reference_logps([tmp_path / "ref.safetensors"], "key-1", compute)
     assert first.shape == (3, 20) and torch.isfinite(first).all()
-    reloaded = cached_reference_logps(tmp_path / "ref.safetensors", "key-1", lambda: pytest.fail("recomputed"))
+    reloaded = cached_reference_logps([tmp_path / "ref.safetensors"], "key-1", lambda: pytest.fail("recomputed"))
     assert torch.equal(reloaded, first)
     assert torch.allclose(compute(), reloaded, atol=1e-5)
     calls = []
-    cached_reference_logps(tmp_path / "ref.safetensors", "key-2", lambda: calls.append(1) or first)
+    cached_reference_logps([tmp_path / "ref.safetensors"], "key-2", lambda: calls.append(1) or first)
     assert calls == [1]  # another fingerprint: recomputed
+    # a read-only first place: the table goes to the next one, and is found there afterwards
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        places = [locked / "cache" / "t.safetensors", tmp_path / "fallback.safetensors"]
+        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check
+            return
+        cached_reference_logps(places, "key-3", lambda: first)
+        assert (tmp_path / "fallback.safetensors").is_file()
+        assert torch.equal(cached_reference_logps(places, "key-3", lambda: pytest.fail("recomputed")), first)
+    finally:
+        locked.chmod(0o700)
 
 
 def test_sft_then_sdpo_then_evaluate_on_tiny(small_data, tmp_path):
@@ -64,11 +78,12 @@ def test_sft_then_sdpo_then_evaluate_on_tiny(small_data, tmp_path):
         "model": "tiny", "data": str(small_data), "output_dir": str(tmp_path / "sft"), "max_steps": 3,
         "learning_rate": 5e-3, "disable_tqdm": True, "train_limit": 12, "lora_dropout": 0.0,
     }))
-    config = build_config(AlignConfig, {
+    config_values = {
         "sft": str(sft_dir), "output_dir": str(tmp_path / "sdpo"), "negatives": 3, "beta": 1.0, "learning_rate": 5e-3,
         "max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1, "eval_strategy": "steps", "eval_steps": 2,
         "save_steps": 2, "eval_limit": 4, "hr_limit": 4, "disable_tqdm": True, "train_limit": 16,
-    })
+    }
+    config = build_config(AlignConfig, config_values)
     out = run_align(config)
     logs = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
     train_logs = [e for e in logs if "loss" in e]
@@ -78,7 +93,13 @@ def test_sft_then_sdpo_then_evaluate_on_tiny(small_data, tmp_path):
         assert all(math.isfinite(e[key]) for e in train_logs), key
     assert all(0 <= e["eval_hr@1"] <= 1 and math.isfinite(e["eval_rewards/margins"]) for e in eval_logs)
     assert abs(train_logs[0]["rewards/chosen"]) < 1e-4  # step 1: the policy is still the reference (no dropout)
-    assert (out / "reference-train.safetensors").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    shared = list((sft_dir / "reference-cache").glob("*.safetensors"))
+    assert len(shared) == 2  # train and val tables, kept with the SFT run for every align run from it
+    again = build_config(AlignConfig, {**config_values, "output_dir": str(tmp_path / "dpo"), "loss": "dpo"})
+    stamps = {p: p.stat().st_mtime_ns for p in shared}
+    run_align(again)  # same SFT model, same records: the tables are reused, not recomputed
+    assert {p: p.stat().st_mtime_ns for p in shared} == stamps and not (tmp_path / "dpo" / "reference-train.safetensors").exists()
     model, tokenizer = load_model("tiny", out)
     result = evaluate(model, tokenizer, load_split(small_data, "test", limit=3), "music", "rank", progress=False)
     assert 0 <= result.metrics["hr@1"] <= 1

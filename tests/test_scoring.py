@@ -37,7 +37,12 @@ def make_model(attn: str, lora: bool):
     return model.eval(), tokenizer
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def set_attention(model, attn: str) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(attn)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_packed_equals_plain(attn, lora):
     model, tokenizer = make_model(attn, lora)
@@ -46,10 +51,13 @@ def test_packed_equals_plain(attn, lora):
         for prompts, answers in cases:
             packed = score_answers(model, prompts, answers, tokenizer.pad_token_id)
             assert packed.shape == (len(prompts), max(len(a) for a in answers))
+            if attn == "flex_attention":  # the reference runs one unmasked sequence: plain SDPA on the same weights
+                set_attention(model, "sdpa")
             for b, (prompt, record_answers) in enumerate(zip(prompts, answers, strict=True)):
                 for a, answer in enumerate(record_answers):
                     assert abs(packed[b, a].item() - plain_logprob(model, prompt, answer)) <= 1e-4
                 assert torch.isneginf(packed[b, len(record_answers):]).all()
+            set_attention(model, attn)
 
 
 def test_lora_changes_scores_so_the_lora_case_means_something():

@@ -107,3 +107,18 @@ def test_config_rejects_unknown_options(small_data, tmp_path):
         build_config(SFTConfig, {}, ["--no_such_flag", "1"])
     config = build_config(SFTConfig, {"learning_rate": 1e-3}, ["--learning-rate", "3e-4", "--lora_r", "4"])
     assert config.learning_rate == 3e-4 and config.lora_r == 4 and config.lora_alpha == 32
+
+
+def test_resume_skips_a_half_written_checkpoint(small_data, tmp_path, capsys):
+    """A crash while checkpoint-4 was being written: resume from checkpoint-2 and end where an uninterrupted run ends."""
+    out, whole = tmp_path / "sft", tmp_path / "whole"
+    run_sft(sft_config(small_data, whole, max_steps=6, save_total_limit=None))
+    run_sft(sft_config(small_data, out, max_steps=6, save_total_limit=None))
+    interrupt_after(out, 4)
+    (out / "checkpoint-4" / "scheduler.pt").unlink()
+    run_sft(sft_config(small_data, out, max_steps=6, save_total_limit=None, resume=True))
+    assert "skipping checkpoint-4" in capsys.readouterr().out
+    resumed, uninterrupted = (load_file(str(d / "adapter_model.safetensors")) for d in (out, whole))
+    assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in uninterrupted)
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert logged == [2, 4, 6]

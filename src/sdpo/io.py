@@ -20,6 +20,15 @@ def refuse_non_empty(folder: str | Path, overwrite: bool, flag: str, hint: str =
         raise UserError(f"{folder} is not empty{hint}. Choose another {flag}, or pass --overwrite.")
 
 
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.*``) that `replace_atomic` leaves when a process is killed mid-write."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def replace_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Let `write` fill a temporary file beside `path`, then rename it into place."""
     path = Path(path)

@@ -136,14 +136,20 @@ def load_model(
     trust_remote_code: bool = False,
     trainable_adapter: bool = False,
     seed: int = 0,
+    load_in_4bit: bool = False,
 ):
     """(model, tokenizer) for an alias, a local HF folder or a hub id cached locally.
 
     With `adapter` (a folder written by ``save_pretrained``) the LoRA weights are loaded on
-    top, frozen unless `trainable_adapter`.
+    top, frozen unless `trainable_adapter`. `load_in_4bit` quantises the frozen base to 4-bit
+    NF4 with bf16 compute (QLoRA, as the paper's authors trained Llama-2-7B); it needs a CUDA
+    GPU and bitsandbytes (``pip install 'sdpo[gpu]'``).
     """
+    quantization = four_bit_config() if load_in_4bit else None
     tokenizer = load_tokenizer(name)
     if name == "tiny":
+        if quantization is not None:
+            raise UserError("--load_in_4bit quantises a pretrained model; the tiny test model is not one.")
         model = tiny_model(tokenizer, seed=seed).to(dtype)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
@@ -156,6 +162,7 @@ def load_model(
                 attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code,
                 local_files_only=True,
+                **({"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization else {}),
             )
         except OSError as exc:
             raise UserError(f"cannot load model {name!r} from local files ({exc}). Give a local folder or an alias: {ALIASES}.") from None
@@ -165,9 +172,25 @@ def load_model(
         from sdpo.runs import check_adapter_folder
 
         check_adapter_folder(adapter)
+        if quantization is not None and trainable_adapter:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         with quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
     return model, tokenizer
+
+
+def four_bit_config():
+    """BitsAndBytesConfig for QLoRA (NF4, double quantisation, bf16 compute); a user error without CUDA or bitsandbytes."""
+    if not torch.cuda.is_available():
+        raise UserError("--load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); on this machine train without it.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--load_in_4bit needs bitsandbytes: pip install 'sdpo[gpu]' (after a CUDA build of torch).")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 @contextmanager
@@ -186,8 +209,10 @@ def linear_module_names(model) -> list[str]:
 
 def add_lora(model, settings: LoraSettings):
     """Wrap `model` in a trainable PEFT LoRA model (adapter weights in fp32 even on a bf16 base)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets, layers = settings.target_modules, None
     if settings.last_layers is not None:
         n_layers = model.config.num_hidden_layers

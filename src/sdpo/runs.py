@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sdpo import __version__
 from sdpo.config import config_to_dict
 from sdpo.errors import UserError
-from sdpo.io import refuse_non_empty, write_text_atomic
+from sdpo.io import refuse_non_empty, remove_temporaries, write_text_atomic
 
 CONFIG_FILE = "sdpo_config.yaml"
 VERSION_KEY = "sdpo_version"
@@ -28,7 +28,7 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapt
 # Options that define what is trained: a resume must not change them.
 TRAINING_KEYS = (
     "model", "data", "domain", "prompt_seed", "train_limit", "subset_seed", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "lora_layers", "bf16", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "lora_target_modules", "lora_layers", "bf16", "load_in_4bit", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "sft", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
 )
@@ -95,18 +95,27 @@ def check_checkpoint(checkpoint: str | Path) -> None:
         raise UserError(f"{exc} {hint}") from None
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """The checkpoint-N folders of a run, newest first."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
 def resume_point(config: Any) -> str | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run or to resume a different one.
 
-    With ``--resume``: the newest checkpoint-* folder, if the run folder was written by this
-    sdpo version with the same training options and the checkpoint is complete. Without:
-    the output folder must be empty (or ``--overwrite`` given).
+    With ``--resume``: the newest complete checkpoint-* folder, if the run folder was written by
+    this sdpo version with the same training options. A newer checkpoint that a crash left
+    half-written is skipped (and named). Without ``--resume`` the output folder must be empty
+    (or ``--overwrite`` given).
     """
     out = Path(config.output_dir)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if not config.resume:
         refuse_non_empty(out, config.overwrite, "--output_dir", " (it has checkpoints: add --resume to continue)" if last else "")
+        remove_temporaries(out)
         return None
+    remove_temporaries(out)  # what a killed run was writing: never read, so never trusted
     if last is None:
         raise UserError(f"--resume: no checkpoint-* folder in {out}. Start without --resume.")
     saved = read_run_config(out)
@@ -119,5 +128,14 @@ def resume_point(config: Any) -> str | None:
     if changed:
         raise UserError(f"--resume: {out} was started with other options ({'; '.join(changed)}). "
                         "Resume with the same options, or start in another --output_dir.")
-    check_checkpoint(last)
-    return last
+    found = checkpoints(out)
+    for newer, checkpoint in enumerate(found):
+        try:
+            check_checkpoint(checkpoint)
+        except UserError as problem:
+            if newer + 1 == len(found):
+                raise  # no complete checkpoint at all
+            print(f"[resume] skipping {checkpoint.name}: {problem}")
+            continue
+        return str(checkpoint)
+    return None

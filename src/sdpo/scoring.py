@@ -100,10 +100,54 @@ def block_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def flex_block_mask(segment_ids: torch.Tensor):
+    """The same block structure as `block_attention_mask`, as a FlexAttention BlockMask.
+
+    With ``--attn_implementation flex_attention`` the kernel skips the blocked tiles instead of
+    adding a dense [B, 1, L, L] mask (and never falls back to the math kernel on CUDA).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = segment_ids.shape
+
+    def allowed(b, h, q, kv):
+        query, key = segment_ids[b, q], segment_ids[b, kv]
+        return ((kv <= q) & (key != PAD) & ((key == PROMPT) | (key == query))) | ((query == PAD) & (kv == 0))
+
+    return create_block_mask(allowed, batch, None, length, length, device=segment_ids.device)
+
+
+def attention_mask_for(model, segment_ids: torch.Tensor, dtype: torch.dtype):
+    """The block mask in the form the model's attention implementation takes."""
+    if getattr(model.config, "_attn_implementation", None) == "flex_attention":
+        return flex_block_mask(segment_ids)
+    return block_attention_mask(segment_ids, dtype)
+
+
 def _causal_lm_parts(model):
-    """(decoder, lm_head) of a causal LM, looking through a PEFT wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """(decoder, lm_head) of a causal LM, looking through DDP/FSDP and PEFT wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    base = extract_model_from_parallel(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return base.get_decoder(), base.get_output_embeddings()
+
+
+def _final_hidden_states(model, decoder, **inputs) -> torch.Tensor:
+    """[B, L, H]: the decoder's output, from a call of `model` itself.
+
+    The call goes through every wrapper (PEFT, DDP, FSDP), so a distributed run syncs its
+    gradients as usual. A forward hook keeps the decoder's output; the model's own LM head
+    runs on the last position only (``logits_to_keep=1``), and `answer_logprobs` applies the
+    head to the answer positions it needs.
+    """
+    kept = []
+    hook = decoder.register_forward_hook(lambda module, args, output: kept.append(output.last_hidden_state))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return kept[-1]
 
 
 def answer_logprobs(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,12 +164,13 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     flat_source = packed["token_row"] * length + packed["token_source"]  # [N]
     unique_source, inverse = torch.unique(flat_source, return_inverse=True)  # [U], [N]
     with compute_context(lm_head.weight):
-        hidden = decoder(
+        hidden = _final_hidden_states(
+            model,
+            decoder,
             input_ids=input_ids,
-            attention_mask=block_attention_mask(packed["segment_ids"], lm_head.weight.dtype),
+            attention_mask=attention_mask_for(decoder, packed["segment_ids"], lm_head.weight.dtype),
             position_ids=packed["position_ids"],
-            use_cache=False,
-        ).last_hidden_state  # [B, L, H]
+        )  # [B, L, H]
         logits = lm_head(hidden.reshape(batch * length, -1)[unique_source])  # [U, V]
     logits = logits.float()
     log_norm = torch.logsumexp(logits, dim=-1)  # [U]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, set_seed
 
 from sdpo.datasets import load_split, resolve_domain
@@ -40,6 +41,7 @@ from sdpo.training.sft import SFTConfig
 
 LOSSES = ("sdpo", "dpo")
 REFERENCE_ADAPTER = "reference"
+REFERENCE_CACHE = "reference-cache"  # inside the SFT run folder, shared by the align runs that start from it
 # Settings an align run takes from its SFT run unless given, and may not contradict.
 INHERITED = ("model", "data", "domain", "prompt_seed", "subset_seed")
 
@@ -259,11 +261,15 @@ def inherit_from_sft(config: AlignConfig, sft_run: dict) -> None:
 
 
 def reference_table(model, tokenizer, records, config: AlignConfig, name: str) -> torch.Tensor:
+    """[N, C] reference log-probs of `records`, from the shared cache in the SFT run folder when another run made them."""
     key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, str(model_dtype(config.bf16)))
-    path = Path(config.output_dir) / f"reference-{name}.safetensors"
-    return cached_reference_logps(
-        path, key, lambda: compute_reference_logps(model, tokenizer, records, config.domain, config.prompt_seed, config.per_device_eval_batch_size)
-    )
+    paths = [Path(config.sft) / REFERENCE_CACHE / f"{key}.safetensors", Path(config.output_dir) / f"reference-{name}.safetensors"]
+    # Under accelerate/torchrun the main process computes and saves the table while the others
+    # wait; they then read it from the cache: one pass over the data, one writer.
+    with PartialState().main_process_first():
+        return cached_reference_logps(
+            paths, key, lambda: compute_reference_logps(model, tokenizer, records, config.domain, config.prompt_seed, config.per_device_eval_batch_size)
+        )
 
 
 def run_align(config: AlignConfig) -> Path:
@@ -280,10 +286,11 @@ def run_align(config: AlignConfig) -> Path:
         raise UserError(f"--negatives: {exc}.") from None
     set_seed(config.seed)
     model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation,
-                                  trainable_adapter=True, dtype=model_dtype(config.bf16))
+                                  trainable_adapter=True, dtype=model_dtype(config.bf16), load_in_4bit=config.load_in_4bit)
     out = Path(config.output_dir)
-    write_run_config(config, out)
-    trim_log(out, resume_from)
+    if PartialState().is_main_process:
+        write_run_config(config, out)
+        trim_log(out, resume_from)
 
     def reference_for(records: list[Record], name: str) -> torch.Tensor | None:
         if config.reference == "adapter":
@@ -318,5 +325,6 @@ def run_align(config: AlignConfig) -> Path:
         trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    write_run_config(config, out)
+    if trainer.is_world_process_zero():
+        write_run_config(config, out)
     return out

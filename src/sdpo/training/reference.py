@@ -2,16 +2,19 @@
 
 Before preference training, every record's candidates are scored by the SFT model (base +
 SFT adapter) with `score_answers`, and the [N, C] table is saved in the run folder with a
-fingerprint of what produced it (records, model, adapter weights, prompts). A resumed or
-repeated run whose fingerprint matches reloads the table instead of recomputing it. The
-reference therefore costs one no-grad pass over the data, instead of a second model in
-memory and a second forward at every step.
+fingerprint of what produced it (records, model, adapter weights, prompts, precision). It is
+kept in the SFT run folder (``reference-cache/<fingerprint>.safetensors``, or in the align run
+folder when the SFT folder cannot be written), so a resumed run and every other align run
+from the same SFT model on the same records (DPO and S-DPO at each K in a study) reload it
+instead of recomputing it. The reference therefore costs one no-grad pass over the data,
+instead of a second model in memory and a second forward at every step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdpo.evaluation import candidate_logps
+from sdpo.io import remove_temporaries, replace_atomic
 from sdpo.records import Record
 
 
@@ -42,18 +46,23 @@ def compute_reference_logps(model, tokenizer, records: list[Record], domain: str
     return torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=float("-inf")) for r in rows])
 
 
-def cached_reference_logps(path: Path, key: str, compute) -> torch.Tensor:
-    """Load the table at `path` if its fingerprint is `key`; else `compute()` it and save it."""
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as stored:
-                if (stored.metadata() or {}).get("fingerprint") == key:
-                    return stored.get_tensor("logps")
-        except (OSError, ValueError, RuntimeError):
-            pass  # unreadable: recompute
+def cached_reference_logps(paths: Sequence[Path], key: str, compute) -> torch.Tensor:
+    """The table from the first of `paths` whose fingerprint is `key`; else `compute()` it and save it
+    to the first of `paths` that can be written (written whole or not at all)."""
+    for path in paths:
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as stored:
+                    if (stored.metadata() or {}).get("fingerprint") == key:
+                        return stored.get_tensor("logps")
+            except Exception:  # damaged in any way (safetensors raises its own error type): recompute
+                pass
     logps = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"logps": logps.contiguous()}, str(tmp), metadata={"fingerprint": key})
-    tmp.replace(path)
+    for path in paths:
+        remove_temporaries(path.parent)  # left by a process killed while saving a table
+        try:
+            replace_atomic(path, lambda tmp: save_file({"logps": logps.contiguous()}, str(tmp), metadata={"fingerprint": key}))
+            break
+        except OSError:
+            continue  # e.g. a read-only SFT folder: try the next place
     return logps

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainingArguments, set_seed
 
 from sdpo.datasets import load_split, resolve_domain
@@ -46,6 +47,7 @@ class ModelArguments:
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names or all-linear"})
     lora_layers: int | None = field(default=None, metadata={"help": "put LoRA on the last N decoder layers only (default: all); backward then stops there"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa or eager (flash kernels cannot take block masks)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit NF4 (CUDA + bitsandbytes, pip install 'sdpo[gpu]')"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
 
@@ -89,9 +91,10 @@ class SFTConfig(ModelArguments, TrainingArguments):
         self.check_model_arguments()
         on_cpu = self.use_cpu or not torch.cuda.is_available()
         self.bf16 = resolve_bf16(self.bf16, "cpu" if on_cpu else "cuda")
-        if self.bf16 and on_cpu:
-            self.use_cpu = True  # Trainer refuses bf16 without a GPU unless told the run is on the CPU
         if on_cpu:
+            # Said outright: the Trainer refuses bf16 without a GPU otherwise, and accelerate runs
+            # several CPU processes (torchrun, gloo) as one job only when told they are on the CPU.
+            self.use_cpu = True
             self.dataloader_pin_memory = False  # nothing to pin memory for
         super().__post_init__()
 
@@ -114,21 +117,39 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
 
 
 class PackingCollator:
-    """Packs examples into the scoring kernel's block rows."""
+    """Packs examples into the scoring kernel's block rows.
+
+    ``labels`` / ``shift_labels`` (the predicted answer tokens, flat) are there for the Trainer to
+    count: it sums the answer tokens of every micro-batch of an optimizer step, over every
+    process, and passes that count to `SFTTrainer.compute_loss` as ``num_items_in_batch``.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pack_answers([e["prompt_ids"] for e in examples], [e["answer_ids"] for e in examples], self.pad_token_id)
+        packed = pack_answers([e["prompt_ids"] for e in examples], [e["answer_ids"] for e in examples], self.pad_token_id)
+        packed["labels"] = packed["shift_labels"] = packed["token_target"]
+        return packed
 
 
 class SFTTrainer(Trainer):
-    """Trainer whose loss is the token-mean NLL of the packed answers."""
+    """Trainer whose loss is the NLL of the packed answer tokens, averaged over every token of the optimizer step.
+
+    So gradient accumulation and several processes (each with its share of the step) train
+    exactly as one process with the whole batch would.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # our loss divides by the step's token count itself
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps, n_tokens = answer_logprobs(model, inputs)
-        loss = -logps.sum() / n_tokens.sum()
+        if num_items_in_batch is None:  # evaluation: this batch's token mean
+            loss = -logps.sum() / n_tokens.sum()
+        else:  # DDP averages the processes' gradients, hence the factor
+            loss = -logps.sum() / num_items_in_batch * self.accelerator.num_processes
         return (loss, {"logps": logps}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -146,15 +167,17 @@ def run_sft(config: SFTConfig) -> Path:
     resume_from = resume_point(config)
     train = load_split(config.data, "train", config.train_limit, config.subset_seed)
     set_seed(config.seed)  # before LoRA's random init, which Trainer's own seeding comes too late for
-    model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, dtype=model_dtype(config.bf16))
+    model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, dtype=model_dtype(config.bf16),
+                                  load_in_4bit=config.load_in_4bit)
     model = add_lora(model, config.lora_settings())
     eval_dataset = None
     if config.eval_strategy != "no":
         val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
         eval_dataset = PromptAnswerDataset(val, tokenizer, config.domain, config.prompt_seed)
     out = Path(config.output_dir)
-    write_run_config(config, out)
-    trim_log(out, resume_from)
+    if PartialState().is_main_process:  # one writer under accelerate/torchrun
+        write_run_config(config, out)
+        trim_log(out, resume_from)
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -167,5 +190,6 @@ def run_sft(config: SFTConfig) -> Path:
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    write_run_config(config, out)
+    if trainer.is_world_process_zero():
+        write_run_config(config, out)
     return out

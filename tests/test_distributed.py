@@ -1,0 +1,64 @@
+"""Two CPU processes (torchrun, gloo) train exactly as one process with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(processes: int, *args) -> subprocess.CompletedProcess:
+    if processes == 1:
+        command = [sys.executable, "-m", "sdpo.cli", *map(str, args)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()),
+                   "-m", "sdpo.cli", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def train_logs(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def assert_same_run(one, two):
+    first, second = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.allclose(first[name], second[name], atol=1e-5), name
+    # and training moved the adapter far beyond that tolerance (LoRA B starts at 0)
+    assert max(first[n].abs().max().item() for n in first if "lora_B" in n) > 1e-3
+    logs_one, logs_two = train_logs(one), train_logs(two)
+    assert [e["step"] for e in logs_one] == [e["step"] for e in logs_two]
+    assert [e["loss"] for e in logs_one] == pytest.approx([e["loss"] for e in logs_two], abs=1e-5)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path):
+    common = ["--model", "tiny", "--data", small_data, "--train_limit", 16, "--max_steps", 3, "--learning_rate", 5e-3,
+              "--lora_dropout", 0.0, "--logging_steps", 1, "--save_steps", 100, "--disable_tqdm", "true", "--no_bf16"]
+    launch(1, "sft", *common, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--output_dir", tmp_path / "sft-1")
+    launch(2, "sft", *common, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--output_dir", tmp_path / "sft-2")
+    assert_same_run(tmp_path / "sft-1", tmp_path / "sft-2")
+    # files are written once: one config, one log line per step
+    assert len(train_logs(tmp_path / "sft-2")) == 3
+
+    align = ["align", "--sft", tmp_path / "sft-1", "--negatives", 3, "--max_steps", 3, "--learning_rate", 5e-3, "--logging_steps", 1,
+             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 16, "--no_bf16"]
+    launch(1, *align, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "sdpo-1")
+    launch(2, *align, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sdpo-2")
+    assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")
+    # the reference table was computed once, by the first run; the second read it from the SFT run's cache
+    assert len(list((tmp_path / "sft-1" / "reference-cache").glob("*.safetensors"))) == 1
