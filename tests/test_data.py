@@ -74,3 +74,35 @@ def test_write_prepared_refuses_bad_records_and_writes_nothing(tmp_path):
     write_prepared(tmp_path / "out", {"train": [good]}, {"domain": "music"})
     with pytest.raises(UserError, match="not empty"):
         write_prepared(tmp_path / "out", {"train": [good]}, {"domain": "music"})
+
+
+def sliding_users(records) -> dict[str, int]:
+    """A user number per record id: LastFM's train file has no user ids, but one user's records are
+    consecutive sliding windows (a window's history continues the previous window's history + target)."""
+    users, user, previous = {}, -1, None
+    for record in records:
+        follows = previous is not None and (previous.history + [previous.target])[-len(record.history):] == record.history
+        user += 0 if follows else 1
+        users[record.id], previous = user, record
+    return users
+
+
+def test_a_limited_subset_spans_many_users_and_nests(lastfm_dir):
+    """--train_limit 256 draws records from all over the file; the first 256 lines are a few users' windows."""
+    from sdpo.datasets import subset
+    from sdpo.records import read_records
+
+    users = sliding_users(load_split(lastfm_dir, "train"))
+    drawn = load_split(lastfm_dir, "train", 256)
+    first = read_records(lastfm_dir / "train.jsonl", limit=256)
+    assert len({users[r.id] for r in first}) <= 10
+    assert len({users[r.id] for r in drawn}) >= 150 and len(drawn) == 256
+    assert drawn == load_split(lastfm_dir, "train", 256, seed=0)  # seeded
+    assert drawn != load_split(lastfm_dir, "train", 256, seed=1)
+    smaller = {r.id for r in load_split(lastfm_dir, "train", 128)}
+    assert smaller <= {r.id for r in drawn}  # a smaller draw lies inside a larger one
+    ids = [r.id for r in drawn]
+    every = load_split(lastfm_dir, "train")
+    position = {r.id: i for i, r in enumerate(every)}
+    assert [position[i] for i in ids] == sorted(position[i] for i in ids)  # kept in file order
+    assert subset(every, None) == every

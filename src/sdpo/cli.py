@@ -27,7 +27,7 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 def data_fetch(
     dataset: str = typer.Argument(..., help="dataset name: lastfm or movielens-100k"),
     mirror: Optional[Path] = typer.Option(None, help="copy from this local mirror folder (default: $SDPO_MIRROR)"),
-    raw_dir: Optional[Path] = typer.Option(None, help="where raw files are kept (default: $SDPO_HOME/raw)"),
+    raw_dir: Optional[Path] = typer.Option(None, "--raw_dir", "--raw-dir", help="where raw files are kept (default: $SDPO_HOME/raw)"),
 ) -> None:
     """Download a dataset's raw files (or copy them from a mirror), checking every SHA-256."""
     from sdpo.sources.fetch import fetch
@@ -42,14 +42,14 @@ def data_prepare(
     out: Path = typer.Option(..., help="folder to write train/val/test.jsonl and manifest.json into"),
     seed: int = typer.Option(0, help="seed for user splits and negative candidates"),
     mirror: Optional[Path] = typer.Option(None, help="local mirror folder (default: $SDPO_MIRROR)"),
-    raw_dir: Optional[Path] = typer.Option(None, help="where raw files are kept (default: $SDPO_HOME/raw)"),
+    raw_dir: Optional[Path] = typer.Option(None, "--raw_dir", "--raw-dir", help="where raw files are kept (default: $SDPO_HOME/raw)"),
     overwrite: bool = typer.Option(False, help="replace an existing prepared folder"),
     interactions: Optional[Path] = typer.Option(None, help="interactions: CSV/JSONL with user, item, timestamp[, rating]"),
     items: Optional[Path] = typer.Option(None, help="interactions: CSV/JSONL with item, title"),
     domain: Optional[str] = typer.Option(None, help="interactions/llara: music, movies, books or games"),
-    min_rating: Optional[float] = typer.Option(None, help="interactions/movielens-100k: drop ratings below this"),
+    min_rating: Optional[float] = typer.Option(None, "--min_rating", "--min-rating", help="interactions/movielens-100k: drop ratings below this"),
     dir: Optional[Path] = typer.Option(None, "--dir", help="llara: folder with id2name.txt and the *_data.df pickles"),
-    trust_pickles: bool = typer.Option(False, help="llara: load pickles whose SHA-256 is not on the pinned list"),
+    trust_pickles: bool = typer.Option(False, "--trust_pickles", "--trust-pickles", help="llara: load pickles whose SHA-256 is not on the pinned list"),
 ) -> None:
     """Turn a dataset into a prepared record folder (fetching raw files first where needed)."""
     from sdpo.pipeline import prepare_dataset
@@ -115,24 +115,28 @@ def evaluate_cmd(
     split: str = typer.Option("test", help="train, val or test"),
     model: Optional[str] = typer.Option(None, help="alias, local HF folder or cached hub id (default: the adapter's base model, else smollm2-135m)"),
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (output of sdpo sft or sdpo align)"),
-    protocol: str = typer.Option("rank", help="generate (the paper's) or rank (likelihood ranking)"),
+    protocol: str = typer.Option("rank", help="generate (the paper's), rank (likelihood ranking) or rerank (the LM re-ranks a retriever's top items)"),
     score: str = typer.Option("logp", help="rank: order predictions by logp, log pi(c|x), or by reward, "
                               "log pi(c|x) - log pi_ref(c|x); both are in metrics.json"),
-    reference_adapter: Optional[Path] = typer.Option(None, help="rank: pi_ref for the reward, e.g. the SFT run an S-DPO "
-                                                     "adapter started from (default: the base model)"),
+    reference_adapter: Optional[Path] = typer.Option(
+        None, "--reference_adapter", "--reference-adapter",
+        help="rank: pi_ref for the reward, e.g. the SFT run an S-DPO adapter started from (default: the base model)"),
     limit: Optional[int] = typer.Option(None, help="evaluate N records drawn at random with --subset_seed (default: all)"),
-    subset_seed: int = typer.Option(0, help="seed of the --limit draw"),
+    subset_seed: int = typer.Option(0, "--subset_seed", "--subset-seed", help="seed of the --limit draw"),
     output_dir: Path = typer.Option(..., "--output_dir", "--output", help="folder for metrics.json and predictions.jsonl"),
-    batch_size: int = typer.Option(8, help="records per forward pass"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass"),
     domain: Optional[str] = typer.Option(None, help="prompt domain (default: the adapter's, else the manifest's)"),
-    prompt_seed: Optional[int] = typer.Option(None, help="seed fixing each record's prompt phrasing (default: the adapter's, else 0)"),
+    prompt_seed: Optional[int] = typer.Option(None, "--prompt_seed", "--prompt-seed",
+                                              help="seed fixing each record's prompt phrasing (default: the adapter's, else 0)"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
+    retriever: Optional[Path] = typer.Option(None, help="rerank: a trained sdpo baseline (sasrec, gru4rec, caser) picking from its whole catalogue"),
+    top: int = typer.Option(20, help="rerank: how many retrieved items the LM re-ranks"),
 ) -> None:
     """Evaluate a model (optionally with a LoRA adapter) on a prepared split."""
     from sdpo.pipeline import evaluate_model
 
     metrics = evaluate_model(data, split, model, adapter, protocol, limit, output_dir, batch_size, domain, prompt_seed,
-                             subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter)
+                             subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter, retriever=retriever, top=top)
     typer.echo(f"{protocol} on {metrics['n_records']} {split} records ({'bf16' if metrics['bf16'] else 'fp32'}):")
     intervals = metrics.get("ci95", {})
     for key, value in metrics.items():
@@ -186,8 +190,9 @@ def benchmark_precision_cmd(
     records: int = typer.Option(4, help="records per training step"),
     negatives: str = typer.Option("3,15", help="comma-separated K values for the S-DPO steps"),
     repeats: int = typer.Option(3, help="timed repeats per step after one warm-up, the precisions alternating (medians reported)"),
-    rank_records: int = typer.Option(200, help="test records ranked in each precision (speed, log-prob gap and top-1 agreement)"),
-    batch_size: int = typer.Option(8, help="records per forward pass when ranking"),
+    rank_records: int = typer.Option(200, "--rank_records", "--rank-records",
+                                     help="test records ranked in each precision (speed, log-prob gap and top-1 agreement)"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass when ranking"),
 ) -> None:
     """fp32 against bf16, side by side: records/s of SFT and S-DPO steps and of ranking, log-prob gaps, top-1 agreement."""
     from sdpo.benchmark_precision import benchmark_precision, format_table
@@ -224,6 +229,111 @@ def benchmark_baseline_cmd(
     typer.echo(f"wrote {json_out}")
 
 
+@app.command("recommend", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def recommend_cmd(
+    ctx: typer.Context,
+    run: Path = typer.Option(..., help="run folder of sdpo sft or sdpo align (adapter + sdpo_config.yaml)"),
+    input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL of queries: {\"id\", \"history\": [...], \"candidates\": [...]}"),
+    output_file: Optional[Path] = typer.Option(None, "--output", help="JSONL to write, one ranked list per query (with --input)"),
+    retriever: Optional[Path] = typer.Option(
+        None, help="a trained sdpo baseline (sasrec, gru4rec, caser) that picks the candidates from its catalogue (or from --candidates)"),
+    top: int = typer.Option(20, help="with --retriever: how many items it passes to the LM"),
+    score: str = typer.Option("logp", help="logp, or reward (against the run's reference: its SFT run, or the base model)"),
+    generate: bool = typer.Option(False, "--generate", help="answer by greedy generation (the paper's protocol) instead of ranking"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="queries per forward pass"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: where the hardware has native bf16)"),
+) -> None:
+    """Rank candidates for a user's history: --history A B ... --candidates X Y ... (or --retriever DIR), or --input/--output JSONL."""
+    from sdpo.recommend import Recommender, Retriever, make_record
+
+    lists = _list_options(ctx.args, ("--history", "--candidates"))
+    if (input_file is None) == (not lists.get("--history")):
+        raise UserError("recommend: give either --history A B ... (one query) or --input FILE (many).")
+    if input_file is not None and output_file is None:
+        raise UserError("recommend: --input needs --output FILE for the ranked lists.")
+    if generate and retriever is not None:
+        raise UserError("recommend: --generate answers for given candidates; it does not take --retriever.")
+    queries = _read_queries(input_file) if input_file else [{"id": None, "history": lists["--history"], "candidates": lists.get("--candidates")}]
+    pick = Retriever.load(retriever) if retriever else None
+    for number, query in enumerate(queries, start=1):
+        if not query.get("history"):
+            raise UserError(f"query {number}: the history is empty; give at least one item the user consumed.")
+        if pick is None and not query.get("candidates"):
+            raise UserError(f"query {number}: no candidates; give them, or --retriever DIR to pick them from the catalogue.")
+    if pick is not None:  # the retriever picks from the given candidates, or from its whole catalogue
+        retrieved = pick.top([q["history"] for q in queries], top, [q.get("candidates") for q in queries])
+        for query, items in zip(queries, retrieved, strict=True):
+            query["candidates"] = [t for t, _ in items]
+    records = [make_record(q["history"], q["candidates"], q.get("id") and str(q["id"])) for q in queries]
+    recommender = Recommender.load(run, bf16=bf16)
+    if generate:
+        answers = [recommender.generate(r.history, r.candidates) for r in records]
+        rows = [{"id": q.get("id"), **a} for q, a in zip(queries, answers, strict=True)]
+    else:
+        ranked = recommender.rank_records(records, score, batch_size, progress=input_file is not None)
+        rows = [{"id": q.get("id"), "ranking": [{"title": t, "score": round(s, 4)} for t, s in ranking]}
+                for q, ranking in zip(queries, ranked, strict=True)]
+    if output_file is not None:
+        from sdpo.io import write_jsonl
+
+        write_jsonl(output_file, rows)
+        typer.echo(f"wrote {len(rows)} ranked lists to {output_file}")
+    elif generate:
+        typer.echo(f"answer: {rows[0]['text']!r} -> {rows[0]['choice'] or 'no single candidate named'}")
+    else:
+        for place, entry in enumerate(rows[0]["ranking"], start=1):
+            typer.echo(f"{place:>3}. {entry['title']}  ({score} {entry['score']:.3f})")
+
+
+def _list_options(args: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
+    """`--name v1 v2 ...` groups among extra arguments; anything else is a user error."""
+    lists: dict[str, list[str]] = {}
+    current = None
+    for arg in args:
+        if arg in names:
+            current = lists.setdefault(arg, [])
+        elif arg.startswith("--") or current is None:
+            raise UserError(f"recommend: unknown option {arg!r}. See sdpo recommend --help.")
+        else:
+            current.append(arg)
+    return lists
+
+
+def _read_queries(path: Path) -> list[dict]:
+    import json
+
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc}).") from None
+    queries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            query = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}:{number}: not valid JSON. Each line must be one query.") from None
+        if not isinstance(query, dict) or not isinstance(query.get("history"), list) or not isinstance(query.get("candidates", []), list):
+            raise UserError(f"{path}:{number}: a query is {{\"id\", \"history\": [titles], \"candidates\": [titles]}}.")
+        queries.append(query)
+    if not queries:
+        raise UserError(f"{path}: holds no queries.")
+    return queries
+
+
+@app.command("report")
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="pipeline output folders (results.json, eval/, stage folders)"),
+    out: Path = typer.Option(..., "--out", help="folder for results.md, the per-record CSVs and the plots"),
+) -> None:
+    """Tables with 95% intervals, paired comparisons, per-record CSVs and plots from pipeline runs."""
+    from sdpo.report import write_report
+
+    for path in write_report(runs, out):
+        typer.echo(f"wrote {path}")
+
+
 @app.command("pipeline")
 def pipeline_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see configs/quickstart.yaml)")) -> None:
     """Run the stages a pipeline config lists (data, sft, evaluate) and print the results table."""
@@ -241,3 +351,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":  # python -m sdpo.cli, e.g. under accelerate launch -m
+    main()

@@ -12,7 +12,7 @@ A pipeline config (see ``configs/quickstart.yaml``)::
     sft: {train_limit: 256, ...}     # any SFTConfig option; output in OUTPUT/sft
     align: {negatives: 3, ...}       # any AlignConfig option, from OUTPUT/sft; output in OUTPUT/<name>
     baselines: {models: [popularity, sasrec], ...}   # any BaselineConfig option; OUTPUT/baselines/NAME
-    evaluate: {split: test, limit: 200, protocols: [generate, rank]}
+    evaluate: {split: test, limit: 200, protocols: [generate, rank]}   # stages: [...] evaluates only those
 
 ``sft`` and ``align`` are one stage or a list of them, each named by its ``name`` option
 (default: sft; s-dpo or dpo by its loss) and trained into OUTPUT/<name>; an align stage
@@ -41,7 +41,7 @@ from sdpo.records import Record
 PREPARERS = ("lastfm", "movielens-100k", "interactions", "llara")
 SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
 PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", *SHARED_KEYS}
-EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score"}
+EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages"}
 TABLE_COLUMNS = ("hr@1", "valid_ratio", "strict_hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
 
 
@@ -101,7 +101,8 @@ def prepare_dataset(
 
 def evaluate_model(
     data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=None, progress=True,
-    *, subset_seed=0, bf16=None, score="logp", reference_adapter=None, reference_scores=None,
+    *, subset_seed=0, bf16=None, score="logp", reference_adapter=None, reference_scores=None, retriever=None, top=20,
+    reward=True,
 ) -> dict[str, Any]:
     """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl.
 
@@ -109,14 +110,18 @@ def evaluate_model(
     from its sdpo_config.yaml (a contradicting --model, --domain or --prompt_seed is refused).
     With an adapter, the rank protocol also ranks by reward against the reference: the base
     model, or `reference_adapter`, or `reference_scores` (per record, the reference's log-prob
-    of each candidate) when they were computed already.
+    of each candidate) when they were computed already; ``reward=False`` skips it. The ``rerank`` protocol re-ranks the
+    `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
+    retriever alone (see `sdpo.recommend.evaluate_rerank`).
     """
     from sdpo.evaluation import SCORES
     from sdpo.models import load_model
     from sdpo.precision import model_dtype, resolve_bf16
 
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}; choose generate or rank.")
+    if protocol not in (*PROTOCOLS, "rerank"):
+        raise UserError(f"unknown protocol {protocol!r}; choose generate, rank or rerank.")
+    if (protocol == "rerank") != (retriever is not None):
+        raise UserError("--protocol rerank and --retriever DIR go together: the retriever picks what the LM re-ranks.")
     if score not in SCORES:
         raise UserError(f"--score {score!r}: choose logp or reward.")
     if limit is not None and limit < 1:
@@ -135,13 +140,29 @@ def evaluate_model(
 
         check_adapter_folder(reference_adapter, "reference adapter")
     reference = None
-    if adapter is not None and protocol == "rank":
+    if adapter is not None and protocol == "rank" and reward:
         reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
     info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split,
             "limit": limit, "subset_seed": subset_seed, "domain": domain, "prompt_seed": prompt_seed,
-            "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores)}
+            "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None}
+    if protocol == "rerank":
+        return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
+                                {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter)
     result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
                       score=score, reference=reference)
+    result.save(output)
+    return result.metrics
+
+
+def _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress, info, output,
+                     reference_adapter) -> dict[str, Any]:
+    from sdpo.recommend import Recommender, Retriever, evaluate_rerank
+
+    start = time.perf_counter()
+    recommender = Recommender(model, tokenizer, domain, prompt_seed, str(reference_adapter) if reference_adapter else None)
+    result = evaluate_rerank(recommender, Retriever.load(retriever), records, top, score, batch_size, progress)
+    result.metrics = {**result.metrics, "n_records": len(records), "protocol": "rerank", "retriever_dir": str(retriever),
+                      "seconds": round(time.perf_counter() - start, 2), **info}
     result.save(output)
     return result.metrics
 
@@ -284,8 +305,16 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
 
     protocols = eval_cfg.get("protocols", list(PROTOCOLS))
     split, limit = eval_cfg.get("split", "test"), eval_cfg.get("limit")
+    evaluated = eval_cfg.get("stages", [label for label, _, _ in models])
+    unknown = sorted(set(evaluated) - {label for label, _, _ in models})
+    if unknown:
+        raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
     rows = []
     for label, adapter, reference_label in models:
+        if label not in evaluated:
+            continue
+        # a stage's reward needs its reference stage's log-probs: free when that stage is evaluated too
+        reward = reference_label in evaluated and "rank" in protocols
         for protocol in protocols:
             target = out / "eval" / f"{label}-{protocol}"
             if (target / "metrics.json").is_file():
@@ -294,13 +323,13 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
             else:
                 print(f"[evaluate] {label}, {protocol} protocol, {split} split")
                 reference_scores = None
-                if protocol == "rank" and reference_label is not None:
+                if protocol == "rank" and reward:
                     records = load_split(data_dir, split, limit, shared["subset_seed"])
                     reference_scores = read_candidate_logps(out / "eval" / f"{reference_label}-rank" / "predictions.jsonl", records)
                 metrics = evaluate_model(
                     data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8),
                     shared["domain"], shared["prompt_seed"], subset_seed=shared["subset_seed"], bf16=shared["bf16"],
-                    score=eval_cfg.get("score", "logp"), reference_scores=reference_scores,
+                    score=eval_cfg.get("score", "logp"), reference_scores=reference_scores, reward=reward,
                 )
             rows.append({**metrics, "stage": label})
             if "reward_hr@1" in metrics:

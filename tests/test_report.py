@@ -1,0 +1,98 @@
+"""sdpo report on small fake pipeline folders: every file, numbers recomputed from the records, clear errors."""
+
+import csv
+import json
+import random
+
+import pytest
+import yaml
+
+from sdpo.errors import UserError
+from sdpo.report import comparisons, load_run, write_report
+from sdpo.stats import paired_difference
+
+N = 40
+
+
+def fake_pipeline(folder, seed: int = 0):
+    """A finished pipeline's files: zero-shot, sft, dpo (K=1), s-dpo-k3 and popularity, N records each."""
+    rng = random.Random(seed)
+    ids = [f"test-{i}" for i in range(N)]
+    strength = {"zero-shot": 0.05, "sft": 0.1, "dpo": 0.2, "s-dpo-k3": 0.35, "popularity": 0.25}
+    rows = []
+
+    def ranks(stage):
+        return [1 if rng.random() < strength[stage] else rng.randint(2, 20) for _ in ids]
+
+    def write_jsonl(path, items):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(item) + "\n" for item in items))
+
+    for stage in ("zero-shot", "sft", "dpo", "s-dpo-k3"):
+        logp, reward = ranks(stage), ranks(stage)
+        trained = stage != "zero-shot"
+        write_jsonl(folder / "eval" / f"{stage}-rank" / "predictions.jsonl", [
+            {"id": i, "rank": a, **({"logp_rank": a, "reward_rank": b} if trained else {}), "ranking": []}
+            for i, a, b in zip(ids, logp, reward, strict=True)])
+        hits = [rng.random() < strength[stage] for _ in ids]
+        write_jsonl(folder / "eval" / f"{stage}-generate" / "predictions.jsonl", [
+            {"id": i, "hit": h, "valid": h or rng.random() < 0.5, "strict_hit": h, "strict_valid": True} for i, h in zip(ids, hits, strict=True)])
+        rows += [{"stage": stage, "protocol": "generate"}, {"stage": stage, "protocol": "rank"}]
+        if trained:
+            rows.append({"stage": stage, "protocol": "rank-reward"})
+            config = {"model": "tiny", "negatives": {"dpo": 1, "s-dpo-k3": 3}.get(stage), "loss": {"dpo": "dpo", "s-dpo-k3": "sdpo"}.get(stage),
+                      "sft": str(folder / "sft") if stage != "sft" else None}
+            (folder / stage).mkdir(parents=True, exist_ok=True)
+            (folder / stage / "sdpo_config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
+            log = [{"step": s, "loss": 1.0 / s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s, "rewards/margins": 0.2 * s,
+                    "rewards/accuracies": 0.5, "logps/chosen": -5.0 + s} for s in (1, 2, 3)]
+            log.append({"step": 3, "eval_loss": 0.5, "eval_hr@1": 0.2})
+            write_jsonl(folder / stage / "log.jsonl", log)
+    write_jsonl(folder / "baselines" / "popularity" / "predictions.jsonl", [{"id": i, "rank": r} for i, r in zip(ids, ranks("popularity"), strict=True)])
+    rows.append({"stage": "popularity", "protocol": "rank"})
+    (folder / "results.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_report_writes_every_file_from_the_records(tmp_path):
+    run = fake_pipeline(tmp_path / "study-lastfm")
+    written = write_report([run], tmp_path / "report")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["results.md", "study-lastfm-records.csv", "study-lastfm-hr1.png", "study-lastfm-training.png",
+                            "study-lastfm-val-hr1.png", "study-lastfm-hr1-vs-k.png"])
+    assert all(p.stat().st_size > 0 for p in written)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written if p.suffix == ".png")
+    with open(tmp_path / "report" / "study-lastfm-records.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    assert list(records[0]) == ["id", "stage", "protocol", "rank", "hit", "valid"]
+    # 4 LM stages x (rank, generate, generate-strict) + 3 trained x rank-reward + popularity, N records each
+    assert len(records) == N * (4 * 3 + 3 + 1)
+    # the table's numbers are the CSV's means
+    dpo_rank = [int(r["hit"]) for r in records if r["stage"] == "dpo" and r["protocol"] == "rank"]
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert f"| dpo | rank | {N} | {sum(dpo_rank) / N:.4f} [" in text
+    assert "paired HR@1 differences" in text and "![study-lastfm-hr1](study-lastfm-hr1.png)" in text
+
+
+def test_comparisons_are_paired_on_the_same_records(tmp_path):
+    run = load_run(fake_pipeline(tmp_path / "run"))
+    rows = {(r["a"], r["b"], r["protocol"]): r for r in comparisons(run)}
+    # each trained stage against where it started, each S-DPO stage against each DPO stage
+    assert {k[:2] for k in rows} == {("sft", "zero-shot"), ("dpo", "sft"), ("s-dpo-k3", "sft"), ("s-dpo-k3", "dpo")}
+    by_key = {(r.stage, r.protocol): r for r in run.results}
+    ids = list(by_key[("s-dpo-k3", "rank")].values)
+    expected = paired_difference(by_key[("s-dpo-k3", "rank")].column("hr@1", ids), by_key[("dpo", "rank")].column("hr@1", ids))
+    got = rows[("s-dpo-k3", "dpo", "rank")]
+    assert (got["difference"], got["interval"], got["p_le_0"]) == (expected["difference"], expected["interval"], expected["p_le_0"])
+    assert rows[("sft", "zero-shot", "rank-reward")]["b_protocol"] == "rank"  # against what the other model ranks by itself
+    assert rows[("s-dpo-k3", "dpo", "rank-reward")]["b_protocol"] == "rank"
+
+
+def test_report_refuses_incomplete_run_folders(tmp_path):
+    with pytest.raises(UserError, match="no results.json"):
+        write_report([tmp_path], tmp_path / "out")
+    run = fake_pipeline(tmp_path / "run")
+    (run / "eval" / "sft-generate" / "predictions.jsonl").unlink()
+    with pytest.raises(UserError, match="sft-generate/predictions.jsonl: missing"):
+        write_report([run], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written when a folder is incomplete
