@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 
@@ -61,6 +62,9 @@ def test_sft_cli_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nbogus: 3\n")
     assert_user_error(sdpo("sft", tmp_path / "c.yaml"), "unknown option(s) bogus")
     assert_user_error(sdpo("sft", tmp_path / "absent.yaml"), "no such config file")
+    if not torch.cuda.is_available():
+        assert_user_error(sdpo("sft", "--model", "tiny", "--attn_implementation", "flex_attention", "--output_dir", tmp_path / "f"),
+                          "flex_attention trains on CUDA only")
     help_text = sdpo("sft", "--help")
     assert help_text.returncode == 0 and "--lora_r" in help_text.stdout and "--learning_rate" in help_text.stdout
 
@@ -97,6 +101,20 @@ def test_pipeline_on_tiny(small_data, tmp_path):
             assert all(abs(e["reward"] - (e["logp"] - ref[e["title"]])) < 1e-9 for e in row["ranking"])
     again = sdpo("pipeline", tmp_path / "p.yaml")  # finished stages are reused
     assert again.returncode == 0 and "[sft] reusing" in again.stdout and "[evaluate] reusing" in again.stdout
+
+    # same seed, same machine, same numbers: a fresh run (LoRA dropout on) gives the same table and files
+    (tmp_path / "p2.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / "run2")}))
+    assert sdpo("pipeline", tmp_path / "p2.yaml").returncode == 0
+    rerun = tmp_path / "run2"
+
+    def numbers(folder):
+        return [{k: v for k, v in row.items() if k not in ("seconds", "adapter", "reference")}
+                for row in json.loads((folder / "results.json").read_text())]
+
+    assert numbers(rerun) == numbers(run)
+    for name in ("sft/adapter_model.safetensors", "dpo/adapter_model.safetensors", "eval/sft-generate/predictions.jsonl",
+                 "eval/dpo-rank/predictions.jsonl"):
+        assert (rerun / name).read_bytes() == (run / name).read_bytes(), name
     config["sft"]["prompt_seed"] = 1
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert_user_error(sdpo("pipeline", tmp_path / "p.yaml"), "set prompt_seed at the top level")
@@ -239,3 +257,50 @@ def test_pipeline_stages_are_named_and_linked(tmp_path):
     ):
         with pytest.raises(UserError, match=message):
             _training_stages(bad, tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("name", ["study-lastfm.yaml"])
+def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path, name):
+    """The committed study config, shrunk to the tiny model and a handful of records, runs and reports."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
+    config.update(output_dir=str(tmp_path / "study"), model="tiny", data={"path": str(small_data)})
+    for stage in [config["sft"], *config["align"]]:
+        stage.update(train_limit=8, max_steps=1, gradient_accumulation_steps=1, save_steps=1)
+        if "lora_layers" in stage:
+            stage["lora_layers"] = 1  # tiny has 2
+    config["evaluate"].update(limit=3, batch_size=4)
+    config["baselines"]["models"] = ["popularity"]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    result = sdpo("pipeline", tmp_path / "study.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "study" / "results.json").read_text())
+    stages = [s["name"] for s in config["align"]]
+    assert {r["stage"] for r in rows} == {"zero-shot", "sft", *stages, "popularity"}
+    # every align stage started from the same SFT run, on the same records, for the same steps
+    configs = [yaml.safe_load((tmp_path / "study" / s / "sdpo_config.yaml").read_text()) for s in stages]
+    assert {c["sft"] for c in configs} == {str(tmp_path / "study" / "sft")}
+    assert len({(c["train_limit"], c["subset_seed"], c["seed"], c["max_steps"]) for c in configs}) == 1
+    assert sorted(c["negatives"] for c in configs) == [1, 3, 7, 19]
+    report = sdpo("report", tmp_path / "study", "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (tmp_path / "report" / "study-records.csv").is_file() and (tmp_path / "report" / "study-hr1-vs-k.png").is_file()
+
+
+def test_accelerate_configs_parse_and_4bit_is_refused_without_cuda(small_data, tmp_path):
+    """configs/accelerate/*.yaml are read by accelerate itself; --load_in_4bit says plainly it needs a GPU."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from sdpo.config import build_config
+    from sdpo.errors import UserError
+    from sdpo.models import load_model
+    from sdpo.training.sft import SFTConfig
+
+    folder = Path(__file__).parents[1] / "configs" / "accelerate"
+    kinds = {path.stem: load_config_from_file(str(path)).distributed_type.value for path in folder.glob("*.yaml")}
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED"}
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--load_in_4bit needs a CUDA GPU"):
+            load_model("smollm2-135m", load_in_4bit=True)
+    assert build_config(SFTConfig, {"load_in_4bit": True}).load_in_4bit is True

@@ -140,11 +140,11 @@ def _timed(fn, device, repeats: int):
 
 
 def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list[int], repeats: int = 3, device: str = "cpu",
-                   bf16: bool = False) -> list[dict[str, Any]]:
+                   bf16: bool = False, attn_implementation: str = "sdpa") -> list[dict[str, Any]]:
     """Time one S-DPO step both ways for each K; one result dict per K."""
     return_freed_memory()
     dev = torch.device(device)
-    base, tokenizer = load_model(model_name, dtype=model_dtype(bf16))
+    base, tokenizer = load_model(model_name, dtype=model_dtype(bf16), attn_implementation=attn_implementation)
     policy = add_lora(base, LoraSettings(dropout=0.0)).to(dev).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the published code's second model
     prompts = [record_prompt_ids(tokenizer, r, domain) for r in records]
@@ -167,6 +167,7 @@ def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list
         shared_s, shared_mb, shared_lp = _timed(run_shared, dev, repeats)
         policy.zero_grad(set_to_none=True)
         results.append({
+            "attention": attn_implementation,
             "negatives": k,
             "records": len(records),
             "naive_seconds": round(naive_s, 4),
@@ -182,7 +183,7 @@ def benchmark_step(model_name: str, records: list[Record], domain: str, ks: list
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    keys = ["negatives", "naive_seconds", "shared_seconds", "speedup", "naive_tokens", "shared_tokens",
+    keys = ["attention", "records", "negatives", "naive_seconds", "shared_seconds", "speedup", "naive_tokens", "shared_tokens",
             "max_abs_logp_diff", "naive_peak_mb", "shared_peak_mb"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in results:

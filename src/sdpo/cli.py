@@ -163,6 +163,8 @@ def benchmark_step_cmd(
     repeats: int = typer.Option(3, help="timed repeats after one warm-up (the median is reported)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
+    attn_implementation: str = typer.Option("sdpa", "--attn_implementation", "--attn-implementation",
+                                            help="sdpa, eager or flex_attention (the packed step's block mask as a FlexAttention BlockMask)"),
 ) -> None:
     """Time one S-DPO step (forward + backward + reference) the published way and the shared-prompt way."""
     from sdpo.benchmark import benchmark_step, format_table, save_results
@@ -176,7 +178,9 @@ def benchmark_step_cmd(
     if any(not 1 <= k < len(r.candidates) for k in ks for r in chosen):
         raise UserError("--negatives: every K must be between 1 and the number of negatives per record (19).")
     bf16 = resolve_bf16(bf16, device)
-    results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device, bf16)
+    if attn_implementation not in ("sdpa", "eager", "flex_attention"):
+        raise UserError(f"--attn_implementation {attn_implementation!r}: choose sdpa, eager or flex_attention.")
+    results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device, bf16, attn_implementation)
     save_results(json_out, model, device, results, repeats, bf16)
     typer.echo(format_table(results))
     typer.echo(f"wrote {json_out}")

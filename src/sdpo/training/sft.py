@@ -46,7 +46,8 @@ class ModelArguments:
     lora_dropout: float = 0.1
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names or all-linear"})
     lora_layers: int | None = field(default=None, metadata={"help": "put LoRA on the last N decoder layers only (default: all); backward then stops there"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa or eager (flash kernels cannot take block masks)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "sdpa, eager, or flex_attention (CUDA only for training: a FlexAttention block mask; flash kernels cannot take block masks)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit NF4 (CUDA + bitsandbytes, pip install 'sdpo[gpu]')"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
@@ -91,6 +92,9 @@ class SFTConfig(ModelArguments, TrainingArguments):
         self.check_model_arguments()
         on_cpu = self.use_cpu or not torch.cuda.is_available()
         self.bf16 = resolve_bf16(self.bf16, "cpu" if on_cpu else "cuda")
+        if on_cpu and self.attn_implementation == "flex_attention":
+            raise ValueError("--attn_implementation flex_attention trains on CUDA only (torch has no FlexAttention backward on "
+                             "the CPU); leave it out for sdpa")
         if on_cpu:
             # Said outright: the Trainer refuses bf16 without a GPU otherwise, and accelerate runs
             # several CPU processes (torchrun, gloo) as one job only when told they are on the CPU.
