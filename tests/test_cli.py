@@ -259,7 +259,7 @@ def test_pipeline_stages_are_named_and_linked(tmp_path):
             _training_stages(bad, tmp_path / "p.yaml")
 
 
-@pytest.mark.parametrize("name", ["study-lastfm.yaml"])
+@pytest.mark.parametrize("name", ["study-lastfm.yaml", "study-ml100k.yaml"])
 def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path, name):
     """The committed study config, shrunk to the tiny model and a handful of records, runs and reports."""
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
