@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: zero-shot vs SFT SmolLM2-135M on LastFM (configs/quickstart.yaml).
+# Set up, then run the main job: SFT then S-DPO with SmolLM2-135M on LastFM (configs/quickstart.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
