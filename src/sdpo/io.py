@@ -20,10 +20,13 @@ def refuse_non_empty(folder: str | Path, overwrite: bool, flag: str, hint: str =
         raise UserError(f"{folder} is not empty{hint}. Choose another {flag}, or pass --overwrite.")
 
 
+TEMPORARY_SUFFIX = ".sdpo-tmp"  # the files replace_atomic writes before renaming them into place
+
+
 def remove_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files (``.NAME.*``) that `replace_atomic` leaves when a process is killed mid-write."""
+    """Delete the temporary files that `replace_atomic` leaves in `folder` when a process is killed mid-write."""
     folder = Path(folder)
-    stale = [p for p in folder.glob(".*") if p.is_file()] if folder.is_dir() else []
+    stale = [p for p in folder.glob(f".*{TEMPORARY_SUFFIX}") if p.is_file()] if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -33,7 +36,7 @@ def replace_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Let `write` fill a temporary file beside `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     os.close(fd)
     try:
         write(Path(tmp))

@@ -190,12 +190,13 @@ class Retriever:
 
 
 def _rank_metrics(rank: int | None) -> dict[str, float]:
-    """HR@1, NDCG@10 and MRR of one record, from the target's rank in a short list (None: not in it)."""
+    """HR@1, NDCG@10 and MRR of one record, from the target's rank in a short list (None: not in it, all 0)."""
     import math
 
-    if rank is None:
-        return {"hr@1": 0.0, "ndcg@10": 0.0, "mrr": 0.0}
-    return {"hr@1": float(rank == 1), "ndcg@10": 1 / math.log2(rank + 1) if rank <= 10 else 0.0, "mrr": 1 / rank}
+    from sdpo.metrics import per_record_ranking
+
+    values = per_record_ranking([math.inf if rank is None else rank])
+    return {key: values[key][0] for key in ("hr@1", "ndcg@10", "mrr")}
 
 
 def evaluate_rerank(recommender: Recommender, retriever: Retriever, records: list[Record], top: int = 20, score: str = "logp",

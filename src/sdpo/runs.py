@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
 from safetensors import safe_open
-from transformers.trainer_utils import get_last_checkpoint
 
 from sdpo import __version__
 from sdpo.config import config_to_dict
@@ -35,7 +35,9 @@ TRAINING_KEYS = (
 
 
 def write_run_config(config: Any, out: str | Path) -> None:
-    """Save the resolved options of `config` (and the sdpo version) as OUT/sdpo_config.yaml."""
+    """Save the resolved options of `config` (and the sdpo version) as OUT/sdpo_config.yaml (main process only)."""
+    if not PartialState().is_main_process:
+        return
     values = {**config_to_dict(config), VERSION_KEY: __version__}
     write_text_atomic(Path(out) / CONFIG_FILE, yaml.safe_dump(values, sort_keys=True, allow_unicode=True))
 
@@ -110,13 +112,12 @@ def resume_point(config: Any) -> str | None:
     (or ``--overwrite`` given).
     """
     out = Path(config.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if not config.resume:
-        refuse_non_empty(out, config.overwrite, "--output_dir", " (it has checkpoints: add --resume to continue)" if last else "")
-        remove_temporaries(out)
-        return None
+    found = checkpoints(out)
     remove_temporaries(out)  # what a killed run was writing: never read, so never trusted
-    if last is None:
+    if not config.resume:
+        refuse_non_empty(out, config.overwrite, "--output_dir", " (it has checkpoints: add --resume to continue)" if found else "")
+        return None
+    if not found:
         raise UserError(f"--resume: no checkpoint-* folder in {out}. Start without --resume.")
     saved = read_run_config(out)
     version = saved.get(VERSION_KEY)
@@ -128,7 +129,6 @@ def resume_point(config: Any) -> str | None:
     if changed:
         raise UserError(f"--resume: {out} was started with other options ({'; '.join(changed)}). "
                         "Resume with the same options, or start in another --output_dir.")
-    found = checkpoints(out)
     for newer, checkpoint in enumerate(found):
         try:
             check_checkpoint(checkpoint)
@@ -139,3 +139,18 @@ def resume_point(config: Any) -> str | None:
             continue
         return str(checkpoint)
     return None
+
+
+def start_run(config: Any, resume_from: str | None) -> None:
+    """Record the run's options and trim its log to `resume_from`, once every process has checked the folder.
+
+    Under accelerate/torchrun each process runs `resume_point` on the folder; the main process
+    writes into it only after all of them have, and the others write nothing.
+    """
+    from sdpo.training.logs import trim_log
+
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_run_config(config, config.output_dir)
+        trim_log(config.output_dir, resume_from)

@@ -33,9 +33,9 @@ from sdpo.negatives import STRATEGIES, check_k, hard_negatives, random_negatives
 from sdpo.precision import model_dtype
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
-from sdpo.runs import check_adapter_folder, read_run_config, resume_point, write_run_config
+from sdpo.runs import check_adapter_folder, read_run_config, resume_point, start_run, write_run_config
 from sdpo.scoring import answer_logprobs, pack_answers
-from sdpo.training.logs import LOG_FILE, JsonlLogger, trim_log
+from sdpo.training.logs import LOG_FILE, JsonlLogger
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
 from sdpo.training.sft import SFTConfig
 
@@ -288,9 +288,7 @@ def run_align(config: AlignConfig) -> Path:
     model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation,
                                   trainable_adapter=True, dtype=model_dtype(config.bf16), load_in_4bit=config.load_in_4bit)
     out = Path(config.output_dir)
-    if PartialState().is_main_process:
-        write_run_config(config, out)
-        trim_log(out, resume_from)
+    start_run(config, resume_from)
 
     def reference_for(records: list[Record], name: str) -> torch.Tensor | None:
         if config.reference == "adapter":
@@ -325,6 +323,5 @@ def run_align(config: AlignConfig) -> Path:
         trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        write_run_config(config, out)
+    write_run_config(config, out)
     return out

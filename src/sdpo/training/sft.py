@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import Trainer, TrainingArguments, set_seed
 
 from sdpo.datasets import load_split, resolve_domain
@@ -23,9 +22,9 @@ from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.precision import model_dtype, resolve_bf16
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
-from sdpo.runs import CONFIG_FILE, resume_point, write_run_config
+from sdpo.runs import CONFIG_FILE, resume_point, start_run, write_run_config
 from sdpo.scoring import answer_logprobs, pack_answers
-from sdpo.training.logs import JsonlLogger, trim_log
+from sdpo.training.logs import JsonlLogger
 
 __all__ = ["CONFIG_FILE", "ModelArguments", "SFTConfig", "run_sft"]
 
@@ -179,9 +178,7 @@ def run_sft(config: SFTConfig) -> Path:
         val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
         eval_dataset = PromptAnswerDataset(val, tokenizer, config.domain, config.prompt_seed)
     out = Path(config.output_dir)
-    if PartialState().is_main_process:  # one writer under accelerate/torchrun
-        write_run_config(config, out)
-        trim_log(out, resume_from)
+    start_run(config, resume_from)
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -194,6 +191,5 @@ def run_sft(config: SFTConfig) -> Path:
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        write_run_config(config, out)
+    write_run_config(config, out)
     return out
