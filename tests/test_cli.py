@@ -235,6 +235,29 @@ def test_the_paper_recipe_parses_into_the_stage_configs():
     assert sft.metric_for_best_model == "eval_loss" and not sft.greater_is_better
 
 
+def test_the_gpu_study_differs_from_the_cpu_study_in_scale_only():
+    """configs/study-lastfm-gpu.yaml: more records, same stages, seeds, lr, beta, records per step and test set."""
+    folder = Path(__file__).parents[1] / "configs"
+    cpu, gpu = (yaml.safe_load((folder / name).read_text()) for name in ("study-lastfm.yaml", "study-lastfm-gpu.yaml"))
+    scale = {"train_limit", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+             "lora_layers"}
+
+    def same_part(stage):
+        return {k: v for k, v in stage.items() if k not in scale}
+
+    def records_per_step(stage):
+        return stage["per_device_train_batch_size"] * stage["gradient_accumulation_steps"]
+
+    for key in ("model", "seed", "subset_seed", "data"):
+        assert cpu[key] == gpu[key]
+    assert same_part(cpu["sft"]) == same_part(gpu["sft"]) and records_per_step(cpu["sft"]) == records_per_step(gpu["sft"])
+    assert [same_part(s) for s in cpu["align"]] == [same_part(s) for s in gpu["align"]]
+    assert {records_per_step(s) for s in cpu["align"] + gpu["align"]} == {records_per_step(cpu["sft"])}
+    assert gpu["sft"]["train_limit"] > cpu["sft"]["train_limit"]
+    assert all(g["train_limit"] > c["train_limit"] for c, g in zip(cpu["align"], gpu["align"]))
+    assert {k: v for k, v in cpu["evaluate"].items() if k != "batch_size"} == {k: v for k, v in gpu["evaluate"].items() if k != "batch_size"}
+
+
 def test_pipeline_stages_are_named_and_linked(tmp_path):
     from sdpo.errors import UserError
     from sdpo.pipeline import _training_stages
