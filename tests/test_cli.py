@@ -239,8 +239,7 @@ def test_the_gpu_study_differs_from_the_cpu_study_in_scale_only():
     """configs/study-lastfm-gpu.yaml: more records, same stages, seeds, lr, beta, records per step and test set."""
     folder = Path(__file__).parents[1] / "configs"
     cpu, gpu = (yaml.safe_load((folder / name).read_text()) for name in ("study-lastfm.yaml", "study-lastfm-gpu.yaml"))
-    scale = {"train_limit", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-             "lora_layers"}
+    scale = {"train_limit", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"}
 
     def same_part(stage):
         return {k: v for k, v in stage.items() if k not in scale}
