@@ -253,7 +253,7 @@ def test_the_gpu_study_differs_from_the_cpu_study_in_scale_only():
     assert [same_part(s) for s in cpu["align"]] == [same_part(s) for s in gpu["align"]]
     assert {records_per_step(s) for s in cpu["align"] + gpu["align"]} == {records_per_step(cpu["sft"])}
     assert gpu["sft"]["train_limit"] > cpu["sft"]["train_limit"]
-    assert all(g["train_limit"] > c["train_limit"] for c, g in zip(cpu["align"], gpu["align"]))
+    assert all(g["train_limit"] > c["train_limit"] for c, g in zip(cpu["align"], gpu["align"], strict=True))
     assert {k: v for k, v in cpu["evaluate"].items() if k != "batch_size"} == {k: v for k, v in gpu["evaluate"].items() if k != "batch_size"}
 
 
