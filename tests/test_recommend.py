@@ -52,6 +52,16 @@ def test_reward_of_an_align_run_is_against_its_sft_run(runs, small_data):
     assert isinstance(answer["text"], str) and (answer["choice"] is None or answer["choice"] in record.candidates)
 
 
+def test_batched_generation_answers_as_one_query_at_a_time(runs, small_data):
+    """generate_records pads a batch on the left; each answer is the one its query gets alone."""
+    policy = Recommender.load(runs["sdpo"])
+    # histories of 10, 8, 6, 4 and 2 items: prompts of different lengths share a batch
+    queries = [make_record(r.history[2 * i:], r.candidates) for i, r in enumerate(load_split(small_data, "test", 5))]
+    assert len({len(q.history) for q in queries}) == 5
+    alone = [policy.generate(q.history, q.candidates) for q in queries]
+    assert policy.generate_records(queries, batch_size=5) == alone
+
+
 def test_bad_queries_are_user_errors(runs):
     with pytest.raises(UserError, match="the history is empty"):
         make_record([], ["a", "b"])

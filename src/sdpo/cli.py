@@ -271,7 +271,7 @@ def recommend_cmd(
     records = [make_record(q["history"], q["candidates"], q.get("id") and str(q["id"])) for q in queries]
     recommender = Recommender.load(run, bf16=bf16)
     if generate:
-        answers = [recommender.generate(r.history, r.candidates) for r in records]
+        answers = recommender.generate_records(records, batch_size, progress=input_file is not None)
         rows = [{"id": q.get("id"), **a} for q, a in zip(queries, answers, strict=True)]
     else:
         ranked = recommender.rank_records(records, score, batch_size, progress=input_file is not None)

@@ -103,13 +103,19 @@ class Recommender:
 
     def generate(self, history: Sequence[str], candidates: Sequence[str]) -> dict:
         """The paper's protocol for one query: the greedy answer, and the candidate it names (None unless exactly one)."""
+        return self.generate_records([make_record(history, candidates)])[0]
+
+    def generate_records(self, records: list[Record], batch_size: int = 8, progress: bool = False) -> list[dict]:
+        """`generate` for many records, batched: per record, {"text", "choice"}."""
         from sdpo.evaluation import generate_answers
         from sdpo.metrics import longest_match
 
-        record = make_record(history, candidates)
-        text = generate_answers(self.model, self.tokenizer, [record], self.domain, 1, self.prompt_seed, progress=False)[0]
-        match = longest_match(text, record.candidates, record.target)
-        return {"text": text, "choice": match.matched[0] if match.valid else None}
+        texts = generate_answers(self.model, self.tokenizer, records, self.domain, batch_size, self.prompt_seed, progress)
+        answers = []
+        for record, text in zip(records, texts, strict=True):
+            match = longest_match(text, record.candidates, record.target)
+            answers.append({"text": text, "choice": match.matched[0] if match.valid else None})
+        return answers
 
 
 class Retriever:
