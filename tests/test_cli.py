@@ -101,6 +101,10 @@ def test_pipeline_on_tiny(small_data, tmp_path):
             assert all(abs(e["reward"] - (e["logp"] - ref[e["title"]])) < 1e-9 for e in row["ranking"])
     again = sdpo("pipeline", tmp_path / "p.yaml")  # finished stages are reused
     assert again.returncode == 0 and "[sft] reusing" in again.stdout and "[evaluate] reusing" in again.stdout
+    # a finished stage trained with other options is refused, not silently reused
+    changed = {**config, "align": [{**config["align"][0], "beta": 0.5}]}
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert_user_error(sdpo("pipeline", tmp_path / "changed.yaml"), "stage dpo", "beta 1.0 there, 0.5 now", "remove")
 
     # same seed, same machine, same numbers: a fresh run (LoRA dropout on) gives the same table and files
     (tmp_path / "p2.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / "run2")}))
