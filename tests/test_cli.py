@@ -104,7 +104,7 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     # a finished stage trained with other options is refused, not silently reused
     changed = {**config, "align": [{**config["align"][0], "beta": 0.5}]}
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
-    assert_user_error(sdpo("pipeline", tmp_path / "changed.yaml"), "stage dpo", "beta 1.0 there, 0.5 now", "remove")
+    assert_user_error(sdpo("pipeline", tmp_path / "changed.yaml"), "stage dpo", "beta 1.0 -> 0.5", "remove")
 
     # same seed, same machine, same numbers: a fresh run (LoRA dropout on) gives the same table and files
     (tmp_path / "p2.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / "run2")}))

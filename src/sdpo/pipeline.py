@@ -21,8 +21,8 @@ zero-shot base model and every trained stage; for the rank protocol a trained st
 ranked by its reward against its reference (the base model for SFT, the SFT model for an
 align stage), from the reference stage's saved log-probs. A stage whose output is complete
 is reused, and an interrupted training stage resumes from its last checkpoint, so re-running
-a pipeline continues where it stopped; a stage folder trained with other options than the config
-now gives is refused, not reused.
+a pipeline continues where it stopped; a finished stage trained with other options than the
+config now gives is refused, not reused (an unfinished one is checked by ``--resume``).
 """
 
 from __future__ import annotations
@@ -387,32 +387,20 @@ def _run_baselines(config, path, out, data_dir, seed, split, limit, subset_seed)
 
 def _run_training_stage(name: str, config_cls, runner, values: dict[str, Any], out: Path, path: Path) -> Path:
     """Run a training stage into `out`, reusing a finished run and resuming an interrupted one."""
-    from sdpo.runs import CONFIG_FILE
+    from sdpo.runs import CONFIG_FILE, changed_training_options, read_run_config
 
     values = {**values, "output_dir": str(out)}
-    if (out / CONFIG_FILE).is_file():
-        _check_stage_options(name, config_cls, values, out, path)
     if (out / CONFIG_FILE).is_file() and (out / "adapter_config.json").is_file():
+        changed = changed_training_options(read_run_config(out), build_config(config_cls, values, where=f"{path}: {name}"))
+        if changed:
+            raise UserError(f"{path}: stage {name}: {out} was trained with other options ({'; '.join(changed)}). "
+                            f"Set them back to reuse it, or remove {out} to train the stage again.")
         print(f"[{name}] reusing {out}")
         return out
     values["resume"] = out.is_dir() and any(out.glob("checkpoint-*"))
     values["overwrite"] = True  # the pipeline owns this folder (e.g. a reference table left by a crash)
     print(f"[{name}] training into {out}" + (" (resuming)" if values["resume"] else ""))
     return runner(build_config(config_cls, values, where=f"{path}: {name}"))
-
-
-def _check_stage_options(name: str, config_cls, values: dict[str, Any], out: Path, path: Path) -> None:
-    """A stage folder that the pipeline reuses or resumes was trained with the options the config gives now."""
-    from sdpo.config import config_to_dict
-    from sdpo.runs import read_run_config
-
-    recorded = read_run_config(out)
-    current = config_to_dict(build_config(config_cls, values, where=f"{path}: {name}"))
-    changed = [key for key in sorted(values) if recorded.get(key) != current.get(key)]
-    if changed:
-        differences = "; ".join(f"{key} {recorded.get(key)!r} there, {current.get(key)!r} now" for key in changed)
-        raise UserError(f"{path}: stage {name}: {out} was trained with other options ({differences}). "
-                        f"Set them back to reuse it, or remove {out} to train the stage again.")
 
 
 def format_metric(row: dict[str, Any], column: str) -> str:

@@ -103,6 +103,12 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
+def changed_training_options(saved: dict[str, Any], config: Any) -> list[str]:
+    """'key old -> new' for each option that defines what is trained (TRAINING_KEYS) and differs."""
+    now = config_to_dict(config)
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and saved.get(k) != now.get(k)]
+
+
 def resume_point(config: Any) -> str | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run or to resume a different one.
 
@@ -124,8 +130,7 @@ def resume_point(config: Any) -> str | None:
     if version != __version__:
         raise UserError(f"--resume: {out} was written by sdpo {version or 'before 0.2'}, this is sdpo {__version__}; "
                         "its checkpoints may not mean the same. Start over in another --output_dir (or with --overwrite).")
-    now = config_to_dict(config)
-    changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and saved.get(k) != now.get(k)]
+    changed = changed_training_options(saved, config)
     if changed:
         raise UserError(f"--resume: {out} was started with other options ({'; '.join(changed)}). "
                         "Resume with the same options, or start in another --output_dir.")
