@@ -137,3 +137,33 @@ def test_evaluate_rerank_protocol_writes_metrics(runs, small_data, tmp_path):
         assert low <= metrics[key] <= high
     with pytest.raises(UserError, match="rerank and --retriever DIR go together"):
         evaluate_model(small_data, "test", None, runs["sft"], "rerank", 4, tmp_path / "o2")
+
+
+def test_export_writes_a_small_folder_that_ranks_as_the_run(runs, small_data, tmp_path):
+    """sdpo export: bf16 (or exact fp32) weights, the run config pointing at the exported SFT, errors said plainly."""
+    from safetensors import safe_open
+
+    sft_out, policy_out, exact_out = tmp_path / "sft", tmp_path / "sdpo", tmp_path / "sdpo-fp32"
+    assert sdpo("export", runs["sft"], "--out", sft_out).returncode == 0
+    done = sdpo("export", runs["sdpo"], "--out", policy_out, "--reference", sft_out)
+    assert done.returncode == 0 and "bf16 weights" in done.stdout, done.stderr[-2000:]
+    assert sdpo("export", runs["sft"], "--out", tmp_path / "sft-fp32", "--dtype", "fp32").returncode == 0
+    assert sdpo("export", runs["sdpo"], "--out", exact_out, "--reference", tmp_path / "sft-fp32", "--dtype", "fp32").returncode == 0
+    assert sorted(p.name for p in policy_out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "log.jsonl", "sdpo_config.yaml"]
+    with safe_open(policy_out / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    record = load_split(small_data, "test", 1)[0]
+    trained, exported, exact = (Recommender.load(folder) for folder in (runs["sdpo"], policy_out, exact_out))
+    assert exported.reference_adapter == str(sft_out) and exported.prompt_seed == trained.prompt_seed == 2
+    for score in ("logp", "reward"):
+        before = dict(trained.rank(record.history, record.candidates, score))
+        assert dict(exact.rank(record.history, record.candidates, score)) == pytest.approx(before, abs=1e-6)
+        after = dict(exported.rank(record.history, record.candidates, score))
+        assert after == pytest.approx(before, abs=0.05) and after != pytest.approx(before, abs=1e-6)  # bf16 rounding, small
+    assert_user_error(sdpo("export", runs["sdpo"], "--out", tmp_path / "x"), "export that run first", "--reference")
+    assert_user_error(sdpo("export", runs["sdpo"], "--out", tmp_path / "x", "--reference", runs["sft"]), "not an exported folder")
+    assert_user_error(sdpo("export", runs["sdpo"], "--out", tmp_path / "x", "--reference", policy_out), "was exported from")
+    assert_user_error(sdpo("export", runs["sft"], "--out", sft_out), "not an empty folder")
+    assert_user_error(sdpo("export", runs["sft"], "--out", tmp_path / "x", "--reference", sft_out), "Leave --reference out")
+    assert_user_error(sdpo("export", runs["sft"], "--out", tmp_path / "x", "--dtype", "fp16"), "choose bf16 or fp32")
+    assert not (tmp_path / "x").exists()

@@ -338,6 +338,22 @@ def report_cmd(
         typer.echo(f"wrote {path}")
 
 
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="run folder of sdpo sft or sdpo align"),
+    out: Path = typer.Option(..., "--out", help="new folder for the exported adapter"),
+    reference: Optional[Path] = typer.Option(
+        None, help="for an align run: the exported folder of the SFT run it was trained against (its reward's reference)"),
+    dtype: str = typer.Option("bf16", help="bf16 (half the size) or fp32 (the trained weights exactly)"),
+) -> None:
+    """Export a run's adapter (weights, adapter and run config, training log) as a small folder to share or commit."""
+    from sdpo.export import WEIGHTS, export_adapter
+
+    folder = export_adapter(run, out, reference, dtype)
+    size = (folder / WEIGHTS).stat().st_size / 1e6
+    typer.echo(f"exported {run} to {folder} ({dtype} weights, {size:.1f} MB)")
+
+
 @app.command("pipeline")
 def pipeline_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see configs/quickstart.yaml)")) -> None:
     """Run the stages a pipeline config lists (data, sft, evaluate) and print the results table."""
