@@ -113,3 +113,50 @@ def test_bf16_scores_follow_fp32_within_bf16_noise(small_data):
     gap = (rows[torch.float32] - rows[torch.bfloat16]).abs()
     assert rows[torch.bfloat16].dtype == torch.float32  # log-probs are summed in fp32
     assert 0 < gap.max() < 0.5 and gap.mean() < 0.1
+
+
+@pytest.mark.parametrize("protocol, stop_at, remaining", [("rank", 9, 4), ("generate", 5, 2)])
+def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_path, monkeypatch, protocol, stop_at, remaining):
+    """Killed mid-way, an evaluation rerun computes only what its journal lacks and ends where an uninterrupted one does.
+
+    6 records in batches of 2: rank makes a log-prob pass and a reference pass (6 prompts each),
+    generate one pass; stop_at is the prompt being encoded when the process is interrupted.
+    """
+    import sdpo.evaluation as evaluation
+
+    random_adapter(tmp_path / "adapter", 0.5)
+    encode = evaluation.record_prompt_ids
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return encode(*args, **kwargs)
+
+    def run(out, prompt_seed=0):
+        calls.clear()
+        return evaluate_model(small_data, "test", "tiny", tmp_path / "adapter", protocol, 6, out, 2, prompt_seed=prompt_seed, progress=False)
+
+    full = run(tmp_path / "full")  # before the patch: uninterrupted, nothing counted
+    monkeypatch.setattr(evaluation, "record_prompt_ids", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    journal = tmp_path / "cut" / "progress.jsonl"
+    assert journal.is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    with open(journal, "a") as f:
+        f.write('{"kind": "logp", "id": "te')  # a line a kill cut off
+    stop_at = 10**6
+    resumed = run(tmp_path / "cut")
+    assert len(calls) == remaining
+    assert not journal.exists()
+    drop = ("seconds",)
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
+    assert (tmp_path / "cut" / "predictions.jsonl").read_text() == (tmp_path / "full" / "predictions.jsonl").read_text()
+    # a journal written under other settings is started over
+    stop_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "other")
+    stop_at = 10**6
+    run(tmp_path / "other", prompt_seed=1)
+    assert len(calls) == (12 if protocol == "rank" else 6)

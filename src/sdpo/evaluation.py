@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdpo.io import write_json, write_jsonl
+from sdpo.journal import JOURNAL_FILE, Journal
 from sdpo.metrics import longest_match, paper_match, per_record_ranking, ranked_indices, ranking_metrics
 from sdpo.precision import compute_context
 from sdpo.prompts import encode_answer, record_prompt_ids
@@ -50,6 +51,7 @@ class Evaluation:
         out_dir = Path(out_dir)
         write_jsonl(out_dir / "predictions.jsonl", self.predictions)
         write_json(out_dir / "metrics.json", self.metrics)
+        (out_dir / JOURNAL_FILE).unlink(missing_ok=True)  # the raw outputs it held are in the files above
 
 
 def _batches(items: list, size: int):
@@ -61,26 +63,47 @@ def _weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
+def _journaled(journal: Journal | None, kind: str, batch: list[Record]) -> list[Any] | None:
+    """The batch's outputs of `kind` from the journal, if it holds all of them."""
+    if journal is None:
+        return None
+    found = [journal.get(kind, r.id) for r in batch]
+    return None if any(value is None for value in found) else found
+
+
 @torch.no_grad()
-def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[torch.Tensor]:
-    """Per record, log pi(candidate | prompt) of each candidate in candidate order: a [C] tensor."""
+def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
+                    journal: Journal | None = None, kind: str = "logp") -> list[torch.Tensor]:
+    """Per record, log pi(candidate | prompt) of each candidate in candidate order: a [C] tensor.
+
+    With a `journal`, batches it holds (as `kind`) are read from it and new ones are added to it.
+    """
     model.eval()
     scores = []
     for batch in tqdm(list(_batches(records, batch_size)), desc="score candidates", disable=not progress):
+        done = _journaled(journal, kind, batch)
+        if done is not None:
+            scores.extend(torch.tensor(values, dtype=torch.float32) for values in done)
+            continue
         prompts = [record_prompt_ids(tokenizer, r, domain, seed) for r in batch]
         answers = [[encode_answer(tokenizer, c) for c in r.candidates] for r in batch]
         rows = score_answers(model, prompts, answers, tokenizer.pad_token_id).float().cpu()
-        scores.extend(row[: len(record.candidates)] for record, row in zip(batch, rows, strict=True))
+        new = [row[: len(record.candidates)] for record, row in zip(batch, rows, strict=True)]
+        if journal is not None:
+            journal.add(kind, [(record.id, row.tolist()) for record, row in zip(batch, new, strict=True)])
+        scores.extend(new)
     return scores
 
 
 @torch.no_grad()
 def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0,
-                    progress: bool = True, reference_adapter: str | Path | None = None) -> list[torch.Tensor]:
+                    progress: bool = True, reference_adapter: str | Path | None = None, journal: Journal | None = None) -> list[torch.Tensor]:
     """`candidate_logps` under the reference of a PEFT model: its base (adapter off) or `reference_adapter`."""
+    if journal is not None and _journaled(journal, "reference", records) is not None:
+        return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference")
     if reference_adapter is None:
         with model.disable_adapter():
-            return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+            return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference")
     from sdpo.models import quiet_peft
 
     with quiet_peft():
@@ -88,7 +111,7 @@ def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_
     active = model.active_adapter
     model.set_adapter(REFERENCE_ADAPTER)
     try:
-        return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+        return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference")
     finally:
         model.set_adapter(active)
         model.delete_adapter(REFERENCE_ADAPTER)
@@ -104,12 +127,17 @@ def rank_candidates(model, tokenizer, records: list[Record], domain: str, batch_
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[str]:
-    """Greedy answers (at most 20 new tokens), decoded from the new tokens only."""
+def generate_answers(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
+                     journal: Journal | None = None) -> list[str]:
+    """Greedy answers (at most 20 new tokens), decoded from the new tokens only (journaled as in `candidate_logps`)."""
     model.eval()
     device = next(model.parameters()).device
     texts = []
     for batch in tqdm(list(_batches(records, batch_size)), desc="generate", disable=not progress):
+        done = _journaled(journal, "text", batch)
+        if done is not None:
+            texts.extend(done)
+            continue
         prompts = [record_prompt_ids(tokenizer, r, domain, seed) for r in batch]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -123,7 +151,10 @@ def generate_answers(model, tokenizer, records: list[Record], domain: str, batch
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        texts.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
+        new = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        if journal is not None:
+            journal.add("text", [(record.id, text) for record, text in zip(batch, new, strict=True)])
+        texts.extend(new)
     return texts
 
 
@@ -196,25 +227,34 @@ def evaluate(
     *,
     score: str = "logp",
     reference: Sequence[Sequence[float]] | str | Path | bool | None = None,
+    journal_dir: str | Path | None = None,
 ) -> Evaluation:
     """Run one protocol on `records`; metrics carry n_records, protocol, seconds and `info`.
 
     For the rank protocol, `reference` adds the reward ranking: True scores the candidates
     with the model's base (adapter off), a folder with that reference adapter, and a list
-    of per-record scores is used as it is (e.g. the previous stage's log-probs).
+    of per-record scores is used as it is (e.g. the previous stage's log-probs). With
+    `journal_dir`, raw outputs go to its journal as they come, and an interrupted evaluation
+    with the same `info` continues from there (see `sdpo.journal`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
     start = time.perf_counter()
+    journal = None
+    if journal_dir is not None:
+        settings = {"protocol": protocol, "domain": domain, "prompt_seed": seed, "records": [r.id for r in records], **(info or {})}
+        journal = Journal(Path(journal_dir) / JOURNAL_FILE, settings)
+        if len(journal):
+            print(f"[evaluate] continuing: {len(journal)} outputs already in {journal.path}")
     if protocol == "rank":
-        logps = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+        logps = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal)
         if reference is True:
-            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress)
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal=journal)
         elif isinstance(reference, (str, Path)):
-            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference)
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference, journal)
         result = score_rankings(records, logps, reference or None, score)
     else:
-        result = score_generations(records, generate_answers(model, tokenizer, records, domain, batch_size, seed, progress))
+        result = score_generations(records, generate_answers(model, tokenizer, records, domain, batch_size, seed, progress, journal))
     result.metrics = {
         **result.metrics,
         "n_records": len(records),

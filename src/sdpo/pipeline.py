@@ -150,7 +150,7 @@ def evaluate_model(
         return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter)
     result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
-                      score=score, reference=reference)
+                      score=score, reference=reference, journal_dir=output)
     result.save(output)
     return result.metrics
 
