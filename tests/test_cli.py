@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,14 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     changed = {**config, "align": [{**config["align"][0], "beta": 0.5}]}
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
     assert_user_error(sdpo("pipeline", tmp_path / "changed.yaml"), "stage dpo", "beta 1.0 -> 0.5", "remove")
+    # an evaluation of another adapter of the stage (trained again since) is not reused
+    from sdpo.pipeline import _finished_evaluation
+
+    sft_eval = json.loads((run / "eval" / "sft-rank" / "metrics.json").read_text())
+    assert _finished_evaluation(run / "eval" / "sft-rank", str(run / "sft")) == sft_eval
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "metrics.json").write_text(json.dumps({**sft_eval, "adapter_sha256": "0" * 64}))
+    assert _finished_evaluation(tmp_path / "older", str(run / "sft")) is None
 
     # same seed, same machine, same numbers: a fresh run (LoRA dropout on) gives the same table and files
     (tmp_path / "p2.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / "run2")}))
@@ -119,6 +128,11 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     for name in ("sft/adapter_model.safetensors", "dpo/adapter_model.safetensors", "eval/sft-generate/predictions.jsonl",
                  "eval/dpo-rank/predictions.jsonl"):
         assert (rerun / name).read_bytes() == (run / name).read_bytes(), name
+    # an align stage trained from an SFT run that was trained again since is refused
+    shutil.rmtree(run / "sft")
+    retrained = {**config, "sft": {**config["sft"], "learning_rate": 0.5}}
+    (tmp_path / "retrained.yaml").write_text(yaml.safe_dump(retrained))
+    assert_user_error(sdpo("pipeline", tmp_path / "retrained.yaml"), "stage dpo", "sft_sha256", "remove")
     config["sft"]["prompt_seed"] = 1
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert_user_error(sdpo("pipeline", tmp_path / "p.yaml"), "set prompt_seed at the top level")

@@ -127,10 +127,11 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_
     random_adapter(tmp_path / "adapter", 0.5)
     encode = evaluation.record_prompt_ids
     calls = []
+    interrupt = {"at": stop_at}  # the prompt (1-based, since the last run began) at which to interrupt
 
     def counting(*args, **kwargs):
         calls.append(1)
-        if len(calls) == stop_at:
+        if len(calls) == interrupt["at"]:
             raise KeyboardInterrupt
         return encode(*args, **kwargs)
 
@@ -146,7 +147,7 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_
     assert journal.is_file() and not (tmp_path / "cut" / "metrics.json").exists()
     with open(journal, "a") as f:
         f.write('{"kind": "logp", "id": "te')  # a line a kill cut off
-    stop_at = 10**6
+    interrupt["at"] = None
     resumed = run(tmp_path / "cut")
     assert len(calls) == remaining
     assert not journal.exists()
@@ -154,9 +155,9 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
     assert (tmp_path / "cut" / "predictions.jsonl").read_text() == (tmp_path / "full" / "predictions.jsonl").read_text()
     # a journal written under other settings is started over
-    stop_at = 3
+    interrupt["at"] = 3
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "other")
-    stop_at = 10**6
+    interrupt["at"] = None
     run(tmp_path / "other", prompt_seed=1)
     assert len(calls) == (12 if protocol == "rank" else 6)

@@ -1,6 +1,7 @@
 """The Recommender API, the retriever, two-stage evaluation and `sdpo recommend` on the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_evaluate_rerank_protocol_writes_metrics(runs, small_data, tmp_path):
         evaluate_model(small_data, "test", None, runs["sft"], "rerank", 4, tmp_path / "o2")
 
 
-def test_export_writes_a_small_folder_that_ranks_as_the_run(runs, small_data, tmp_path):
+def test_export_writes_a_small_folder_that_ranks_as_the_run(runs, small_data, tmp_path, monkeypatch):
     """sdpo export: bf16 (or exact fp32) weights, the run config pointing at the exported SFT, errors said plainly."""
     from safetensors import safe_open
 
@@ -154,16 +155,26 @@ def test_export_writes_a_small_folder_that_ranks_as_the_run(runs, small_data, tm
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     record = load_split(small_data, "test", 1)[0]
     trained, exported, exact = (Recommender.load(folder) for folder in (runs["sdpo"], policy_out, exact_out))
-    assert exported.reference_adapter == str(sft_out) and exported.prompt_seed == trained.prompt_seed == 2
+    assert Path(exported.reference_adapter).resolve() == sft_out.resolve() and exported.prompt_seed == trained.prompt_seed == 2
     for score in ("logp", "reward"):
         before = dict(trained.rank(record.history, record.candidates, score))
         assert dict(exact.rank(record.history, record.candidates, score)) == pytest.approx(before, abs=1e-6)
         after = dict(exported.rank(record.history, record.candidates, score))
         assert after == pytest.approx(before, abs=0.05) and after != pytest.approx(before, abs=1e-6)  # bf16 rounding, small
+    # the pair works wherever the two folders travel together, from any working folder
+    rewards = dict(exported.rank(record.history, record.candidates, "reward"))
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for folder in (sft_out, policy_out):
+        folder.rename(moved / folder.name)
+    monkeypatch.chdir(moved.parent.parent)
+    travelled = Recommender.load(moved / policy_out.name)
+    assert dict(travelled.rank(record.history, record.candidates, "reward")) == rewards
+    monkeypatch.chdir(tmp_path)
     assert_user_error(sdpo("export", runs["sdpo"], "--out", tmp_path / "x"), "export that run first", "--reference")
     assert_user_error(sdpo("export", runs["sdpo"], "--out", tmp_path / "x", "--reference", runs["sft"]), "not an exported folder")
-    assert_user_error(sdpo("export", runs["sdpo"], "--out", tmp_path / "x", "--reference", policy_out), "was exported from")
-    assert_user_error(sdpo("export", runs["sft"], "--out", sft_out), "not an empty folder")
-    assert_user_error(sdpo("export", runs["sft"], "--out", tmp_path / "x", "--reference", sft_out), "Leave --reference out")
+    assert_user_error(sdpo("export", runs["sdpo"], "--out", tmp_path / "x", "--reference", exact_out), "was exported from")
+    assert_user_error(sdpo("export", runs["sft"], "--out", exact_out), "not an empty folder")
+    assert_user_error(sdpo("export", runs["sft"], "--out", tmp_path / "x", "--reference", tmp_path / "sft-fp32"), "Leave --reference out")
     assert_user_error(sdpo("export", runs["sft"], "--out", tmp_path / "x", "--dtype", "fp16"), "choose bf16 or fp32")
     assert not (tmp_path / "x").exists()

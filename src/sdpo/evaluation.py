@@ -242,7 +242,10 @@ def evaluate(
     start = time.perf_counter()
     journal = None
     if journal_dir is not None:
-        settings = {"protocol": protocol, "domain": domain, "prompt_seed": seed, "records": [r.id for r in records], **(info or {})}
+        if not info or "adapter_sha256" not in info:
+            raise ValueError("a journaled evaluation needs `info` naming the model and the adapter's hash (see evaluate_model)")
+        settings = {"protocol": protocol, "domain": domain, "prompt_seed": seed, "batch_size": batch_size,
+                    "records": [r.id for r in records], **info}
         journal = Journal(Path(journal_dir) / JOURNAL_FILE, settings)
         if len(journal):
             print(f"[evaluate] continuing: {len(journal)} outputs already in {journal.path}")

@@ -4,12 +4,14 @@ The folder holds what ``sdpo evaluate --adapter``, ``sdpo recommend`` and ``Reco
 read: ``adapter_config.json``, ``adapter_model.safetensors`` (in bf16 by default, or fp32) and
 ``sdpo_config.yaml`` (the run's resolved options), plus its ``log.jsonl``. Checkpoints, optimizer
 state and tokenizer files stay behind: the tokenizer comes with the base model. An S-DPO/DPO run's
-reference is its SFT run; its export names the exported SFT folder instead (``reference``), so
-reward ranking works wherever the two folders travel together.
+reference is its SFT run; its export names the exported SFT folder instead (``reference``, checked
+by the hash of the SFT weights it was trained from, and written relative to the export), so reward
+ranking works wherever the two folders travel together.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -19,11 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from sdpo.errors import UserError
 from sdpo.io import write_folder_atomic
-from sdpo.runs import CONFIG_FILE, check_adapter_folder, read_run_config
+from sdpo.runs import CONFIG_FILE, adapter_sha256, check_adapter_folder, read_run_config
 
 WEIGHTS = "adapter_model.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-EXPORTED_FROM = "exported_from"  # key added to the exported sdpo_config.yaml: the run folder it came from
+EXPORTED_FROM = "exported_from"  # keys added to the exported sdpo_config.yaml: the run folder it came from,
+EXPORTED_SHA256 = "exported_sha256"  # and the SHA-256 of that run's adapter weights (before any cast)
 
 
 def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path | None = None, dtype: str = "bf16") -> Path:
@@ -36,10 +39,12 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; export into a new folder.")
     if config.get("sft"):
-        config["sft"] = str(_checked_reference(run_dir, config["sft"], reference))
+        # relative to the exported folder, so the pair works wherever the two folders travel together
+        config["sft"] = os.path.relpath(_checked_reference(run_dir, config, reference).resolve(), out.resolve())
     elif reference is not None:
         raise UserError(f"--reference: {run_dir} is an SFT run; its reference is the base model. Leave --reference out.")
-    config[EXPORTED_FROM] = str(run_dir)
+    config[EXPORTED_FROM] = str(run_dir.resolve())
+    config[EXPORTED_SHA256] = adapter_sha256(run_dir)
     config["output_dir"] = str(out)
     weights = {name: tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
                for name, tensor in load_file(run_dir / WEIGHTS).items()}
@@ -54,18 +59,22 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
     return write_folder_atomic(out, fill)
 
 
-def _checked_reference(run_dir: Path, sft_run: str, reference: str | Path | None) -> Path:
-    """The exported SFT folder that stands in for `sft_run`, the reference run_dir was trained against."""
+def _checked_reference(run_dir: Path, config: dict, reference: str | Path | None) -> Path:
+    """The exported SFT folder that stands in for the SFT run that run_dir was trained against."""
+    sft_run = config["sft"]
     if reference is None:
         raise UserError(f"{run_dir} was trained against the SFT run {sft_run} (its reward's reference): export that run "
                         f"first and give its folder with --reference.")
     reference = Path(reference)
     check_adapter_folder(reference, "reference adapter")
-    exported_from = read_run_config(reference, "an exported SFT folder").get(EXPORTED_FROM)
-    if exported_from is None:
+    exported = read_run_config(reference, "an exported SFT folder")
+    if EXPORTED_FROM not in exported:
         raise UserError(f"--reference {reference}: not an exported folder (no {EXPORTED_FROM} in its {CONFIG_FILE}). "
                         f"Export {sft_run} with sdpo export and give that folder.")
-    if Path(exported_from).resolve() != Path(sft_run).resolve():
-        raise UserError(f"--reference {reference} was exported from {exported_from}, but {run_dir} was trained against "
-                        f"{sft_run}. Give the export of {sft_run}.")
+    # by the weights' hash where the run recorded it, else by the folder
+    same = (exported.get(EXPORTED_SHA256) == config["sft_sha256"] if config.get("sft_sha256")
+            else Path(exported[EXPORTED_FROM]) == Path(sft_run).resolve())
+    if not same:
+        raise UserError(f"--reference {reference} was exported from {exported[EXPORTED_FROM]}, which is not the SFT adapter "
+                        f"{run_dir} was trained against ({sft_run}). Give the export of that one.")
     return reference

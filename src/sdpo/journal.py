@@ -4,9 +4,10 @@ Evaluating thousands of records takes an hour or more on a CPU. The raw output o
 (the candidates' log-probs, the reference's log-probs, or the generated text) is appended to
 ``OUT/progress.jsonl`` after every batch. A rerun with the same settings reads what is there
 and computes only the rest; the values are stored exactly, so the result is the one an
-uninterrupted run gives. The first line holds the settings: a journal written under other
-settings is started over. A line cut off by a killed process is dropped. `Evaluation.save`
-removes the journal once metrics.json and predictions.jsonl are written.
+uninterrupted run gives. The first line holds the settings (model, adapter hash, data, record ids,
+prompts, precision, batch size): a journal written under other settings is started over. A line
+cut off by a killed process is dropped. `Evaluation.save` removes the journal once metrics.json
+and predictions.jsonl are written.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class Journal:
         self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
         self.done: dict[tuple[str, str], Any] = {}
         lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
-        if lines and self._header(lines[0]) == self.settings:
+        if lines and self._header(lines[0]) != self.settings:
+            print(f"[evaluate] {self.path} was written under other settings: starting over")
+        elif lines:
             for line in lines[1:]:
                 try:
                     entry = json.loads(line)

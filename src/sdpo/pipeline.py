@@ -143,9 +143,13 @@ def evaluate_model(
     reference = None
     if adapter is not None and protocol == "rank" and reward:
         reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
+    from sdpo.runs import adapter_sha256
+
     info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split,
             "limit": limit, "subset_seed": subset_seed, "domain": domain, "prompt_seed": prompt_seed,
-            "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None}
+            "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
+            "adapter_sha256": adapter_sha256(adapter) if adapter else None,
+            "reference_sha256": adapter_sha256(reference_adapter) if reference_adapter and reward else None}
     if protocol == "rerank":
         return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter)
@@ -292,6 +296,7 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
             print(f"[data] reusing {data_dir}")
     shared["domain"] = resolve_domain(data_dir, shared["domain"])
 
+    from sdpo.runs import adapter_sha256
     from sdpo.training.preference import AlignConfig, run_align
     from sdpo.training.sft import SFTConfig, run_sft
 
@@ -301,7 +306,8 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     for name, options in sft_stages:
         models.append((name, str(_run_training_stage(name, SFTConfig, run_sft, {**common, **options}, out / name, path)), "zero-shot"))
     for name, options, start in align_stages:
-        section = {**common, "sft": str(out / start), **options}
+        # the SFT adapter's hash: a stage trained from an SFT run that was trained again since is not reused
+        section = {**common, "sft": str(out / start), "sft_sha256": adapter_sha256(out / start), **options}
         models.append((name, str(_run_training_stage(name, AlignConfig, run_align, section, out / name, path)), start))
 
     protocols = eval_cfg.get("protocols", list(PROTOCOLS))
@@ -318,9 +324,9 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         reward = reference_label in evaluated and "rank" in protocols
         for protocol in protocols:
             target = out / "eval" / f"{label}-{protocol}"
-            if (target / "metrics.json").is_file():
+            metrics = _finished_evaluation(target, adapter)
+            if metrics is not None:
                 print(f"[evaluate] reusing {target}")
-                metrics = json.loads((target / "metrics.json").read_text())
             else:
                 print(f"[evaluate] {label}, {protocol} protocol, {split} split")
                 reference_scores = None
@@ -342,6 +348,19 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     print(table)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in {out / 'results.md'}")
     return rows
+
+
+def _finished_evaluation(target: Path, adapter: str | None) -> dict[str, Any] | None:
+    """The metrics of a finished evaluation of this very adapter in `target` (None: evaluate it)."""
+    from sdpo.runs import adapter_sha256
+
+    if not (target / "metrics.json").is_file():
+        return None
+    metrics = json.loads((target / "metrics.json").read_text())
+    if adapter is not None and metrics.get("adapter_sha256", "unrecorded") not in ("unrecorded", adapter_sha256(adapter)):
+        print(f"[evaluate] {target} evaluated another adapter of that stage (it was trained again since): evaluating again")
+        return None
+    return metrics
 
 
 def _integer(config: dict[str, Any], key: str, path: Path) -> int:

@@ -63,6 +63,7 @@ class Recommender:
     @classmethod
     def load(cls, run_dir: str | Path, *, bf16: bool | None = None) -> Recommender:
         """Base model + adapter of an ``sdpo sft`` / ``sdpo align`` run folder, with its prompts."""
+        from sdpo.export import EXPORTED_FROM
         from sdpo.models import load_model
         from sdpo.precision import model_dtype, resolve_bf16
         from sdpo.runs import CONFIG_FILE, check_adapter_folder, read_run_config
@@ -74,6 +75,8 @@ class Recommender:
         config = read_run_config(run_dir)
         model, tokenizer = load_model(config["model"], run_dir, dtype=model_dtype(resolve_bf16(bf16)))
         reference = str(config["sft"]) if config.get("sft") else None
+        if reference is not None and config.get(EXPORTED_FROM) and not Path(reference).is_absolute():
+            reference = str(run_dir / reference)  # an exported folder names its SFT export relative to itself
         return cls(model, tokenizer, config["domain"], int(config.get("prompt_seed") or 0), reference)
 
     def rank(self, history: Sequence[str], candidates: Sequence[str], score: str = "logp") -> list[tuple[str, float]]:

@@ -9,6 +9,7 @@ version and the same training options, from a checkpoint whose files are all rea
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,18 @@ TRAINING_KEYS = (
     "model", "data", "domain", "prompt_seed", "train_limit", "subset_seed", "lora_r", "lora_alpha", "lora_dropout",
     "lora_target_modules", "lora_layers", "bf16", "load_in_4bit", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "sft", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
+    "gradient_accumulation_steps", "sft", "sft_sha256", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
 )
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_sha256(folder: str | Path) -> str:
+    """SHA-256 of a LoRA adapter's weights file: which adapter a run or an evaluation used, beyond its path."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / ADAPTER_WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_run_config(config: Any, out: str | Path) -> None:
@@ -104,9 +115,12 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def changed_training_options(saved: dict[str, Any], config: Any) -> list[str]:
-    """'key old -> new' for each option that defines what is trained (TRAINING_KEYS) and differs."""
+    """'key old -> new' for each option that defines what is trained (TRAINING_KEYS) and differs.
+
+    An option the saved run did not record (written before sdpo had it) is not compared.
+    """
     now = config_to_dict(config)
-    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and saved.get(k) != now.get(k)]
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and k in saved and saved[k] != now[k]]
 
 
 def resume_point(config: Any) -> str | None:

@@ -33,7 +33,7 @@ from sdpo.negatives import STRATEGIES, check_k, hard_negatives, random_negatives
 from sdpo.precision import model_dtype
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
-from sdpo.runs import check_adapter_folder, read_run_config, resume_point, start_run, write_run_config
+from sdpo.runs import adapter_sha256, check_adapter_folder, read_run_config, resume_point, start_run, write_run_config
 from sdpo.scoring import answer_logprobs, pack_answers
 from sdpo.training.logs import LOG_FILE, JsonlLogger
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
@@ -57,6 +57,8 @@ class AlignConfig(SFTConfig):
     """
 
     sft: str = field(default="", metadata={"help": "SFT run folder (adapter + sdpo_config.yaml) to start from"})
+    sft_sha256: str | None = field(default=None, metadata={
+        "help": "SHA-256 of the SFT adapter's weights; recorded from --sft (a different one is refused)"})
     model: str | None = field(default=None, metadata={"help": "base model; default: the SFT run's (a different one is refused)"})
     prompt_seed: int | None = field(default=None, metadata={"help": "prompt phrasing seed; default: the SFT run's (a different one is refused)"})
     subset_seed: int | None = field(default=None, metadata={
@@ -275,6 +277,11 @@ def reference_table(model, tokenizer, records, config: AlignConfig, name: str) -
 def run_align(config: AlignConfig) -> Path:
     """Train the SFT model further with S-DPO or DPO; returns the output folder."""
     inherit_from_sft(config, read_sft_run(config.sft))
+    actual = adapter_sha256(config.sft)
+    if config.sft_sha256 not in (None, "", actual):
+        raise UserError(f"--sft_sha256: the adapter in {config.sft} is not the one given (it has changed since); "
+                        "leave --sft_sha256 out to start from it as it is now.")
+    config.sft_sha256 = actual  # recorded, so a resume or a reuse can tell that the SFT adapter changed
     if not config.data:
         raise UserError("align: no dataset given. Pass --data DIR.")
     config.domain = resolve_domain(config.data, config.domain)
