@@ -96,3 +96,20 @@ def test_report_refuses_incomplete_run_folders(tmp_path):
     with pytest.raises(UserError, match="sft-generate/predictions.jsonl: missing"):
         write_report([run], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written when a folder is incomplete
+
+
+def test_a_stage_keeps_its_colour_in_every_training_panel(tmp_path, monkeypatch):
+    """SFT logs only its loss; the align stages must not shift colours in the reward panels."""
+    import sdpo.report as report
+
+    run = fake_pipeline(tmp_path / "run")
+    (run / "sft" / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3)))
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figures.append(fig))
+    assert report.plot_training_curves(load_run(run), tmp_path / "curves.png")
+    colours = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"sft", "dpo", "s-dpo-k3"} and all(len(c) == 1 for c in colours.values())
+    assert len({next(iter(c)) for c in colours.values()}) == 3

@@ -233,11 +233,12 @@ def plot_training_curves(run: Run, path: Path) -> bool:
     if not stages:
         return False
     plt, fig, axes = _figure(2, 3, (13, 7))
+    colors = {stage: f"C{i % 10}" for i, stage in enumerate(stages)}  # one colour per stage in every panel
     for ax, key in zip(axes.flat, CURVES, strict=True):
         for stage, entries in stages.items():
             points = [(e["step"], e[key]) for e in entries if key in e]
             if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=stage)
+                ax.plot(*zip(*points, strict=True), marker=".", label=stage, color=colors[stage])
         ax.set_title(key)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key.split("/")[-1])
