@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from sdpo.errors import UserError
 from sdpo.io import write_folder_atomic
+from sdpo.runs import ADAPTER_WEIGHTS as WEIGHTS
 from sdpo.runs import CONFIG_FILE, adapter_sha256, check_adapter_folder, read_run_config
 
-WEIGHTS = "adapter_model.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EXPORTED_FROM = "exported_from"  # keys added to the exported sdpo_config.yaml: the run folder it came from,
 EXPORTED_SHA256 = "exported_sha256"  # and the SHA-256 of that run's adapter weights (before any cast)

@@ -118,6 +118,7 @@ def evaluate_model(
     from sdpo.evaluation import SCORES
     from sdpo.models import load_model
     from sdpo.precision import model_dtype, resolve_bf16
+    from sdpo.runs import adapter_sha256
 
     if protocol not in (*PROTOCOLS, "rerank"):
         raise UserError(f"unknown protocol {protocol!r}; choose generate, rank or rerank.")
@@ -143,8 +144,6 @@ def evaluate_model(
     reference = None
     if adapter is not None and protocol == "rank" and reward:
         reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
-    from sdpo.runs import adapter_sha256
-
     info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split,
             "limit": limit, "subset_seed": subset_seed, "domain": domain, "prompt_seed": prompt_seed,
             "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
