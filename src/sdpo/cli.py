@@ -347,10 +347,11 @@ def export_cmd(
     dtype: str = typer.Option("bf16", help="bf16 (half the size) or fp32 (the trained weights exactly)"),
 ) -> None:
     """Export a run's adapter (weights, adapter and run config, training log) as a small folder to share or commit."""
-    from sdpo.export import WEIGHTS, export_adapter
+    from sdpo.export import export_adapter
+    from sdpo.runs import ADAPTER_WEIGHTS
 
     folder = export_adapter(run, out, reference, dtype)
-    size = (folder / WEIGHTS).stat().st_size / 1e6
+    size = (folder / ADAPTER_WEIGHTS).stat().st_size / 1e6
     typer.echo(f"exported {run} to {folder} ({dtype} weights, {size:.1f} MB)")
 
 

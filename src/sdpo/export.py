@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from sdpo.errors import UserError
 from sdpo.io import write_folder_atomic
-from sdpo.runs import ADAPTER_WEIGHTS as WEIGHTS
-from sdpo.runs import CONFIG_FILE, adapter_sha256, check_adapter_folder, read_run_config
+from sdpo.runs import ADAPTER_WEIGHTS, CONFIG_FILE, adapter_sha256, check_adapter_folder, read_run_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EXPORTED_FROM = "exported_from"  # keys added to the exported sdpo_config.yaml: the run folder it came from,
@@ -47,11 +46,11 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
     config[EXPORTED_SHA256] = adapter_sha256(run_dir)
     config["output_dir"] = str(out)
     weights = {name: tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
-               for name, tensor in load_file(run_dir / WEIGHTS).items()}
+               for name, tensor in load_file(run_dir / ADAPTER_WEIGHTS).items()}
 
     def fill(staging: Path) -> None:
         shutil.copy2(run_dir / "adapter_config.json", staging / "adapter_config.json")
-        save_file(weights, staging / WEIGHTS, metadata={"format": "pt"})
+        save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
         if (run_dir / "log.jsonl").is_file():
             shutil.copy2(run_dir / "log.jsonl", staging / "log.jsonl")

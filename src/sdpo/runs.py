@@ -25,7 +25,8 @@ from sdpo.io import refuse_non_empty, remove_temporaries, write_text_atomic
 
 CONFIG_FILE = "sdpo_config.yaml"
 VERSION_KEY = "sdpo_version"
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors", "adapter_config.json")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", ADAPTER_WEIGHTS, "adapter_config.json")
 # Options that define what is trained: a resume must not change them.
 TRAINING_KEYS = (
     "model", "data", "domain", "prompt_seed", "train_limit", "subset_seed", "lora_r", "lora_alpha", "lora_dropout",
@@ -33,7 +34,6 @@ TRAINING_KEYS = (
     "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "sft", "sft_sha256", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
 )
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def adapter_sha256(folder: str | Path) -> str:
@@ -77,7 +77,7 @@ def check_adapter_folder(folder: str | Path, what: str = "adapter") -> None:
         json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{config_path}: damaged ({type(exc).__name__}). Retrain, or restore the file.") from None
-    _check_safetensors(folder / "adapter_model.safetensors")
+    _check_safetensors(folder / ADAPTER_WEIGHTS)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -103,7 +103,7 @@ def check_checkpoint(checkpoint: str | Path) -> None:
     except (OSError, UnicodeDecodeError, ValueError):
         raise UserError(f"{checkpoint / 'trainer_state.json'}: damaged. {hint}") from None
     try:
-        _check_safetensors(checkpoint / "adapter_model.safetensors")
+        _check_safetensors(checkpoint / ADAPTER_WEIGHTS)
     except UserError as exc:
         raise UserError(f"{exc} {hint}") from None
 
