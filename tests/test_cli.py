@@ -76,7 +76,7 @@ def test_pipeline_on_tiny(small_data, tmp_path):
         "model": "tiny",
         "prompt_seed": 3,
         "data": {"path": str(small_data)},
-        "sft": {"train_limit": 8, "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True},
+        "sft": {"train_limit": 8, "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True, "lora_layers": 1},
         "align": [{"name": "dpo", "loss": "dpo", "negatives": 1, "train_limit": 4, "max_steps": 1, "disable_tqdm": True}],
         "evaluate": {"split": "test", "limit": 3, "protocols": ["generate", "rank"], "batch_size": 2},
     }
@@ -84,6 +84,9 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     result = sdpo("pipeline", tmp_path / "p.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
+    # LoRA on the last layer only: the rank evaluations shared layer 0's outputs, removed at the end
+    assert f"removed the trunk cache {run / 'eval' / 'trunk-cache'}" in result.stdout
+    assert not (run / "eval" / "trunk-cache").exists()
     rows = json.loads((run / "results.json").read_text())
     assert [(r["stage"], r["protocol"]) for r in rows] == [
         ("zero-shot", "generate"), ("zero-shot", "rank"), ("sft", "generate"), ("sft", "rank"), ("sft", "rank-reward"),

@@ -21,8 +21,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +36,9 @@ from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.records import Record
 from sdpo.scoring import score_answers
 from sdpo.stats import bootstrap_cis
+
+if TYPE_CHECKING:
+    from sdpo.trunk import TrunkCache
 
 PROTOCOLS = ("generate", "rank")
 SCORES = ("logp", "reward")
@@ -73,10 +77,11 @@ def _journaled(journal: Journal | None, kind: str, batch: list[Record]) -> list[
 
 @torch.no_grad()
 def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                    journal: Journal | None = None, kind: str = "logp") -> list[torch.Tensor]:
+                    journal: Journal | None = None, kind: str = "logp", *, trunk: TrunkCache | None = None) -> list[torch.Tensor]:
     """Per record, log pi(candidate | prompt) of each candidate in candidate order: a [C] tensor.
 
     With a `journal`, batches it holds (as `kind`) are read from it and new ones are added to it.
+    With a `trunk` cache, the layers no adapter changes run once per batch across evaluations.
     """
     model.eval()
     scores = []
@@ -87,7 +92,7 @@ def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_
             continue
         prompts = [record_prompt_ids(tokenizer, r, domain, seed) for r in batch]
         answers = [[encode_answer(tokenizer, c) for c in r.candidates] for r in batch]
-        rows = score_answers(model, prompts, answers, tokenizer.pad_token_id).float().cpu()
+        rows = score_answers(model, prompts, answers, tokenizer.pad_token_id, trunk).float().cpu()
         new = [row[: len(record.candidates)] for record, row in zip(batch, rows, strict=True)]
         if journal is not None:
             journal.add(kind, [(record.id, row.tolist()) for record, row in zip(batch, new, strict=True)])
@@ -97,13 +102,15 @@ def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_
 
 @torch.no_grad()
 def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0,
-                    progress: bool = True, reference_adapter: str | Path | None = None, journal: Journal | None = None) -> list[torch.Tensor]:
+                    progress: bool = True, reference_adapter: str | Path | None = None, journal: Journal | None = None,
+                    *, trunk: TrunkCache | None = None) -> list[torch.Tensor]:
     """`candidate_logps` under the reference of a PEFT model: its base (adapter off) or `reference_adapter`."""
+    score = partial(candidate_logps, model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference", trunk=trunk)
     if journal is not None and _journaled(journal, "reference", records) is not None:
-        return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference")
+        return score()
     if reference_adapter is None:
         with model.disable_adapter():
-            return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference")
+            return score()
     from sdpo.models import quiet_peft
 
     with quiet_peft():
@@ -111,7 +118,7 @@ def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_
     active = model.active_adapter
     model.set_adapter(REFERENCE_ADAPTER)
     try:
-        return candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference")
+        return score()
     finally:
         model.set_adapter(active)
         model.delete_adapter(REFERENCE_ADAPTER)
@@ -228,6 +235,7 @@ def evaluate(
     score: str = "logp",
     reference: Sequence[Sequence[float]] | str | Path | bool | None = None,
     journal_dir: str | Path | None = None,
+    trunk: TrunkCache | None = None,
 ) -> Evaluation:
     """Run one protocol on `records`; metrics carry n_records, protocol, seconds and `info`.
 
@@ -235,7 +243,8 @@ def evaluate(
     with the model's base (adapter off), a folder with that reference adapter, and a list
     of per-record scores is used as it is (e.g. the previous stage's log-probs). With
     `journal_dir`, raw outputs go to its journal as they come, and an interrupted evaluation
-    with the same `info` continues from there (see `sdpo.journal`).
+    with the same `info` continues from there (see `sdpo.journal`). A `trunk` cache serves the
+    rank protocol (see `sdpo.trunk`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
@@ -250,11 +259,11 @@ def evaluate(
         if len(journal):
             print(f"[evaluate] continuing: {len(journal)} outputs already in {journal.path}")
     if protocol == "rank":
-        logps = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal)
+        logps = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, trunk=trunk)
         if reference is True:
-            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal=journal)
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal=journal, trunk=trunk)
         elif isinstance(reference, (str, Path)):
-            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference, journal)
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference, journal, trunk=trunk)
         result = score_rankings(records, logps, reference or None, score)
     else:
         result = score_generations(records, generate_answers(model, tokenizer, records, domain, batch_size, seed, progress, journal))

@@ -22,12 +22,15 @@ ranked by its reward against its reference (the base model for SFT, the SFT mode
 align stage), from the reference stage's saved log-probs. A stage whose output is complete
 is reused, and an interrupted training stage resumes from its last checkpoint, so re-running
 a pipeline continues where it stopped; a finished stage trained with other options than the
-config now gives is refused, not reused (an unfinished one is checked by ``--resume``).
+config now gives is refused, not reused (an unfinished one is checked by ``--resume``). The
+rank evaluations share a trunk cache (OUTPUT/eval/trunk-cache, see `sdpo.trunk`): the decoder
+layers that no evaluated adapter changes run once per batch, not once per stage.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,11 +41,13 @@ from sdpo.errors import UserError
 from sdpo.evaluation import PROTOCOLS, evaluate
 from sdpo.io import write_json, write_text_atomic
 from sdpo.records import Record
+from sdpo.trunk import shared_trunk_depth
 
 PREPARERS = ("lastfm", "movielens-100k", "interactions", "llara")
 SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
 PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", *SHARED_KEYS}
 EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages"}
+TRUNK_CACHE = "trunk-cache"
 TABLE_COLUMNS = ("hr@1", "valid_ratio", "strict_hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
 
 
@@ -103,7 +108,7 @@ def prepare_dataset(
 def evaluate_model(
     data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=None, progress=True,
     *, subset_seed=0, bf16=None, score="logp", reference_adapter=None, reference_scores=None, retriever=None, top=20,
-    reward=True,
+    reward=True, trunk_dir=None, trunk_depth=None,
 ) -> dict[str, Any]:
     """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl.
 
@@ -113,7 +118,8 @@ def evaluate_model(
     model, or `reference_adapter`, or `reference_scores` (per record, the reference's log-prob
     of each candidate) when they were computed already; ``reward=False`` skips it. The ``rerank`` protocol re-ranks the
     `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
-    retriever alone (see `sdpo.recommend.evaluate_rerank`).
+    retriever alone (see `sdpo.recommend.evaluate_rerank`). With `trunk_dir`, the rank protocol
+    keeps the hidden states entering layer `trunk_depth` there and reuses them (`sdpo.trunk`).
     """
     from sdpo.evaluation import SCORES
     from sdpo.models import load_model
@@ -152,8 +158,13 @@ def evaluate_model(
     if protocol == "rerank":
         return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter)
+    trunk = None
+    if trunk_dir is not None and protocol == "rank":
+        from sdpo.trunk import TrunkCache
+
+        trunk = TrunkCache(trunk_dir, model, trunk_depth)
     result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
-                      score=score, reference=reference, journal_dir=output)
+                      score=score, reference=reference, journal_dir=output, trunk=trunk)
     result.save(output)
     return result.metrics
 
@@ -315,6 +326,9 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     unknown = sorted(set(evaluated) - {label for label, _, _ in models})
     if unknown:
         raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
+    # the layers no evaluated adapter changes run once per batch for all stages (sdpo.trunk)
+    trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a]) if "rank" in protocols else None
+    trunk_dir = out / "eval" / TRUNK_CACHE if trunk_depth else None
     rows = []
     for label, adapter, reference_label in models:
         if label not in evaluated:
@@ -336,10 +350,15 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
                     data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8),
                     shared["domain"], shared["prompt_seed"], subset_seed=shared["subset_seed"], bf16=shared["bf16"],
                     score=eval_cfg.get("score", "logp"), reference_scores=reference_scores, reward=reward,
+                    trunk_dir=trunk_dir, trunk_depth=trunk_depth,
                 )
             rows.append({**metrics, "stage": label})
             if "reward_hr@1" in metrics:
                 rows.append({**reward_row(metrics), "stage": label})
+    if trunk_dir is not None and trunk_dir.exists():
+        size = sum(f.stat().st_size for f in trunk_dir.rglob("*") if f.is_file())
+        shutil.rmtree(trunk_dir)
+        print(f"[evaluate] every stage is evaluated: removed the trunk cache {trunk_dir} ({size / 1e9:.2f} GB)")
     rows.extend(_run_baselines(config, path, out, data_dir, seed, split, limit, shared["subset_seed"]))
     table = results_table(rows)
     write_json(out / "results.json", rows)

@@ -22,10 +22,15 @@ projection is paid for answer tokens only. SFT, preference training and ranking 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from sdpo.precision import compute_context
+
+if TYPE_CHECKING:
+    from sdpo.trunk import TrunkCache
 
 PROMPT, PAD = 0, -1
 
@@ -124,7 +129,7 @@ def attention_mask_for(model, segment_ids: torch.Tensor, dtype: torch.dtype):
     return block_attention_mask(segment_ids, dtype)
 
 
-def _causal_lm_parts(model):
+def causal_lm_parts(model):
     """(decoder, lm_head) of a causal LM, looking through DDP/FSDP and PEFT wrappers."""
     from accelerate.utils import extract_model_from_parallel
 
@@ -139,7 +144,8 @@ def _final_hidden_states(model, decoder, **inputs) -> torch.Tensor:
     The call goes through every wrapper (PEFT, DDP, FSDP), so a distributed run syncs its
     gradients as usual. A forward hook keeps the decoder's output; the model's own LM head
     runs on the last position only (``logits_to_keep=1``), and `answer_logprobs` applies the
-    head to the answer positions it needs.
+    head to the answer positions it needs. `inputs` are input_ids (or inputs_embeds),
+    attention_mask and position_ids.
     """
     kept = []
     hook = decoder.register_forward_hook(lambda module, args, output: kept.append(output.last_hidden_state))
@@ -150,27 +156,30 @@ def _final_hidden_states(model, decoder, **inputs) -> torch.Tensor:
     return kept[-1]
 
 
-def answer_logprobs(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob and token count of every packed answer.
 
     Returns (logps, n_tokens), both [B, A]; entries where ``answer_mask`` is False are 0.
     Differentiable: SFT and preference losses backpropagate through it. With bf16 base
     weights the decoder and the LM head run under bf16 autocast; the logits are upcast, so
-    the normalisation and the sums are fp32 either way.
+    the normalisation and the sums are fp32 either way. With a `trunk` cache (evaluation),
+    the layers below its depth run only for batches it does not hold yet (`sdpo.trunk`).
     """
-    decoder, lm_head = _causal_lm_parts(model)
+    decoder, lm_head = causal_lm_parts(model)
     input_ids = packed["input_ids"]
     batch, length = input_ids.shape
     flat_source = packed["token_row"] * length + packed["token_source"]  # [N]
     unique_source, inverse = torch.unique(flat_source, return_inverse=True)  # [U], [N]
     with compute_context(lm_head.weight):
-        hidden = _final_hidden_states(
-            model,
-            decoder,
-            input_ids=input_ids,
-            attention_mask=attention_mask_for(decoder, packed["segment_ids"], lm_head.weight.dtype),
-            position_ids=packed["position_ids"],
-        )  # [B, L, H]
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask_for(decoder, packed["segment_ids"], lm_head.weight.dtype),
+            "position_ids": packed["position_ids"],
+        }
+        if trunk is None:
+            hidden = _final_hidden_states(model, decoder, **inputs)  # [B, L, H]
+        else:
+            hidden = trunk.final_hidden_states(model, decoder, partial(_final_hidden_states, model, decoder), inputs, packed)
         logits = lm_head(hidden.reshape(batch * length, -1)[unique_source])  # [U, V]
     logits = logits.float()
     log_norm = torch.logsumexp(logits, dim=-1)  # [U]
@@ -185,7 +194,8 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Tenso
 
 
 def score_answers(
-    model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], pad_token_id: int
+    model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], pad_token_id: int,
+    trunk: TrunkCache | None = None,
 ) -> torch.Tensor:
     """Summed log-prob [B, A] of each answer given its record's prompt (token ids in, no grad needed).
 
@@ -193,5 +203,5 @@ def score_answers(
     """
     device = next(model.parameters()).device
     packed = {k: v.to(device) for k, v in pack_answers(prompts, answers, pad_token_id).items()}
-    logps, _ = answer_logprobs(model, packed)
+    logps, _ = answer_logprobs(model, packed, trunk)
     return logps.masked_fill(~packed["answer_mask"], float("-inf"))

@@ -1,0 +1,94 @@
+"""The shared-trunk cache: bitwise the scores of the full forward, and never used where it would be wrong."""
+
+import pytest
+import torch
+
+from sdpo.datasets import load_split
+from sdpo.evaluation import candidate_logps, reference_logps
+from sdpo.models import LoraSettings, add_lora, load_model
+from sdpo.trunk import TrunkCache, first_adapted_layer, shared_trunk_depth
+
+
+def adapted_model(last_layers: int | None, seed: int = 1):
+    """The tiny Llama (2 layers) with a LoRA adapter on its last `last_layers` layers that changes the outputs."""
+    model, tokenizer = load_model("tiny")
+    model = add_lora(model, LoraSettings(dropout=0.0, last_layers=last_layers))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model.eval(), tokenizer
+
+
+def count_calls(module) -> list[int]:
+    calls = []
+    module.register_forward_pre_hook(lambda m, args: calls.append(1))
+    return calls
+
+
+def test_cached_trunk_gives_the_full_forward_bitwise(small_data, tmp_path):
+    records = load_split(small_data, "test")  # 8 records: batches of 3, 3, 2
+    base, tokenizer = load_model("tiny")
+    adapted, _ = adapted_model(last_layers=1)
+    expected = candidate_logps(adapted, tokenizer, records, "music", batch_size=3, progress=False)
+    expected_base = reference_logps(adapted, tokenizer, records, "music", batch_size=3, progress=False)
+
+    # the zero-shot model fills the cache; the adapted model then skips layer 0 for its policy and reference passes
+    filled = candidate_logps(base.eval(), tokenizer, records, "music", batch_size=3, progress=False,
+                             trunk=TrunkCache(tmp_path, base, depth=1))
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 3
+    layer0 = count_calls(adapted.get_base_model().model.layers[0])
+    trunk = TrunkCache(tmp_path, adapted, depth=1)
+    cached = candidate_logps(adapted, tokenizer, records, "music", batch_size=3, progress=False, trunk=trunk)
+    cached_base = reference_logps(adapted, tokenizer, records, "music", batch_size=3, progress=False, trunk=trunk)
+    assert layer0 == []
+    assert sorted(tmp_path.rglob("*.safetensors")) == files
+    for want, got in zip(expected + expected_base, cached + cached_base, strict=True):
+        assert torch.equal(want, got)
+    for want, got in zip(expected_base, filled, strict=True):  # adapter off = the base model
+        assert torch.equal(want, got)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, expected_base, strict=True))  # the adapter matters
+    assert len(adapted.get_base_model().model.layers) == 2  # the layers are back after each cached call
+
+
+def test_another_batching_or_other_trunk_weights_get_their_own_files(small_data, tmp_path):
+    records = load_split(small_data, "test")
+    model, tokenizer = load_model("tiny")
+    candidate_logps(model, tokenizer, records, "music", batch_size=4, progress=False, trunk=TrunkCache(tmp_path, model, 1))
+    candidate_logps(model, tokenizer, records, "music", batch_size=8, progress=False, trunk=TrunkCache(tmp_path, model, 1))
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 3
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    other = TrunkCache(tmp_path, model, 1)
+    calls = count_calls(model.model.layers[0])
+    candidate_logps(model, tokenizer, records, "music", batch_size=8, progress=False, trunk=other)
+    assert calls == [1] and len(list(other.folder.iterdir())) == 1
+    with torch.no_grad():  # a change above the trunk keeps its folder
+        model.model.layers[1].mlp.down_proj.weight.mul_(2)
+    assert TrunkCache(tmp_path, model, 1).folder == other.folder
+
+
+def test_an_adapter_inside_the_trunk_is_refused(small_data, tmp_path):
+    records = load_split(small_data, "test", limit=2)
+    everywhere, tokenizer = adapted_model(last_layers=None)
+    assert first_adapted_layer(everywhere) == 0
+    assert first_adapted_layer(adapted_model(last_layers=1)[0]) == 1
+    assert first_adapted_layer(load_model("tiny")[0]) is None
+    with pytest.raises(ValueError, match="changes decoder layer 0"):
+        candidate_logps(everywhere, tokenizer, records, "music", progress=False, trunk=TrunkCache(tmp_path, everywhere, 1))
+    with pytest.raises(ValueError, match="depth"):
+        TrunkCache(tmp_path, everywhere, 2)
+
+
+def test_shared_depth_from_saved_adapters(tmp_path):
+    folders = {}
+    for name, last_layers in (("last", 1), ("all", None)):
+        model, _ = adapted_model(last_layers)
+        model.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    assert shared_trunk_depth([folders["last"]]) == 1
+    assert shared_trunk_depth([folders["last"], folders["last"]]) == 1
+    assert shared_trunk_depth([folders["last"], folders["all"]]) is None
+    assert shared_trunk_depth([]) is None
