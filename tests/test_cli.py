@@ -57,6 +57,9 @@ def test_evaluate_refuses_a_bad_dataset_and_writes_nothing(small_data, tmp_path)
     assert_user_error(result, "holds no LoRA adapter")
     result = sdpo("evaluate", "--data", small_data, "--model", "no-such-org/no-such-model", "--output", tmp_path / "o3")
     assert_user_error(result, "cannot load a tokenizer for 'no-such-org/no-such-model'")
+    result = sdpo("evaluate", "--data", small_data, "--model", "tiny", "--protocol", "generate", "--trunk_cache", tmp_path / "c",
+                  "--output", tmp_path / "o4")
+    assert_user_error(result, "--trunk_cache serves the rank protocol, not generate")
 
 
 def test_sft_cli_errors(tmp_path):

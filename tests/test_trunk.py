@@ -92,3 +92,20 @@ def test_shared_depth_from_saved_adapters(tmp_path):
     assert shared_trunk_depth([folders["last"], folders["last"]]) == 1
     assert shared_trunk_depth([folders["last"], folders["all"]]) is None
     assert shared_trunk_depth([]) is None
+
+
+def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_path):
+    from sdpo.errors import UserError
+    from sdpo.pipeline import evaluate_model
+
+    for name, last_layers in (("last", 1), ("all", None)):
+        adapted_model(last_layers)[0].save_pretrained(tmp_path / name)
+    common = {"data": small_data, "split": "test", "model_name": "tiny", "protocol": "rank", "limit": 4, "batch_size": 2, "progress": False}
+    evaluate_model(adapter=tmp_path / "last", output=tmp_path / "plain", **common)
+    for run in ("first", "second"):  # fills the cache, then reads it
+        evaluate_model(adapter=tmp_path / "last", output=tmp_path / run, trunk_dir=tmp_path / "cache", **common)
+        assert (tmp_path / run / "predictions.jsonl").read_text() == (tmp_path / "plain" / "predictions.jsonl").read_text()
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+    for adapter in (None, tmp_path / "all"):
+        with pytest.raises(UserError, match="--lora_layers N"):
+            evaluate_model(adapter=adapter, output=tmp_path / "refused", trunk_dir=tmp_path / "cache", **common)

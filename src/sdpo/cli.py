@@ -131,12 +131,19 @@ def evaluate_cmd(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
     retriever: Optional[Path] = typer.Option(None, help="rerank: a trained sdpo baseline (sasrec, gru4rec, caser) picking from its whole catalogue"),
     top: int = typer.Option(20, help="rerank: how many retrieved items the LM re-ranks"),
+    trunk_cache: Optional[Path] = typer.Option(
+        None, "--trunk_cache", "--trunk-cache",
+        help="rank: a folder where the hidden states below the adapter's layers are kept, so evaluating another adapter "
+             "of the same base on the same records runs only its own layers (adapters trained with --lora_layers N)"),
 ) -> None:
     """Evaluate a model (optionally with a LoRA adapter) on a prepared split."""
     from sdpo.pipeline import evaluate_model
 
+    if trunk_cache is not None and protocol != "rank":
+        raise UserError(f"--trunk_cache serves the rank protocol, not {protocol}.")
     metrics = evaluate_model(data, split, model, adapter, protocol, limit, output_dir, batch_size, domain, prompt_seed,
-                             subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter, retriever=retriever, top=top)
+                             subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter, retriever=retriever, top=top,
+                             trunk_dir=trunk_cache)
     typer.echo(f"{protocol} on {metrics['n_records']} {split} records ({'bf16' if metrics['bf16'] else 'fp32'}):")
     intervals = metrics.get("ci95", {})
     for key, value in metrics.items():

@@ -119,7 +119,8 @@ def evaluate_model(
     of each candidate) when they were computed already; ``reward=False`` skips it. The ``rerank`` protocol re-ranks the
     `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
     retriever alone (see `sdpo.recommend.evaluate_rerank`). With `trunk_dir`, the rank protocol
-    keeps the hidden states entering layer `trunk_depth` there and reuses them (`sdpo.trunk`).
+    keeps the hidden states entering layer `trunk_depth` (default: the adapter's first layer)
+    there and reuses them (`sdpo.trunk`).
     """
     from sdpo.evaluation import SCORES
     from sdpo.models import load_model
@@ -162,6 +163,11 @@ def evaluate_model(
     if trunk_dir is not None and protocol == "rank":
         from sdpo.trunk import TrunkCache
 
+        if trunk_depth is None:
+            trunk_depth = shared_trunk_depth([a for a in (adapter, reference_adapter) if a is not None]) if adapter else None
+            if trunk_depth is None:
+                raise UserError("--trunk_cache keeps the layers below an adapter's: give an --adapter trained on the last "
+                                "layers only (--lora_layers N), and a --reference_adapter of the same kind if any.")
         trunk = TrunkCache(trunk_dir, model, trunk_depth)
     result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
                       score=score, reference=reference, journal_dir=output, trunk=trunk)
