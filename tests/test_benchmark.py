@@ -33,7 +33,7 @@ def test_benchmark_trunk_on_tiny(small_data, tmp_path):
     result = benchmark_trunk("tiny", small_data, lora_layers=1, n_records=4, repeats=2, batch_size=2, json_out=tmp_path / "t.json")
     assert json.loads((tmp_path / "t.json").read_text()) == result
     assert result["trunk_depth"] == 1 and result["records"] == 4
-    assert result["max_abs_logp_diff"] == 0.0  # the cache is exact
+    assert result["max_abs_logp_diff"] == 0.0 and result["cache_used"]  # the cache is exact
     assert len(result["full_seconds"]) == len(result["cached_seconds"]) == 2 and result["speedup"] > 0
     assert result["cache_mb_per_record"] > 0
     assert "cached trunk" in trunk_table(result)

@@ -1,9 +1,12 @@
 """The shared-trunk cache: bitwise the scores of the full forward, and never used where it would be wrong."""
 
+import json
+
 import pytest
 import torch
 
 from sdpo.datasets import load_split
+from sdpo.errors import UserError
 from sdpo.evaluation import candidate_logps, reference_logps
 from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.trunk import TrunkCache, first_adapted_layer, shared_trunk_depth
@@ -43,7 +46,7 @@ def test_cached_trunk_gives_the_full_forward_bitwise(small_data, tmp_path):
     trunk = TrunkCache(tmp_path, adapted, depth=1)
     cached = candidate_logps(adapted, tokenizer, records, "music", batch_size=3, progress=False, trunk=trunk)
     cached_base = reference_logps(adapted, tokenizer, records, "music", batch_size=3, progress=False, trunk=trunk)
-    assert layer0 == []
+    assert layer0 == [1]  # once: the first loaded batch is also computed in full and compared
     assert sorted(tmp_path.rglob("*.safetensors")) == files
     for want, got in zip(expected + expected_base, cached + cached_base, strict=True):
         assert torch.equal(want, got)
@@ -76,10 +79,31 @@ def test_an_adapter_inside_the_trunk_is_refused(small_data, tmp_path):
     assert first_adapted_layer(everywhere) == 0
     assert first_adapted_layer(adapted_model(last_layers=1)[0]) == 1
     assert first_adapted_layer(load_model("tiny")[0]) is None
-    with pytest.raises(ValueError, match="changes decoder layer 0"):
+    with pytest.raises(UserError, match="changes decoder layer 0"):
         candidate_logps(everywhere, tokenizer, records, "music", progress=False, trunk=TrunkCache(tmp_path, everywhere, 1))
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(UserError, match="depth"):
         TrunkCache(tmp_path, everywhere, 2)
+
+
+def test_a_cache_that_disagrees_with_the_full_forward_is_not_used_and_a_damaged_file_is_recomputed(small_data, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    records = load_split(small_data, "test", limit=4)
+    model, tokenizer = load_model("tiny")
+    expected = candidate_logps(model, tokenizer, records, "music", batch_size=2, progress=False)
+    candidate_logps(model, tokenizer, records, "music", batch_size=2, progress=False, trunk=TrunkCache(tmp_path, model, 1))
+    first, second = sorted(tmp_path.rglob("*.safetensors"))
+    for path in (first, second):  # states of the right shape that are not this model's
+        save_file({"hidden": load_file(path)["hidden"] * 1.5}, str(path))
+    trunk = TrunkCache(tmp_path, model, 1)
+    got = candidate_logps(model, tokenizer, records, "music", batch_size=2, progress=False, trunk=trunk)
+    assert not trunk.usable and "evaluating without the trunk cache" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    first.write_bytes(first.read_bytes()[:100])  # cut short by a crash
+    second.unlink()
+    got = candidate_logps(model, tokenizer, records, "music", batch_size=2, progress=False, trunk=TrunkCache(tmp_path, model, 1))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert first.stat().st_size > 100 and second.is_file()  # both written again
 
 
 def test_shared_depth_from_saved_adapters(tmp_path):
@@ -92,10 +116,14 @@ def test_shared_depth_from_saved_adapters(tmp_path):
     assert shared_trunk_depth([folders["last"], folders["last"]]) == 1
     assert shared_trunk_depth([folders["last"], folders["all"]]) is None
     assert shared_trunk_depth([]) is None
+    config = json.loads((folders["last"] / "adapter_config.json").read_text())
+    for change in ({"target_modules": "model.layers.1.self_attn.q_proj"}, {"target_modules": ["model.layers.0.mlp.up_proj"]},
+                   {"modules_to_save": ["lm_head"]}, {"peft_type": "IA3"}):
+        (folders["last"] / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        assert shared_trunk_depth([folders["last"]]) is None, change
 
 
 def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_path):
-    from sdpo.errors import UserError
     from sdpo.pipeline import evaluate_model
 
     for name, last_layers in (("last", 1), ("all", None)):
@@ -103,9 +131,9 @@ def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_
     common = {"data": small_data, "split": "test", "model_name": "tiny", "protocol": "rank", "limit": 4, "batch_size": 2, "progress": False}
     evaluate_model(adapter=tmp_path / "last", output=tmp_path / "plain", **common)
     for run in ("first", "second"):  # fills the cache, then reads it
-        evaluate_model(adapter=tmp_path / "last", output=tmp_path / run, trunk_dir=tmp_path / "cache", **common)
+        evaluate_model(adapter=tmp_path / "last", output=tmp_path / run, trunk_cache=tmp_path / "cache", **common)
         assert (tmp_path / run / "predictions.jsonl").read_text() == (tmp_path / "plain" / "predictions.jsonl").read_text()
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
     for adapter in (None, tmp_path / "all"):
         with pytest.raises(UserError, match="--lora_layers N"):
-            evaluate_model(adapter=adapter, output=tmp_path / "refused", trunk_dir=tmp_path / "cache", **common)
+            evaluate_model(adapter=adapter, output=tmp_path / "refused", trunk_cache=tmp_path / "cache", **common)

@@ -5,8 +5,9 @@ adapter's B matrices drawn at random so that it changes the scores (as a trained
 The same test records throughout. First the base model ranks them once with the cache, which
 fills it (what the first stage of a pipeline pays). Then, `repeats` times, the adapted model
 ranks them with the full forward and with the cache, the order alternating between repeats so
-a slow phase of a shared machine hits both; medians are reported, with the largest absolute
-log-prob difference between the two ways (the cache is exact: 0 expected) and the cache's size.
+a slow phase of a shared machine hits both (the cache's one-time exactness check runs before);
+medians are reported, with the largest absolute log-prob difference between the two ways (the
+cache is exact: 0 expected) and the cache's size.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import set_seed
 from sdpo.datasets import load_split, read_manifest
 from sdpo.errors import UserError
 from sdpo.evaluation import candidate_logps
-from sdpo.io import write_json
+from sdpo.io import folder_bytes, write_json
 from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.precision import cpu_name
 from sdpo.trunk import TrunkCache
@@ -56,7 +57,8 @@ def benchmark_trunk(model_name: str, data: str | Path, lora_layers: int, n_recor
         print(f"[benchmark] filling the cache: the base model ranks {len(records)} records", flush=True)
         with model.disable_adapter():
             fill_seconds, _ = rank(trunk)
-        cache_bytes = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+        cache_bytes = folder_bytes(folder)
+        candidate_logps(model, tokenizer, records[:batch_size], domain, batch_size, progress=False, trunk=trunk)  # the one-time exactness check
         seconds: dict[str, list[float]] = {"full": [], "cached": []}
         scores: dict[str, list[torch.Tensor]] = {}
         for repeat in range(repeats):
@@ -87,6 +89,7 @@ def benchmark_trunk(model_name: str, data: str | Path, lora_layers: int, n_recor
         "speedup": round(full / cached, 2),
         "cache_mb_per_record": round(cache_bytes / len(records) / 1e6, 3),
         "max_abs_logp_diff": gap,
+        "cache_used": trunk.usable,  # False if its exactness check failed (then both ways ran the full forward)
     }
     write_json(json_out, result)
     return result

@@ -143,7 +143,7 @@ def evaluate_cmd(
         raise UserError(f"--trunk_cache serves the rank protocol, not {protocol}.")
     metrics = evaluate_model(data, split, model, adapter, protocol, limit, output_dir, batch_size, domain, prompt_seed,
                              subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter, retriever=retriever, top=top,
-                             trunk_dir=trunk_cache)
+                             trunk_cache=trunk_cache)
     typer.echo(f"{protocol} on {metrics['n_records']} {split} records ({'bf16' if metrics['bf16'] else 'fp32'}):")
     intervals = metrics.get("ci95", {})
     for key, value in metrics.items():

@@ -47,6 +47,11 @@ def replace_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def folder_bytes(folder: str | Path) -> int:
+    """Total size of the files under `folder`."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it into place."""
     replace_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -12,7 +12,8 @@ A pipeline config (see ``configs/quickstart.yaml``)::
     sft: {train_limit: 256, ...}     # any SFTConfig option; output in OUTPUT/sft
     align: {negatives: 3, ...}       # any AlignConfig option, from OUTPUT/sft; output in OUTPUT/<name>
     baselines: {models: [popularity, sasrec], ...}   # any BaselineConfig option; OUTPUT/baselines/NAME
-    evaluate: {split: test, limit: 200, protocols: [generate, rank]}   # stages: [...] evaluates only those
+    evaluate: {split: test, limit: 200, protocols: [generate, rank]}   # stages: [...] evaluates only those;
+                                     #   trunk_cache: false turns the shared-trunk cache off
 
 ``sft`` and ``align`` are one stage or a list of them, each named by its ``name`` option
 (default: sft; s-dpo or dpo by its loss) and trained into OUTPUT/<name>; an align stage
@@ -39,14 +40,14 @@ from sdpo.config import build_config, read_yaml
 from sdpo.datasets import load_split, read_manifest, resolve_domain
 from sdpo.errors import UserError
 from sdpo.evaluation import PROTOCOLS, evaluate
-from sdpo.io import write_json, write_text_atomic
+from sdpo.io import folder_bytes, write_json, write_text_atomic
 from sdpo.records import Record
 from sdpo.trunk import shared_trunk_depth
 
 PREPARERS = ("lastfm", "movielens-100k", "interactions", "llara")
 SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
 PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", *SHARED_KEYS}
-EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages"}
+EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages", "trunk_cache"}
 TRUNK_CACHE = "trunk-cache"
 TABLE_COLUMNS = ("hr@1", "valid_ratio", "strict_hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
 
@@ -108,7 +109,7 @@ def prepare_dataset(
 def evaluate_model(
     data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=None, progress=True,
     *, subset_seed=0, bf16=None, score="logp", reference_adapter=None, reference_scores=None, retriever=None, top=20,
-    reward=True, trunk_dir=None, trunk_depth=None,
+    reward=True, trunk_cache=None, trunk_depth=None,
 ) -> dict[str, Any]:
     """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl.
 
@@ -118,9 +119,9 @@ def evaluate_model(
     model, or `reference_adapter`, or `reference_scores` (per record, the reference's log-prob
     of each candidate) when they were computed already; ``reward=False`` skips it. The ``rerank`` protocol re-ranks the
     `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
-    retriever alone (see `sdpo.recommend.evaluate_rerank`). With `trunk_dir`, the rank protocol
-    keeps the hidden states entering layer `trunk_depth` (default: the adapter's first layer)
-    there and reuses them (`sdpo.trunk`).
+    retriever alone (see `sdpo.recommend.evaluate_rerank`). With a `trunk_cache` folder, the rank
+    protocol keeps the hidden states entering layer `trunk_depth` (default: the adapter's first
+    layer) there and reuses them (`sdpo.trunk`).
     """
     from sdpo.evaluation import SCORES
     from sdpo.models import load_model
@@ -160,7 +161,7 @@ def evaluate_model(
         return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter)
     trunk = None
-    if trunk_dir is not None and protocol == "rank":
+    if trunk_cache is not None and protocol == "rank":
         from sdpo.trunk import TrunkCache
 
         if trunk_depth is None:
@@ -168,7 +169,7 @@ def evaluate_model(
             if trunk_depth is None:
                 raise UserError("--trunk_cache keeps the layers below an adapter's: give an --adapter trained on the last "
                                 "layers only (--lora_layers N), and a --reference_adapter of the same kind if any.")
-        trunk = TrunkCache(trunk_dir, model, trunk_depth)
+        trunk = TrunkCache(trunk_cache, model, trunk_depth)
     result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
                       score=score, reference=reference, journal_dir=output, trunk=trunk)
     result.save(output)
@@ -333,8 +334,11 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     if unknown:
         raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.trunk)
-    trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a]) if "rank" in protocols else None
-    trunk_dir = out / "eval" / TRUNK_CACHE if trunk_depth else None
+    trunk_dir, trunk_depth = out / "eval" / TRUNK_CACHE, None
+    if "rank" in protocols and eval_cfg.get("trunk_cache", True):
+        trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
+        print(f"[evaluate] rank: layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
+              else "[evaluate] rank: no trunk cache (an evaluated adapter changes the first layer or every layer)")
     rows = []
     for label, adapter, reference_label in models:
         if label not in evaluated:
@@ -356,13 +360,13 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
                     data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8),
                     shared["domain"], shared["prompt_seed"], subset_seed=shared["subset_seed"], bf16=shared["bf16"],
                     score=eval_cfg.get("score", "logp"), reference_scores=reference_scores, reward=reward,
-                    trunk_dir=trunk_dir, trunk_depth=trunk_depth,
+                    trunk_cache=trunk_dir if trunk_depth else None, trunk_depth=trunk_depth,
                 )
             rows.append({**metrics, "stage": label})
             if "reward_hr@1" in metrics:
                 rows.append({**reward_row(metrics), "stage": label})
-    if trunk_dir is not None and trunk_dir.exists():
-        size = sum(f.stat().st_size for f in trunk_dir.rglob("*") if f.is_file())
+    if trunk_dir.exists():
+        size = folder_bytes(trunk_dir)
         shutil.rmtree(trunk_dir)
         print(f"[evaluate] every stage is evaluated: removed the trunk cache {trunk_dir} ({size / 1e9:.2f} GB)")
     rows.extend(_run_baselines(config, path, out, data_dir, seed, split, limit, shared["subset_seed"]))

@@ -22,7 +22,6 @@ projection is paid for answer tokens only. SFT, preference training and ranking 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -138,7 +137,7 @@ def causal_lm_parts(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _final_hidden_states(model, decoder, **inputs) -> torch.Tensor:
+def final_hidden_states(model, decoder, **inputs) -> torch.Tensor:
     """[B, L, H]: the decoder's output, from a call of `model` itself.
 
     The call goes through every wrapper (PEFT, DDP, FSDP), so a distributed run syncs its
@@ -177,9 +176,9 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
             "position_ids": packed["position_ids"],
         }
         if trunk is None:
-            hidden = _final_hidden_states(model, decoder, **inputs)  # [B, L, H]
+            hidden = final_hidden_states(model, decoder, **inputs)  # [B, L, H]
         else:
-            hidden = trunk.final_hidden_states(model, decoder, partial(_final_hidden_states, model, decoder), inputs, packed)
+            hidden = trunk.decoder_output(model, inputs, packed)
         logits = lm_head(hidden.reshape(batch * length, -1)[unique_source])  # [U, V]
     logits = logits.float()
     log_norm = torch.logsumexp(logits, dim=-1)  # [U]

@@ -3,13 +3,16 @@
 An adapter trained with ``--lora_layers N`` changes only the last N decoder layers. Every
 model of a pipeline (zero-shot, SFT, DPO, S-DPO with any K) therefore computes the same hidden
 states entering layer D = n_layers - N for the same packed batch. The first rank evaluation
-saves them, one file per batch, named by a hash of the trunk (its weights, D, the attention
-implementation, the torch version) and of the batch (tokens, positions, segments); a later
-evaluation loads them and runs only layers D.. and the LM head. The log-probs are bitwise those
-of the full forward (``tests/test_trunk.py``).
+saves them, one file per batch; a later evaluation loads them and runs only layers D.. and the
+LM head. A folder per trunk is named by a hash of what those states depend on besides the
+batch (the trunk's weights, the model config, D, the attention implementation, library
+versions, device, threads); a file by a hash of the batch (tokens, positions, segments).
 
-A file holds hidden-size x 4 bytes per packed token (fp32): about 0.75 MB per LastFM record
-on SmolLM2-135M. The pipeline removes its cache once every stage is evaluated.
+The first batch an evaluation loads is also computed in full, and the cache is used only if
+the two agree bit for bit; otherwise (an architecture that does more to its input embeddings
+than pass them to layer 0, say) the evaluation runs without it and says so. A file holds the
+hidden size x 4 bytes (fp32; 2 in bf16) per packed token, padding included: about 0.75 MB per
+LastFM record on SmolLM2-135M. The pipeline removes its cache once every stage is evaluated.
 """
 
 from __future__ import annotations
@@ -17,28 +20,32 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from sdpo.errors import UserError
 from sdpo.io import replace_atomic
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _AFTER_THE_TRUNK = ("lm_head", "norm")  # modules an adapter may change without touching the trunk
+_PLAIN_NAME = re.compile(r"^\w+$")
 
 
 def first_adapted_layer(model) -> int | None:
     """Index of the first decoder layer that any loaded adapter (active or not) changes; None if none does.
 
-    0 when an adapter changes what comes before the layers (the embeddings, a prompt).
+    0 when an adapter changes what comes before the layers (the embeddings, a prompt) or
+    depends on the input tokens themselves (activated LoRA).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
-    if any(config.is_prompt_learning for config in getattr(model, "peft_config", {}).values()):
-        return 0
+    for config in getattr(model, "peft_config", {}).values():
+        if config.is_prompt_learning or getattr(config, "alora_invocation_tokens", None):
+            return 0
     first = None
     for name, module in model.named_modules():
         if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
@@ -55,33 +62,41 @@ def first_adapted_layer(model) -> int | None:
 def shared_trunk_depth(adapters: Sequence[str | Path]) -> int | None:
     """How many leading decoder layers none of the saved LoRA `adapters` changes (from adapter_config.json).
 
-    None when there is nothing to share: no adapters, an adapter on every layer (no
-    ``layers_to_transform``), one that saves whole modules or trains token embeddings, or
-    one that is not LoRA.
+    None when there is nothing to share or it cannot be told from the config: no adapters, a
+    non-LoRA or activated-LoRA adapter, one on every layer (no ``layers_to_transform``), one
+    whose targets PEFT matches without regard to layers (a regex, full module names, target
+    parameters), or one that saves whole modules or trains token embeddings.
     """
     depth = None
     for folder in adapters:
         config = json.loads((Path(folder) / "adapter_config.json").read_text())
-        layers = config.get("layers_to_transform")
-        if config.get("peft_type") != "LORA" or layers in (None, []) or config.get("modules_to_save") or config.get("trainable_token_indices"):
+        layers, targets = config.get("layers_to_transform"), config.get("target_modules")
+        plain_targets = isinstance(targets, list) and all(_PLAIN_NAME.match(t) for t in targets)
+        if (config.get("peft_type") != "LORA" or layers in (None, []) or not plain_targets or config.get("target_parameters")
+                or config.get("modules_to_save") or config.get("trainable_token_indices") or config.get("alora_invocation_tokens")):
             return None
         first = layers if isinstance(layers, int) else min(layers)
         depth = first if depth is None else min(depth, first)
     return depth or None
 
 
-def _shares_one_layer_type(config) -> bool:
-    """Skipping layers shifts layer indices: only safe when every layer is of one kind (no sliding-window mix)."""
-    return len(set(getattr(config, "layer_types", None) or ["one"])) == 1
-
-
-def trunk_fingerprint(decoder, depth: int) -> str:
+def trunk_fingerprint(model, decoder, depth: int) -> str:
     """SHA-256 of what the hidden states entering layer `depth` depend on, besides the batch."""
-    digest = hashlib.sha256(f"{depth} {decoder.config._attn_implementation} torch {torch.__version__}".encode())
+    import transformers
+
+    device = next(decoder.parameters()).device
+    config = {k: v for k, v in decoder.config.to_dict().items() if k != "_name_or_path"}
+    setting = {
+        "depth": depth, "decoder": type(decoder).__name__, "config": config, "attn": decoder.config._attn_implementation,
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
+    }
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode())
     for module in (decoder.embed_tokens, *decoder.layers[:depth]):
         for name, tensor in module.state_dict().items():
             digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -114,28 +129,42 @@ class TrunkCache:
         decoder, _ = causal_lm_parts(model)
         n_layers = len(decoder.layers)
         if not 0 < depth < n_layers:
-            raise ValueError(f"trunk depth {depth}: a cache needs 0 < depth < {n_layers} (the model's layers)")
-        if not _shares_one_layer_type(decoder.config):
-            raise ValueError("the model mixes layer types (e.g. sliding-window attention); its layers cannot be skipped")
+            raise UserError(f"a trunk cache needs 0 < depth < {n_layers} (the model's layers), got {depth}.")
+        if len(set(getattr(decoder.config, "layer_types", None) or ["one"])) > 1:  # skipping layers shifts their indices
+            raise UserError("the trunk cache cannot serve a model that mixes layer types (e.g. sliding-window attention); leave it off.")
         self.depth = depth
-        self.folder = Path(folder) / trunk_fingerprint(decoder, depth)[:16]
+        self.folder = Path(folder) / trunk_fingerprint(model, decoder, depth)[:16]
+        self.checked = False  # has a loaded batch been compared with the full forward?
+        self.usable = True
 
-    def final_hidden_states(self, model, decoder, run: Callable[..., torch.Tensor], inputs: dict, packed: dict) -> torch.Tensor:
-        """``run(**inputs)``, the decoder's output [B, L, H], computing layers below `depth` only when no file holds them.
+    def decoder_output(self, model, inputs: dict, packed: dict) -> torch.Tensor:
+        """The decoder's output [B, L, H] for `inputs` (as `sdpo.scoring` passes them), the trunk from the cache when it holds the batch.
 
         `packed` is the batch as `sdpo.scoring.pack_answers` made it; it names the file.
         """
+        from sdpo.scoring import causal_lm_parts, final_hidden_states
+
+        decoder, _ = causal_lm_parts(model)
         first = first_adapted_layer(model)
         if first is not None and first < self.depth:
-            raise ValueError(f"an adapter changes decoder layer {first}, inside the cached trunk of {self.depth} layers")
+            raise UserError(f"an adapter changes decoder layer {first}, inside the cached trunk of {self.depth} layers; "
+                            "evaluate it without the trunk cache.")
+        if not self.usable:
+            return final_hidden_states(model, decoder, **inputs)
         path = self.folder / f"{_batch_key(packed)}.safetensors"
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            hidden = load_file(path)["hidden"].to(inputs["input_ids"].device)
+        hidden = self._load(path, inputs["input_ids"].shape, decoder.config.hidden_size)
+        if hidden is not None:
             rest = {key: value for key, value in inputs.items() if key != "input_ids"}
             with _without_first_layers(decoder, self.depth):
-                return run(**rest, inputs_embeds=hidden)
+                cached = final_hidden_states(model, decoder, **rest, inputs_embeds=hidden.to(inputs["input_ids"].device))
+            if self.checked:
+                return cached
+            full = final_hidden_states(model, decoder, **inputs)
+            self.checked, self.usable = True, torch.equal(full, cached)
+            if not self.usable:
+                print(f"[evaluate] the cached trunk differs from the full forward for this model "
+                      f"(largest gap {float((full - cached).abs().max()):.3g}); evaluating without the trunk cache", flush=True)
+            return full
         kept = []
 
         def keep(module, args, kwargs):
@@ -143,11 +172,27 @@ class TrunkCache:
 
         hook = decoder.layers[self.depth].register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            output = run(**inputs)
+            output = final_hidden_states(model, decoder, **inputs)
         finally:
             hook.remove()
         self._save(path, kept[-1])
         return output
+
+    @staticmethod
+    def _load(path: Path, shape: torch.Size, hidden_size: int) -> torch.Tensor | None:
+        """The saved states [B, L, H] at `path`; None (and the file removed) when absent, unreadable or of another shape."""
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            hidden = load_file(path)["hidden"]
+        except Exception:  # a file a crash cut short: computed again
+            hidden = None
+        if hidden is None or tuple(hidden.shape) != (*shape, hidden_size):
+            path.unlink(missing_ok=True)
+            return None
+        return hidden
 
     @staticmethod
     def _save(path: Path, hidden: torch.Tensor) -> None:
