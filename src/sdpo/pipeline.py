@@ -335,10 +335,12 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.trunk)
     trunk_dir, trunk_depth = out / "eval" / TRUNK_CACHE, None
+    if eval_cfg.get("trunk_cache", True) not in (True, False):
+        raise UserError(f"{path}: evaluate.trunk_cache must be true or false.")
     if "rank" in protocols and eval_cfg.get("trunk_cache", True):
         trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
         print(f"[evaluate] rank: layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
-              else "[evaluate] rank: no trunk cache (an evaluated adapter changes the first layer or every layer)")
+              else "[evaluate] rank: no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
     rows = []
     for label, adapter, reference_label in models:
         if label not in evaluated:
