@@ -145,6 +145,10 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     config["sft"]["prompt_seed"] = 1
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert_user_error(sdpo("pipeline", tmp_path / "p.yaml"), "set prompt_seed at the top level")
+    del config["sft"]["prompt_seed"]
+    config["evaluate"]["trunk_cache"] = "yes"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert_user_error(sdpo("pipeline", tmp_path / "p.yaml"), "evaluate.trunk_cache must be true or false")
 
 
 def test_baseline_and_align_commands(small_data, tmp_path):

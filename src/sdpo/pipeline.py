@@ -296,6 +296,8 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     unknown = sorted(set(eval_cfg) - EVALUATE_KEYS)
     if unknown:
         raise UserError(f"{path}: unknown evaluate option(s) {', '.join(unknown)}; known: {', '.join(sorted(EVALUATE_KEYS))}.")
+    if eval_cfg.get("trunk_cache", True) not in (True, False):
+        raise UserError(f"{path}: evaluate.trunk_cache must be true or false.")
     sft_stages, align_stages = _training_stages(config, path)
     started = time.perf_counter()
 
@@ -335,8 +337,6 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.trunk)
     trunk_dir, trunk_depth = out / "eval" / TRUNK_CACHE, None
-    if eval_cfg.get("trunk_cache", True) not in (True, False):
-        raise UserError(f"{path}: evaluate.trunk_cache must be true or false.")
     if "rank" in protocols and eval_cfg.get("trunk_cache", True):
         trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
         print(f"[evaluate] rank: layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
