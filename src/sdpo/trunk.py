@@ -11,8 +11,8 @@ versions, device, threads); a file by a hash of the batch (tokens, positions, se
 The first batch an evaluation loads is also computed in full, and the cache is used only if
 the two agree bit for bit; otherwise (an architecture that does more to its input embeddings
 than pass them to layer 0, say) the evaluation runs without it and says so. A file holds the
-hidden size x 4 bytes (fp32; 2 in bf16) per packed token, padding included: about 0.75 MB per
-LastFM record on SmolLM2-135M. The pipeline removes its cache once every stage is evaluated.
+hidden size x 4 bytes (fp32; 2 in bf16) per packed token, padding included: about 0.8 MB per
+LastFM record on SmolLM2-135M (`sdpo benchmark trunk`). The pipeline removes its cache once every stage is evaluated.
 """
 
 from __future__ import annotations
