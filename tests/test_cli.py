@@ -81,19 +81,23 @@ def test_pipeline_on_tiny(small_data, tmp_path):
         "data": {"path": str(small_data)},
         "sft": {"train_limit": 8, "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True, "lora_layers": 1},
         "align": [{"name": "dpo", "loss": "dpo", "negatives": 1, "train_limit": 4, "max_steps": 1, "disable_tqdm": True}],
-        "evaluate": {"split": "test", "limit": 3, "protocols": ["generate", "rank"], "batch_size": 2},
+        "evaluate": {"split": "test", "limit": 3, "protocols": ["rank", "generate"], "batch_size": 2},
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     result = sdpo("pipeline", tmp_path / "p.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     # LoRA on the last layer only: the rank evaluations shared layer 0's outputs, removed at the end
-    assert f"removed the trunk cache {run / 'eval' / 'trunk-cache'}" in result.stdout
+    assert f"every stage is ranked: removed the trunk cache {run / 'eval' / 'trunk-cache'}" in result.stdout
+    # protocol by protocol: every rank pass ran (on the cache) before the first generation
+    log = result.stdout
+    assert log.index("removed the trunk cache") < log.index("[evaluate] zero-shot, generate protocol")
+    assert log.index("[evaluate] dpo, rank protocol") < log.index("[evaluate] zero-shot, generate protocol")
     assert not (run / "eval" / "trunk-cache").exists()
     rows = json.loads((run / "results.json").read_text())
     assert [(r["stage"], r["protocol"]) for r in rows] == [
-        ("zero-shot", "generate"), ("zero-shot", "rank"), ("sft", "generate"), ("sft", "rank"), ("sft", "rank-reward"),
-        ("dpo", "generate"), ("dpo", "rank"), ("dpo", "rank-reward"),
+        ("zero-shot", "rank"), ("zero-shot", "generate"), ("sft", "rank"), ("sft", "rank-reward"), ("sft", "generate"),
+        ("dpo", "rank"), ("dpo", "rank-reward"), ("dpo", "generate"),
     ]
     assert all(r["n_records"] == 3 and r["prompt_seed"] == 3 for r in rows)
     assert "| sft | rank | 3 |" in result.stdout and "| dpo | rank-reward | 3 |" in result.stdout

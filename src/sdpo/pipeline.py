@@ -18,14 +18,15 @@ A pipeline config (see ``configs/quickstart.yaml``)::
 ``sft`` and ``align`` are one stage or a list of them, each named by its ``name`` option
 (default: sft; s-dpo or dpo by its loss) and trained into OUTPUT/<name>; an align stage
 starts from the SFT stage its ``from`` option names (default: the first). Evaluation covers the
-zero-shot base model and every trained stage; for the rank protocol a trained stage is also
+zero-shot base model and every trained stage, protocol by protocol in the order listed; for the rank protocol a trained stage is also
 ranked by its reward against its reference (the base model for SFT, the SFT model for an
 align stage), from the reference stage's saved log-probs. A stage whose output is complete
 is reused, and an interrupted training stage resumes from its last checkpoint, so re-running
 a pipeline continues where it stopped; a finished stage trained with other options than the
 config now gives is refused, not reused (an unfinished one is checked by ``--resume``). The
 rank evaluations share a trunk cache (OUTPUT/eval/trunk-cache, see `sdpo.trunk`): the decoder
-layers that no evaluated adapter changes run once per batch, not once per stage.
+layers that no evaluated adapter changes run once per batch, not once per stage, and the
+cache is removed once every stage is ranked.
 """
 
 from __future__ import annotations
@@ -341,21 +342,22 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
         print(f"[evaluate] rank: layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
               else "[evaluate] rank: no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
-    rows = []
-    for label, adapter, reference_label in models:
-        if label not in evaluated:
-            continue
-        # a stage's reward needs its reference stage's log-probs: free when that stage is evaluated too
-        reward = reference_label in evaluated and "rank" in protocols
-        for protocol in protocols:
+    # protocol by protocol: the rank passes run back to back on the trunk cache, which goes before generation
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for protocol in protocols:
+        for label, adapter, reference_label in models:
+            if label not in evaluated:
+                continue
             target = out / "eval" / f"{label}-{protocol}"
             metrics = _finished_evaluation(target, adapter)
             if metrics is not None:
                 print(f"[evaluate] reusing {target}")
             else:
                 print(f"[evaluate] {label}, {protocol} protocol, {split} split")
+                # a stage's reward needs its reference stage's log-probs: free when that stage is evaluated too
+                reward = reference_label in evaluated and protocol == "rank"
                 reference_scores = None
-                if protocol == "rank" and reward:
+                if reward:
                     records = load_split(data_dir, split, limit, shared["subset_seed"])
                     reference_scores = read_candidate_logps(out / "eval" / f"{reference_label}-rank" / "predictions.jsonl", records)
                 metrics = evaluate_model(
@@ -364,13 +366,18 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
                     score=eval_cfg.get("score", "logp"), reference_scores=reference_scores, reward=reward,
                     trunk_cache=trunk_dir if trunk_depth else None, trunk_depth=trunk_depth,
                 )
-            rows.append({**metrics, "stage": label})
-            if "reward_hr@1" in metrics:
-                rows.append({**reward_row(metrics), "stage": label})
-    if trunk_dir.exists():
-        size = folder_bytes(trunk_dir)
-        shutil.rmtree(trunk_dir)
-        print(f"[evaluate] every stage is evaluated: removed the trunk cache {trunk_dir} ({size / 1e9:.2f} GB)")
+            results[label, protocol] = metrics
+        if protocol == "rank" and trunk_dir.exists():
+            size = folder_bytes(trunk_dir)
+            shutil.rmtree(trunk_dir)
+            print(f"[evaluate] every stage is ranked: removed the trunk cache {trunk_dir} ({size / 1e9:.2f} GB)")
+    rows = []
+    for label, _, _ in models:  # the table: stage by stage
+        for protocol in protocols:
+            if (label, protocol) in results:
+                rows.append({**results[label, protocol], "stage": label})
+                if "reward_hr@1" in results[label, protocol]:
+                    rows.append({**reward_row(results[label, protocol]), "stage": label})
     rows.extend(_run_baselines(config, path, out, data_dir, seed, split, limit, shared["subset_seed"]))
     table = results_table(rows)
     write_json(out / "results.json", rows)

@@ -12,7 +12,7 @@ The first batch an evaluation loads is also computed in full, and the cache is u
 the two agree bit for bit; otherwise (an architecture that does more to its input embeddings
 than pass them to layer 0, say) the evaluation runs without it and says so. A file holds the
 hidden size x 4 bytes (fp32; 2 in bf16) per packed token, padding included: about 0.8 MB per
-LastFM record on SmolLM2-135M (`sdpo benchmark trunk`). The pipeline removes its cache once every stage is evaluated.
+LastFM record on SmolLM2-135M (`sdpo benchmark trunk`). The pipeline ranks every stage before generating and removes its cache once every stage is ranked.
 """
 
 from __future__ import annotations
