@@ -57,9 +57,9 @@ def test_evaluate_refuses_a_bad_dataset_and_writes_nothing(small_data, tmp_path)
     assert_user_error(result, "holds no LoRA adapter")
     result = sdpo("evaluate", "--data", small_data, "--model", "no-such-org/no-such-model", "--output", tmp_path / "o3")
     assert_user_error(result, "cannot load a tokenizer for 'no-such-org/no-such-model'")
-    result = sdpo("evaluate", "--data", small_data, "--model", "tiny", "--protocol", "generate", "--trunk_cache", tmp_path / "c",
+    result = sdpo("evaluate", "--data", small_data, "--model", "tiny", "--protocol", "rerank", "--trunk_cache", tmp_path / "c",
                   "--output", tmp_path / "o4")
-    assert_user_error(result, "--trunk_cache serves the rank protocol, not generate")
+    assert_user_error(result, "--trunk_cache serves the rank and generate protocols, not rerank")
 
 
 def test_sft_cli_errors(tmp_path):
@@ -87,12 +87,10 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     result = sdpo("pipeline", tmp_path / "p.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
-    # LoRA on the last layer only: the rank evaluations shared layer 0's outputs, removed at the end
-    assert f"every stage is ranked: removed the trunk cache {run / 'eval' / 'trunk-cache'}" in result.stdout
-    # protocol by protocol: every rank pass ran (on the cache) before the first generation
-    log = result.stdout
-    assert log.index("removed the trunk cache") < log.index("[evaluate] zero-shot, generate protocol")
-    assert log.index("[evaluate] dpo, rank protocol") < log.index("[evaluate] zero-shot, generate protocol")
+    # LoRA on the last layer only: the evaluations shared what layer 0 computes, removed at the end
+    assert f"every stage is evaluated: removed the trunk cache {run / 'eval' / 'trunk-cache'}" in result.stdout
+    # protocol by protocol: every rank pass ran before the first generation
+    assert result.stdout.index("[evaluate] dpo, rank protocol") < result.stdout.index("[evaluate] zero-shot, generate protocol")
     assert not (run / "eval" / "trunk-cache").exists()
     rows = json.loads((run / "results.json").read_text())
     assert [(r["stage"], r["protocol"]) for r in rows] == [

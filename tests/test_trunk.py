@@ -1,4 +1,4 @@
-"""The shared-trunk cache: bitwise the scores of the full forward, and never used where it would be wrong."""
+"""The shared-trunk cache: bitwise the scores and generations of the full computation, and never used where it would be wrong."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 
 from sdpo.datasets import load_split
 from sdpo.errors import UserError
-from sdpo.evaluation import candidate_logps, reference_logps
+from sdpo.evaluation import candidate_logps, generate_answers, reference_logps
 from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.trunk import TrunkCache, first_adapted_layer, shared_trunk_depth
 
@@ -54,6 +54,42 @@ def test_cached_trunk_gives_the_full_forward_bitwise(small_data, tmp_path):
         assert torch.equal(want, got)
     assert not all(torch.equal(a, b) for a, b in zip(expected, expected_base, strict=True))  # the adapter matters
     assert len(adapted.get_base_model().model.layers) == 2  # the layers are back after each cached call
+
+
+def prompt_passes(module) -> list[int]:
+    """Widths of the calls of `module` over more than one token (a prompt's pass, not a generated token's)."""
+    widths = []
+    module.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]) if args[0].shape[1] > 1 else None)
+    return widths
+
+
+def test_generation_from_the_cached_prompt_trunk_is_the_full_generation_bitwise(small_data, tmp_path):
+    records = load_split(small_data, "test")  # batches of 3, 3, 2
+    base, tokenizer = load_model("tiny")
+    adapted, _ = adapted_model(last_layers=1)
+    expected = generate_answers(adapted, tokenizer, records, "music", batch_size=3, progress=False)
+    expected_base = generate_answers(base.eval(), tokenizer, records, "music", batch_size=3, progress=False)
+    assert expected != expected_base  # the adapter matters
+
+    # the zero-shot model fills the cache; the adapted model then skips layer 0 over its prompts
+    filled = generate_answers(base, tokenizer, records, "music", batch_size=3, progress=False, trunk=TrunkCache(tmp_path, base, 1))
+    assert filled == expected_base and len(list(tmp_path.rglob("*.safetensors"))) == 3
+    layer0 = prompt_passes(adapted.get_base_model().model.layers[0].mlp)
+    trunk = TrunkCache(tmp_path, adapted, depth=1)
+    assert generate_answers(adapted, tokenizer, records, "music", batch_size=3, progress=False, trunk=trunk) == expected
+    assert trunk.checked and trunk.usable  # the first loaded batch agreed in every token and logit
+    assert len(layer0) == 1  # that batch's full generation: the other prompts never ran layer 0
+    assert "forward" not in vars(adapted.get_base_model().model.layers[0])  # the layer is itself again
+
+    # keys and values that are not this model's: the check notices, and the answers stay the full generation's
+    from safetensors.torch import load_file, save_file
+
+    for path in tmp_path.rglob("*.safetensors"):
+        saved = load_file(path)
+        save_file({**saved, "keys": saved["keys"] * 1.5}, str(path))
+    trunk = TrunkCache(tmp_path, adapted, depth=1)
+    assert generate_answers(adapted, tokenizer, records, "music", batch_size=3, progress=False, trunk=trunk) == expected
+    assert trunk.checked and not trunk.usable
 
 
 def test_another_batching_or_other_trunk_weights_get_their_own_files(small_data, tmp_path):
@@ -128,12 +164,15 @@ def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_
 
     for name, last_layers in (("last", 1), ("all", None)):
         adapted_model(last_layers)[0].save_pretrained(tmp_path / name)
-    common = {"data": small_data, "split": "test", "model_name": "tiny", "protocol": "rank", "limit": 4, "batch_size": 2, "progress": False}
-    evaluate_model(adapter=tmp_path / "last", output=tmp_path / "plain", **common)
-    for run in ("first", "second"):  # fills the cache, then reads it
-        evaluate_model(adapter=tmp_path / "last", output=tmp_path / run, trunk_cache=tmp_path / "cache", **common)
-        assert (tmp_path / run / "predictions.jsonl").read_text() == (tmp_path / "plain" / "predictions.jsonl").read_text()
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+    common = {"data": small_data, "split": "test", "model_name": "tiny", "limit": 4, "batch_size": 2, "progress": False}
+    for protocol in ("rank", "generate"):
+        evaluate_model(adapter=tmp_path / "last", protocol=protocol, output=tmp_path / f"plain-{protocol}", **common)
+        for run in ("first", "second"):  # fills the cache, then reads it
+            output = tmp_path / f"{run}-{protocol}"
+            evaluate_model(adapter=tmp_path / "last", protocol=protocol, output=output, trunk_cache=tmp_path / "cache", **common)
+            assert (output / "predictions.jsonl").read_text() == (tmp_path / f"plain-{protocol}" / "predictions.jsonl").read_text()
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 4  # 2 batches x (packed candidates, prompts)
+    common["protocol"] = "rank"
     for adapter in (None, tmp_path / "all"):
         with pytest.raises(UserError, match="--lora_layers N"):
             evaluate_model(adapter=adapter, output=tmp_path / "refused", trunk_cache=tmp_path / "cache", **common)

@@ -133,14 +133,14 @@ def evaluate_cmd(
     top: int = typer.Option(20, help="rerank: how many retrieved items the LM re-ranks"),
     trunk_cache: Optional[Path] = typer.Option(
         None, "--trunk_cache", "--trunk-cache",
-        help="rank: a folder where the hidden states below the adapter's layers are kept, so evaluating another adapter "
+        help="a folder where what the layers below the adapter's compute is kept, so evaluating another adapter "
              "of the same base on the same records runs only its own layers (adapters trained with --lora_layers N)"),
 ) -> None:
     """Evaluate a model (optionally with a LoRA adapter) on a prepared split."""
     from sdpo.pipeline import evaluate_model
 
-    if trunk_cache is not None and protocol != "rank":
-        raise UserError(f"--trunk_cache serves the rank protocol, not {protocol}.")
+    if trunk_cache is not None and protocol == "rerank":
+        raise UserError("--trunk_cache serves the rank and generate protocols, not rerank.")
     metrics = evaluate_model(data, split, model, adapter, protocol, limit, output_dir, batch_size, domain, prompt_seed,
                              subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter, retriever=retriever, top=top,
                              trunk_cache=trunk_cache)

@@ -135,8 +135,11 @@ def rank_candidates(model, tokenizer, records: list[Record], domain: str, batch_
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                     journal: Journal | None = None) -> list[str]:
-    """Greedy answers (at most 20 new tokens), decoded from the new tokens only (journaled as in `candidate_logps`)."""
+                     journal: Journal | None = None, *, trunk: TrunkCache | None = None) -> list[str]:
+    """Greedy answers (at most 20 new tokens), decoded from the new tokens only (journaled as in `candidate_logps`).
+
+    With a `trunk` cache, the prompt's pass through the layers no adapter changes runs once per batch across evaluations.
+    """
     model.eval()
     device = next(model.parameters()).device
     texts = []
@@ -149,15 +152,10 @@ def generate_answers(model, tokenizer, records: list[Record], domain: str, batch
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        options = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False,
+                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
         with compute_context(_weight(model)):
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            output = trunk.generate(model, **options) if trunk is not None else model.generate(**options)
         new = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
         if journal is not None:
             journal.add("text", [(record.id, text) for record, text in zip(batch, new, strict=True)])
@@ -243,8 +241,8 @@ def evaluate(
     with the model's base (adapter off), a folder with that reference adapter, and a list
     of per-record scores is used as it is (e.g. the previous stage's log-probs). With
     `journal_dir`, raw outputs go to its journal as they come, and an interrupted evaluation
-    with the same `info` continues from there (see `sdpo.journal`). A `trunk` cache serves the
-    rank protocol (see `sdpo.trunk`).
+    with the same `info` continues from there (see `sdpo.journal`). A `trunk` cache serves
+    both protocols (see `sdpo.trunk`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
@@ -266,7 +264,8 @@ def evaluate(
             reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference, journal, trunk=trunk)
         result = score_rankings(records, logps, reference or None, score)
     else:
-        result = score_generations(records, generate_answers(model, tokenizer, records, domain, batch_size, seed, progress, journal))
+        texts = generate_answers(model, tokenizer, records, domain, batch_size, seed, progress, journal, trunk=trunk)
+        result = score_generations(records, texts)
     result.metrics = {
         **result.metrics,
         "n_records": len(records),

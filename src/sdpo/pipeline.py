@@ -24,9 +24,9 @@ align stage), from the reference stage's saved log-probs. A stage whose output i
 is reused, and an interrupted training stage resumes from its last checkpoint, so re-running
 a pipeline continues where it stopped; a finished stage trained with other options than the
 config now gives is refused, not reused (an unfinished one is checked by ``--resume``). The
-rank evaluations share a trunk cache (OUTPUT/eval/trunk-cache, see `sdpo.trunk`): the decoder
-layers that no evaluated adapter changes run once per batch, not once per stage, and the
-cache is removed once every stage is ranked.
+evaluations share a trunk cache (OUTPUT/eval/trunk-cache, see `sdpo.trunk`): the decoder
+layers that no evaluated adapter changes run once per batch, not once per stage (for
+generation: over the prompt), and the cache is removed once every stage is evaluated.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from sdpo.errors import UserError
 from sdpo.evaluation import PROTOCOLS, evaluate
 from sdpo.io import folder_bytes, write_json, write_text_atomic
 from sdpo.records import Record
-from sdpo.trunk import shared_trunk_depth
+from sdpo.trunk import TrunkCache, shared_trunk_depth
 
 PREPARERS = ("lastfm", "movielens-100k", "interactions", "llara")
 SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
@@ -120,9 +120,9 @@ def evaluate_model(
     model, or `reference_adapter`, or `reference_scores` (per record, the reference's log-prob
     of each candidate) when they were computed already; ``reward=False`` skips it. The ``rerank`` protocol re-ranks the
     `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
-    retriever alone (see `sdpo.recommend.evaluate_rerank`). With a `trunk_cache` folder, the rank
-    protocol keeps the hidden states entering layer `trunk_depth` (default: the adapter's first
-    layer) there and reuses them (`sdpo.trunk`).
+    retriever alone (see `sdpo.recommend.evaluate_rerank`). With a `trunk_cache` folder, rank and
+    generate keep what the layers below `trunk_depth` (default: the adapter's first layer) compute
+    there and reuse it (`sdpo.trunk`).
     """
     from sdpo.evaluation import SCORES
     from sdpo.models import load_model
@@ -162,9 +162,7 @@ def evaluate_model(
         return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter)
     trunk = None
-    if trunk_cache is not None and protocol == "rank":
-        from sdpo.trunk import TrunkCache
-
+    if trunk_cache is not None:
         if trunk_depth is None:
             trunk_depth = shared_trunk_depth([a for a in (adapter, reference_adapter) if a is not None]) if adapter else None
             if trunk_depth is None:
@@ -338,11 +336,10 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.trunk)
     trunk_dir, trunk_depth = out / "eval" / TRUNK_CACHE, None
-    if "rank" in protocols and eval_cfg.get("trunk_cache", True):
+    if eval_cfg.get("trunk_cache", True):
         trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
-        print(f"[evaluate] rank: layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
-              else "[evaluate] rank: no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
-    # protocol by protocol: the rank passes run back to back on the trunk cache, which goes before generation
+        print(f"[evaluate] layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
+              else "[evaluate] no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for protocol in protocols:
         for label, adapter, reference_label in models:
@@ -367,10 +364,10 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
                     trunk_cache=trunk_dir if trunk_depth else None, trunk_depth=trunk_depth,
                 )
             results[label, protocol] = metrics
-        if protocol == "rank" and trunk_dir.exists():
-            size = folder_bytes(trunk_dir)
-            shutil.rmtree(trunk_dir)
-            print(f"[evaluate] every stage is ranked: removed the trunk cache {trunk_dir} ({size / 1e9:.2f} GB)")
+    if trunk_dir.exists():
+        size = folder_bytes(trunk_dir)
+        shutil.rmtree(trunk_dir)
+        print(f"[evaluate] every stage is evaluated: removed the trunk cache {trunk_dir} ({size / 1e9:.2f} GB)")
     rows = []
     for label, _, _ in models:  # the table: stage by stage
         for protocol in protocols:

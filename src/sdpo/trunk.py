@@ -1,4 +1,4 @@
-"""Shared-trunk cache: rank with many adapters of one base model for the price of their own layers.
+"""Shared-trunk cache: rank and generate with many adapters of one base model for the price of their own layers.
 
 An adapter trained with ``--lora_layers N`` changes only the last N decoder layers. Every
 model of a pipeline (zero-shot, SFT, DPO, S-DPO with any K) therefore computes the same hidden
@@ -12,7 +12,15 @@ The first batch an evaluation loads is also computed in full, and the cache is u
 the two agree bit for bit; otherwise (an architecture that does more to its input embeddings
 than pass them to layer 0, say) the evaluation runs without it and says so. A file holds the
 hidden size x 4 bytes (fp32; 2 in bf16) per packed token, padding included: about 0.8 MB per
-LastFM record on SmolLM2-135M (`sdpo benchmark trunk`). The pipeline ranks every stage before generating and removes its cache once every stage is ranked.
+LastFM record on SmolLM2-135M (`sdpo benchmark trunk`).
+
+Generation uses the same folder: for a batch of prompts, the first generation saves what the
+trunk layers leave behind over the prompt (their keys and values, and the states entering
+layer D); a later one puts those keys and values into HF's generation cache and hands the
+states to layer D, so the prompt's pass runs only the adapted layers, while the few generated
+tokens run every layer as usual. The first batch loaded is generated both ways and must agree
+in every token and every logit. That costs (D x 2 x key/value width + hidden size) x 4 bytes
+per prompt token: about 7 MB per LastFM record on SmolLM2-135M with D = 22.
 """
 
 from __future__ import annotations
@@ -100,13 +108,39 @@ def trunk_fingerprint(model, decoder, depth: int) -> str:
     return digest.hexdigest()
 
 
-def _batch_key(packed: dict[str, torch.Tensor]) -> str:
+def _batch_key(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named integer tensors (a batch's tokens and layout): the name of its file."""
     digest = hashlib.sha256()
-    for name in ("input_ids", "position_ids", "segment_ids"):
-        tensor = packed[name]
+    for name, tensor in tensors.items():
         digest.update(f"{name} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextmanager
+def _prompt_trunk_from(decoder, saved: dict[str, torch.Tensor]):
+    """Let `decoder`'s first layers take their pass over the prompt from `saved`; generated tokens run them as usual.
+
+    The prompt's pass of trunk layer i only puts its saved keys and values into the generation
+    cache; the last one also hands on the saved states entering the first layer after the trunk.
+    """
+    trunk = list(decoder.layers)[: saved["keys"].shape[0]]
+
+    def from_saved(index: int, layer):
+        def forward(hidden_states, *args, cache=None, past_key_values=None, **kwargs):
+            del layer.forward  # the prompt's pass only: the layer runs itself for the generated tokens
+            (cache if cache is not None else past_key_values).update(saved["keys"][index], saved["values"][index], index)
+            return saved["hidden"] if index == len(trunk) - 1 else hidden_states
+
+        return forward
+
+    for index, layer in enumerate(trunk):
+        layer.forward = from_saved(index, layer)
+    try:
+        yield
+    finally:
+        for layer in trunk:
+            layer.__dict__.pop("forward", None)
 
 
 @contextmanager
@@ -121,7 +155,11 @@ def _without_first_layers(decoder, depth: int):
 
 
 class TrunkCache:
-    """The hidden states entering decoder layer `depth` of `model`, one file per packed batch under `folder`."""
+    """What the first `depth` decoder layers of `model` compute, one file per batch under `folder`.
+
+    For ranking (`decoder_output`), the hidden states entering layer `depth` of a packed batch;
+    for generation (`generate`), also the trunk layers' keys and values over a batch of prompts.
+    """
 
     def __init__(self, folder: str | Path, model, depth: int):
         from sdpo.scoring import causal_lm_parts
@@ -142,17 +180,13 @@ class TrunkCache:
 
         `packed` is the batch as `sdpo.scoring.pack_answers` made it; it names the file.
         """
-        from sdpo.scoring import causal_lm_parts, final_hidden_states
+        from sdpo.scoring import final_hidden_states
 
-        decoder, _ = causal_lm_parts(model)
-        first = first_adapted_layer(model)
-        if first is not None and first < self.depth:
-            raise UserError(f"an adapter changes decoder layer {first}, inside the cached trunk of {self.depth} layers; "
-                            "evaluate it without the trunk cache.")
+        decoder = self._decoder(model)
         if not self.usable:
             return final_hidden_states(model, decoder, **inputs)
-        path = self.folder / f"{_batch_key(packed)}.safetensors"
-        hidden = self._load(path, inputs["input_ids"].shape, decoder.config.hidden_size)
+        path = self.folder / f"{_batch_key({name: packed[name] for name in ('input_ids', 'position_ids', 'segment_ids')})}.safetensors"
+        hidden = self._load_hidden(path, inputs["input_ids"].shape, decoder.config.hidden_size)
         if hidden is not None:
             rest = {key: value for key, value in inputs.items() if key != "input_ids"}
             with _without_first_layers(decoder, self.depth):
@@ -160,10 +194,7 @@ class TrunkCache:
             if self.checked:
                 return cached
             full = final_hidden_states(model, decoder, **inputs)
-            self.checked, self.usable = True, torch.equal(full, cached)
-            if not self.usable:
-                print(f"[evaluate] the cached trunk differs from the full forward for this model "
-                      f"(largest gap {float((full - cached).abs().max()):.3g}); evaluating without the trunk cache", flush=True)
+            self._check(torch.equal(full, cached), f"largest gap {float((full - cached).abs().max()):.3g}")
             return full
         kept = []
 
@@ -175,27 +206,106 @@ class TrunkCache:
             output = final_hidden_states(model, decoder, **inputs)
         finally:
             hook.remove()
-        self._save(path, kept[-1])
+        self._save(path, {"hidden": kept[-1]})
         return output
 
+    def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **options) -> torch.Tensor:
+        """``model.generate(input_ids=..., attention_mask=..., **options).sequences`` [B, P + new], the prompt's trunk from the cache.
+
+        A file per batch of prompts [B, P] holds what the trunk layers leave for generation:
+        their keys and values over the prompt [depth, B, kv_heads, P, head_dim] each, and the
+        states entering layer `depth` [B, P, H]. With them the prompt's pass skips the trunk
+        layers; the generated tokens run every layer as usual.
+        """
+        decoder = self._decoder(model)
+        prompts = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not self.usable:
+            return model.generate(**prompts, **options)
+        path = self.folder / f"{_batch_key({'prompt_ids': input_ids, 'prompt_mask': attention_mask})}.safetensors"
+        saved = self._load_prompt_trunk(path, input_ids.shape)
+        if saved is not None:
+            saved = {name: tensor.to(input_ids.device) for name, tensor in saved.items()}
+            with _prompt_trunk_from(decoder, saved):
+                cached = model.generate(**prompts, **options, return_dict_in_generate=True, output_logits=True)
+            if self.checked:
+                return cached.sequences
+            full = model.generate(**prompts, **options, return_dict_in_generate=True, output_logits=True)
+            same = torch.equal(full.sequences, cached.sequences) and all(
+                torch.equal(a, b) for a, b in zip(full.logits, cached.logits, strict=True))
+            self._check(same, "other generated tokens or logits")
+            return full.sequences
+        kept = []
+
+        def keep(module, args, kwargs):
+            kept.append(args[0] if args else kwargs["hidden_states"])
+
+        hook = decoder.layers[self.depth].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            output = model.generate(**prompts, **options, return_dict_in_generate=True)
+        finally:
+            hook.remove()
+        if output.past_key_values is None:  # a model that generates without a cache: nothing to keep
+            return output.sequences
+        width = input_ids.shape[1]
+        layers = output.past_key_values.layers[: self.depth]
+        self._save(path, {"hidden": kept[0], "keys": torch.stack([layer.keys[:, :, :width] for layer in layers]),
+                          "values": torch.stack([layer.values[:, :, :width] for layer in layers])})
+        return output.sequences
+
+    def _decoder(self, model):
+        """`model`'s decoder, after refusing an adapter that changes a layer inside the trunk."""
+        from sdpo.scoring import causal_lm_parts
+
+        first = first_adapted_layer(model)
+        if first is not None and first < self.depth:
+            raise UserError(f"an adapter changes decoder layer {first}, inside the cached trunk of {self.depth} layers; "
+                            "evaluate it without the trunk cache.")
+        return causal_lm_parts(model)[0]
+
+    def _check(self, same: bool, gap: str) -> None:
+        """Record how the first loaded batch compared with the full computation; from a difference on, the cache is off."""
+        self.checked, self.usable = True, same
+        if not same:
+            print(f"[evaluate] the cached trunk differs from the full computation for this model ({gap}); "
+                  "evaluating without the trunk cache", flush=True)
+
+    def _load_prompt_trunk(self, path: Path, shape: torch.Size) -> dict[str, torch.Tensor] | None:
+        """The saved prompt trunk for prompts of `shape` [B, P]; None (and the file removed) when absent, unreadable or another shape."""
+        saved = self._read(path)
+        if saved is None:
+            return None
+        batch, width = shape
+        if (set(saved) != {"hidden", "keys", "values"} or saved["hidden"].shape[:2] != (batch, width)
+                or saved["keys"].shape[0] != self.depth or saved["keys"].shape[1] != batch or saved["keys"].shape[3] != width
+                or saved["values"].shape != saved["keys"].shape):
+            path.unlink(missing_ok=True)
+            return None
+        return saved
+
     @staticmethod
-    def _load(path: Path, shape: torch.Size, hidden_size: int) -> torch.Tensor | None:
-        """The saved states [B, L, H] at `path`; None (and the file removed) when absent, unreadable or of another shape."""
+    def _read(path: Path) -> dict[str, torch.Tensor] | None:
+        """The tensors saved at `path`; None when there is none, and (the file removed) when a crash cut it short."""
         if not path.is_file():
             return None
         from safetensors.torch import load_file
 
         try:
-            hidden = load_file(path)["hidden"]
-        except Exception:  # a file a crash cut short: computed again
-            hidden = None
+            return load_file(path)
+        except Exception:
+            path.unlink(missing_ok=True)
+            return None
+
+    @staticmethod
+    def _load_hidden(path: Path, shape: torch.Size, hidden_size: int) -> torch.Tensor | None:
+        """The saved states [B, L, H] at `path`; None (and the file removed) when absent, unreadable or of another shape."""
+        hidden = (TrunkCache._read(path) or {}).get("hidden")
         if hidden is None or tuple(hidden.shape) != (*shape, hidden_size):
             path.unlink(missing_ok=True)
             return None
         return hidden
 
     @staticmethod
-    def _save(path: Path, hidden: torch.Tensor) -> None:
+    def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        replace_atomic(path, lambda tmp: save_file({"hidden": hidden.detach().cpu().contiguous()}, str(tmp)))
+        replace_atomic(path, lambda tmp: save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp)))
