@@ -37,3 +37,7 @@ def test_benchmark_trunk_on_tiny(small_data, tmp_path):
     assert len(result["full_seconds"]) == len(result["cached_seconds"]) == 2 and result["speedup"] > 0
     assert result["cache_mb_per_record"] > 0
     assert "cached trunk" in trunk_table(result)
+    result = benchmark_trunk("tiny", small_data, lora_layers=1, n_records=4, repeats=1, batch_size=2, json_out=tmp_path / "g.json",
+                             protocol="generate")
+    assert result["protocol"] == "generate" and result["answers_differing"] == 0 and result["cache_used"]
+    assert result["cache_mb_per_record"] > 0 and "0 answers differ" in trunk_table(result)

@@ -1,13 +1,13 @@
-"""Benchmark the shared-trunk cache (`sdpo.trunk`): ranking with and without it, side by side in one process.
+"""Benchmark the shared-trunk cache (`sdpo.trunk`): ranking or generating with and without it, side by side in one process.
 
 One model: the base LM plus a LoRA adapter on its last `lora_layers` decoder layers, the
 adapter's B matrices drawn at random so that it changes the scores (as a trained one does).
-The same test records throughout. First the base model ranks them once with the cache, which
-fills it (what the first stage of a pipeline pays). Then, `repeats` times, the adapted model
-ranks them with the full forward and with the cache, the order alternating between repeats so
-a slow phase of a shared machine hits both (the cache's one-time exactness check runs before);
-medians are reported, with the largest absolute log-prob difference between the two ways (the
-cache is exact: 0 expected) and the cache's size.
+The same test records throughout. First the base model ranks (or answers) them once with the
+cache, which fills it (what the first stage of a pipeline pays). Then, `repeats` times, the
+adapted model ranks (answers) them in full and with the cache, the order alternating between
+repeats so a slow phase of a shared machine hits both (the cache's one-time exactness check
+runs before); medians are reported, with how far the two ways differ (the cache is exact: the
+largest log-prob difference, or the number of differing answers, is 0) and the cache's size.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers import set_seed
 
 from sdpo.datasets import load_split, read_manifest
 from sdpo.errors import UserError
-from sdpo.evaluation import candidate_logps
+from sdpo.evaluation import candidate_logps, generate_answers
 from sdpo.io import folder_bytes, write_json
 from sdpo.models import LoraSettings, add_lora, load_model
 from sdpo.precision import cpu_name
@@ -31,8 +31,10 @@ from sdpo.trunk import TrunkCache
 
 
 def benchmark_trunk(model_name: str, data: str | Path, lora_layers: int, n_records: int, repeats: int, batch_size: int,
-                    json_out: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Measure, write `json_out` and return the results (see the module docstring)."""
+                    json_out: str | Path, seed: int = 0, protocol: str = "rank") -> dict[str, Any]:
+    """Measure `protocol` (rank or generate), write `json_out` and return the results (see the module docstring)."""
+    if protocol not in ("rank", "generate"):
+        raise UserError(f"--protocol {protocol!r}: choose rank or generate.")
     domain = read_manifest(data).get("domain", "music")
     records = load_split(data, "test", n_records, seed=0)
     set_seed(seed)
@@ -47,30 +49,34 @@ def benchmark_trunk(model_name: str, data: str | Path, lora_layers: int, n_recor
                 param.normal_(0, 0.02)
     depth = n_layers - lora_layers
 
-    def rank(trunk: TrunkCache | None) -> tuple[float, list[torch.Tensor]]:
+    def run(trunk: TrunkCache | None, some: list | None = None) -> tuple[float, list]:
+        way = candidate_logps if protocol == "rank" else generate_answers
         start = time.perf_counter()
-        scores = candidate_logps(model, tokenizer, records, domain, batch_size, progress=False, trunk=trunk)
-        return time.perf_counter() - start, scores
+        outputs = way(model, tokenizer, some or records, domain, batch_size, progress=False, trunk=trunk)
+        return time.perf_counter() - start, outputs
 
     with tempfile.TemporaryDirectory(prefix="sdpo-trunk-") as folder:
         trunk = TrunkCache(folder, model, depth)
-        print(f"[benchmark] filling the cache: the base model ranks {len(records)} records", flush=True)
+        print(f"[benchmark] filling the cache: the base model, {protocol}, {len(records)} records", flush=True)
         with model.disable_adapter():
-            fill_seconds, _ = rank(trunk)
+            fill_seconds, _ = run(trunk)
         cache_bytes = folder_bytes(folder)
-        candidate_logps(model, tokenizer, records[:batch_size], domain, batch_size, progress=False, trunk=trunk)  # the one-time exactness check
+        run(trunk, records[:batch_size])  # the one-time exactness check
         seconds: dict[str, list[float]] = {"full": [], "cached": []}
-        scores: dict[str, list[torch.Tensor]] = {}
+        outputs: dict[str, list] = {}
         for repeat in range(repeats):
             order = ("full", "cached") if repeat % 2 == 0 else ("cached", "full")
             for way in order:
-                elapsed, scores[way] = rank(trunk if way == "cached" else None)
+                elapsed, outputs[way] = run(trunk if way == "cached" else None)
                 seconds[way].append(elapsed)
                 print(f"[benchmark] repeat {repeat + 1}/{repeats}, {way}: {elapsed:.1f} s", flush=True)
-    gap = max(float((a - b).abs().max()) for a, b in zip(scores["full"], scores["cached"], strict=True))
+    pairs = list(zip(outputs["full"], outputs["cached"], strict=True))
+    difference = ({"max_abs_logp_diff": max(float((a - b).abs().max()) for a, b in pairs)} if protocol == "rank"
+                  else {"answers_differing": sum(a != b for a, b in pairs)})
     full, cached = statistics.median(seconds["full"]), statistics.median(seconds["cached"])
     result = {
         "model": model_name,
+        "protocol": protocol,
         "cpu": cpu_name(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -88,21 +94,24 @@ def benchmark_trunk(model_name: str, data: str | Path, lora_layers: int, n_recor
         "cached_median_s_per_record": round(cached / len(records), 4),
         "speedup": round(full / cached, 2),
         "cache_mb_per_record": round(cache_bytes / len(records) / 1e6, 3),
-        "max_abs_logp_diff": gap,
-        "cache_used": trunk.usable,  # False if its exactness check failed (then both ways ran the full forward)
+        **difference,
+        "cache_used": trunk.usable,  # False if its exactness check failed (then both ways ran in full)
     }
     write_json(json_out, result)
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
+    ranking = result.get("protocol", "rank") == "rank"
+    difference = (f"largest log-prob difference {result['max_abs_logp_diff']:.3g}" if ranking
+                  else f"{result['answers_differing']} answers differ")
     return "\n".join([
-        f"ranking {result['records']} records, {result['model']}, LoRA on the last {result['lora_layers']} of "
+        f"{'ranking' if ranking else 'generating for'} {result['records']} records, {result['model']}, LoRA on the last {result['lora_layers']} of "
         f"{result['n_layers']} layers ({result['torch_threads']} threads)",
         "| way | s/record (median) |",
         "|---|---|",
-        f"| full forward | {result['full_median_s_per_record']:.3f} |",
+        f"| full computation | {result['full_median_s_per_record']:.3f} |",
         f"| cached trunk | {result['cached_median_s_per_record']:.3f} |",
         f"speedup {result['speedup']:.2f}x; filling the cache {result['fill_seconds'] / result['records']:.3f} s/record; "
-        f"{result['cache_mb_per_record']:.2f} MB/record on disk; largest log-prob difference {result['max_abs_logp_diff']:.3g}",
+        f"{result['cache_mb_per_record']:.2f} MB/record on disk; {difference}",
     ])

@@ -221,17 +221,18 @@ def benchmark_trunk_cmd(
     data: Path = typer.Option(..., help="prepared dataset folder whose test records are ranked"),
     json_out: Path = typer.Option(..., "--json", help="result file to write"),
     model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    protocol: str = typer.Option("rank", help="rank (score the candidates) or generate (greedy answers)"),
     lora_layers: int = typer.Option(8, "--lora_layers", "--lora-layers", help="the adapter's layers: the last N (the trunk is the rest)"),
-    records: int = typer.Option(32, help="test records ranked in each way"),
+    records: int = typer.Option(32, help="test records ranked (answered) in each way"),
     repeats: int = typer.Option(3, help="timed repeats of each way, alternating which goes first (medians reported)"),
     batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass"),
 ) -> None:
-    """Ranking with the shared-trunk cache against the full forward: s/record, speedup, exactness, disk per record."""
+    """Ranking or generating with the shared-trunk cache against the full computation: s/record, speedup, exactness, disk per record."""
     from sdpo.benchmark_trunk import benchmark_trunk, format_table
 
     if min(records, repeats, batch_size, lora_layers) < 1:
         raise UserError("--records, --repeats, --batch_size and --lora_layers must be at least 1.")
-    result = benchmark_trunk(model, data, lora_layers, records, repeats, batch_size, json_out)
+    result = benchmark_trunk(model, data, lora_layers, records, repeats, batch_size, json_out, protocol=protocol)
     typer.echo(format_table(result))
     typer.echo(f"wrote {json_out}")
 
