@@ -42,7 +42,7 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
         config["sft"] = os.path.relpath(_checked_reference(run_dir, config, reference).resolve(), out.resolve())
     elif reference is not None:
         raise UserError(f"--reference: {run_dir} is an SFT run; its reference is the base model. Leave --reference out.")
-    config[EXPORTED_FROM] = str(run_dir.resolve())
+    config[EXPORTED_FROM] = str(run_dir)  # as given: no machine's absolute path travels with the folder
     config[EXPORTED_SHA256] = adapter_sha256(run_dir)
     config["output_dir"] = str(out)
     weights = {name: tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
@@ -72,7 +72,7 @@ def _checked_reference(run_dir: Path, config: dict, reference: str | Path | None
                         f"Export {sft_run} with sdpo export and give that folder.")
     # by the weights' hash where the run recorded it, else by the folder
     same = (exported.get(EXPORTED_SHA256) == config["sft_sha256"] if config.get("sft_sha256")
-            else Path(exported[EXPORTED_FROM]) == Path(sft_run).resolve())
+            else Path(exported[EXPORTED_FROM]).resolve() == Path(sft_run).resolve())
     if not same:
         raise UserError(f"--reference {reference} was exported from {exported[EXPORTED_FROM]}, which is not the SFT adapter "
                         f"{run_dir} was trained against ({sft_run}). Give the export of that one.")
