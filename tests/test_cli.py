@@ -88,7 +88,8 @@ def test_pipeline_on_tiny(small_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     # LoRA on the last layer only: the evaluations shared what layer 0 computes, removed at the end
-    assert f"every stage is evaluated: removed the trunk cache {run / 'eval' / 'trunk-cache'}" in result.stdout
+    for protocol in ("rank", "generate"):
+        assert f"every stage is evaluated with {protocol}: removed the trunk cache {run / 'eval' / 'trunk-cache' / protocol}" in result.stdout
     # protocol by protocol: every rank pass ran before the first generation
     assert result.stdout.index("[evaluate] dpo, rank protocol") < result.stdout.index("[evaluate] zero-shot, generate protocol")
     assert not (run / "eval" / "trunk-cache").exists()

@@ -58,7 +58,7 @@ def test_cached_trunk_gives_the_full_forward_bitwise(small_data, tmp_path):
 
 def prompt_passes(module) -> list[int]:
     """Widths of the calls of `module` over more than one token (a prompt's pass, not a generated token's)."""
-    widths = []
+    widths: list[int] = []
     module.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]) if args[0].shape[1] > 1 else None)
     return widths
 
@@ -90,6 +90,48 @@ def test_generation_from_the_cached_prompt_trunk_is_the_full_generation_bitwise(
     trunk = TrunkCache(tmp_path, adapted, depth=1)
     assert generate_answers(adapted, tokenizer, records, "music", batch_size=3, progress=False, trunk=trunk) == expected
     assert trunk.checked and not trunk.usable
+
+
+def test_a_deeper_trunk_generates_and_ranks_as_the_full_model(small_data, tmp_path):
+    """Four layers, LoRA on the last: three trunk layers hand on states and push their own keys and values."""
+    from sdpo.models import load_tokenizer, tiny_model
+
+    records = load_split(small_data, "test", limit=4)
+    tokenizer = load_tokenizer("tiny")
+    base = tiny_model(tokenizer, seed=3, layers=4).eval()
+    adapted = add_lora(tiny_model(tokenizer, seed=3, layers=4), LoraSettings(dropout=0.0, last_layers=1))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    adapted.eval()
+    expected = generate_answers(adapted, tokenizer, records, "music", batch_size=2, progress=False)
+    scores = candidate_logps(adapted, tokenizer, records, "music", batch_size=2, progress=False)
+    generate_answers(base, tokenizer, records, "music", batch_size=2, progress=False, trunk=TrunkCache(tmp_path, base, 3))
+    candidate_logps(base, tokenizer, records, "music", batch_size=2, progress=False, trunk=TrunkCache(tmp_path, base, 3))
+    trunk = TrunkCache(tmp_path, adapted, 3)
+    passes = [prompt_passes(layer.mlp) for layer in adapted.get_base_model().model.layers]
+    assert generate_answers(adapted, tokenizer, records, "music", batch_size=2, progress=False, trunk=trunk) == expected
+    assert trunk.checked and trunk.usable
+    assert [len(p) for p in passes] == [1, 1, 1, 3]  # the trunk ran over the checked batch's prompts only
+    trunk = TrunkCache(tmp_path, adapted, 3)
+    cached = candidate_logps(adapted, tokenizer, records, "music", batch_size=2, progress=False, trunk=trunk)
+    assert trunk.usable and all(torch.equal(a, b) for a, b in zip(scores, cached, strict=True))
+
+
+def test_a_layer_gets_its_own_forward_back_even_when_generation_fails():
+    from sdpo.trunk import _prompt_trunk_from
+
+    model, _ = load_model("tiny")
+    layers = model.model.layers
+    own = layers[1].forward  # stands for a forward a layer carries of its own (an accelerate hook, say)
+    layers[0].forward = own
+    saved = {"keys": torch.zeros(1, 1, 2, 3, 16), "values": torch.zeros(1, 1, 2, 3, 16), "hidden": torch.zeros(1, 3, 64)}
+    with pytest.raises(ValueError, match="failed"):
+        with _prompt_trunk_from(model.model, saved):
+            assert layers[0].forward is not own
+            raise ValueError("generation failed")
+    assert layers[0].forward is own and "forward" not in vars(layers[1])
 
 
 def test_another_batching_or_other_trunk_weights_get_their_own_files(small_data, tmp_path):

@@ -84,13 +84,13 @@ def smollm2_path() -> Path:
     return folder
 
 
-def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    """A small randomly initialised Llama (2 layers, width 64) sharing SmolLM2's vocabulary."""
+def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A small randomly initialised Llama (2 `layers`, width 64) sharing SmolLM2's vocabulary."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,

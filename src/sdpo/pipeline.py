@@ -26,7 +26,8 @@ a pipeline continues where it stopped; a finished stage trained with other optio
 config now gives is refused, not reused (an unfinished one is checked by ``--resume``). The
 evaluations share a trunk cache (OUTPUT/eval/trunk-cache, see `sdpo.trunk`): the decoder
 layers that no evaluated adapter changes run once per batch, not once per stage (for
-generation: over the prompt), and the cache is removed once every stage is evaluated.
+generation: over the prompt); each protocol's part of the cache is removed once every stage
+is evaluated with it.
 """
 
 from __future__ import annotations
@@ -336,7 +337,7 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.trunk)
     trunk_dir, trunk_depth = out / "eval" / TRUNK_CACHE, None
-    if eval_cfg.get("trunk_cache", True):
+    if eval_cfg.get("trunk_cache", True) and {"rank", "generate"} & set(protocols):
         trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
         print(f"[evaluate] layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
               else "[evaluate] no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
@@ -361,13 +362,11 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
                     data_dir, split, base_model, adapter, protocol, limit, target, eval_cfg.get("batch_size", 8),
                     shared["domain"], shared["prompt_seed"], subset_seed=shared["subset_seed"], bf16=shared["bf16"],
                     score=eval_cfg.get("score", "logp"), reference_scores=reference_scores, reward=reward,
-                    trunk_cache=trunk_dir if trunk_depth else None, trunk_depth=trunk_depth,
+                    trunk_cache=trunk_dir / protocol if trunk_depth else None, trunk_depth=trunk_depth,
                 )
             results[label, protocol] = metrics
-    if trunk_dir.exists():
-        size = folder_bytes(trunk_dir)
-        shutil.rmtree(trunk_dir)
-        print(f"[evaluate] every stage is evaluated: removed the trunk cache {trunk_dir} ({size / 1e9:.2f} GB)")
+        _remove_trunk_cache(trunk_dir / protocol, f"every stage is evaluated with {protocol}")
+    _remove_trunk_cache(trunk_dir, "every stage is evaluated")
     rows = []
     for label, _, _ in models:  # the table: stage by stage
         for protocol in protocols:
@@ -382,6 +381,13 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     print(table)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in {out / 'results.md'}")
     return rows
+
+
+def _remove_trunk_cache(folder: Path, why: str) -> None:
+    if folder.exists():
+        size = folder_bytes(folder)
+        shutil.rmtree(folder)
+        print(f"[evaluate] {why}: removed the trunk cache {folder} ({size / 1e9:.2f} GB)")
 
 
 def _finished_evaluation(target: Path, adapter: str | None) -> dict[str, Any] | None:

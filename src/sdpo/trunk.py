@@ -117,30 +117,49 @@ def _batch_key(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _holds_every_position(cache, length: int) -> bool:
+    """Whether a generation's `cache` keeps every position's keys and values as they were computed (a plain DynamicCache)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return (type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+            and cache.get_seq_length() == length)
+
+
 @contextmanager
 def _prompt_trunk_from(decoder, saved: dict[str, torch.Tensor]):
     """Let `decoder`'s first layers take their pass over the prompt from `saved`; generated tokens run them as usual.
 
     The prompt's pass of trunk layer i only puts its saved keys and values into the generation
     cache; the last one also hands on the saved states entering the first layer after the trunk.
+    A forward the layer had of its own (an accelerate hook, say) is back when the pass is done.
     """
     trunk = list(decoder.layers)[: saved["keys"].shape[0]]
+    own = [layer.__dict__.get("forward") for layer in trunk]
 
-    def from_saved(index: int, layer):
+    def restore(index: int) -> None:
+        trunk[index].__dict__.pop("forward", None)
+        if own[index] is not None:
+            trunk[index].forward = own[index]
+
+    def from_saved(index: int):
         def forward(hidden_states, *args, cache=None, past_key_values=None, **kwargs):
-            del layer.forward  # the prompt's pass only: the layer runs itself for the generated tokens
+            restore(index)  # the prompt's pass only: the layer runs itself for the generated tokens
+            if hidden_states.shape[1] != saved["hidden"].shape[1]:
+                raise RuntimeError(f"the trunk cache holds the whole prompt ({saved['hidden'].shape[1]} tokens), "
+                                   f"but generation passed {hidden_states.shape[1]} (prefill in chunks?)")
             (cache if cache is not None else past_key_values).update(saved["keys"][index], saved["values"][index], index)
             return saved["hidden"] if index == len(trunk) - 1 else hidden_states
 
         return forward
 
     for index, layer in enumerate(trunk):
-        layer.forward = from_saved(index, layer)
+        layer.forward = from_saved(index)
     try:
         yield
     finally:
-        for layer in trunk:
-            layer.__dict__.pop("forward", None)
+        for index in range(len(trunk)):
+            restore(index)
 
 
 @contextmanager
@@ -225,11 +244,12 @@ class TrunkCache:
         saved = self._load_prompt_trunk(path, input_ids.shape)
         if saved is not None:
             saved = {name: tensor.to(input_ids.device) for name, tensor in saved.items()}
+            checking = {"return_dict_in_generate": True, "output_logits": True} if not self.checked else {}
             with _prompt_trunk_from(decoder, saved):
-                cached = model.generate(**prompts, **options, return_dict_in_generate=True, output_logits=True)
+                cached = model.generate(**prompts, **options, **checking)
             if self.checked:
-                return cached.sequences
-            full = model.generate(**prompts, **options, return_dict_in_generate=True, output_logits=True)
+                return cached
+            full = model.generate(**prompts, **options, **checking)
             same = torch.equal(full.sequences, cached.sequences) and all(
                 torch.equal(a, b) for a, b in zip(full.logits, cached.logits, strict=True))
             self._check(same, "other generated tokens or logits")
@@ -244,10 +264,10 @@ class TrunkCache:
             output = model.generate(**prompts, **options, return_dict_in_generate=True)
         finally:
             hook.remove()
-        if output.past_key_values is None:  # a model that generates without a cache: nothing to keep
-            return output.sequences
+        if not _holds_every_position(output.cache, output.sequences.shape[1] - 1):
+            return output.sequences  # no cache, or one that drops or compresses positions: nothing to keep
         width = input_ids.shape[1]
-        layers = output.past_key_values.layers[: self.depth]
+        layers = output.cache.layers[: self.depth]
         self._save(path, {"hidden": kept[0], "keys": torch.stack([layer.keys[:, :, :width] for layer in layers]),
                           "values": torch.stack([layer.values[:, :, :width] for layer in layers])})
         return output.sequences
