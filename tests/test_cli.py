@@ -177,12 +177,18 @@ def test_pipeline_with_baselines_only(small_data, tmp_path):
     """The shape of configs/baselines-lastfm.yaml: no LM protocols, a baseline row per model."""
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "baselines-lastfm.yaml").read_text())
     config.update(output_dir=str(tmp_path / "run"), data={"path": str(small_data)})
-    config["baselines"]["models"] = ["popularity"]
+    config["baselines"]["models"] = ["popularity", {"model": "caser", "l2": "1e-3", "max_epochs": 1}]  # one model's own options
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     result = sdpo("pipeline", tmp_path / "p.yaml")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [(r["stage"], r["protocol"], r["n_records"]) for r in rows] == [("popularity", "rank", 8)]
+    assert [(r["stage"], r["protocol"], r["n_records"]) for r in rows] == [("popularity", "rank", 8), ("caser", "rank", 8)]
+    assert rows[1]["l2"] == 1e-3 and [entry["l2"] for entry in rows[1]["l2_search"]] == [1e-3]  # no search: the given L2
+    for models, expected in (([{"l2": "1e-3"}], "must be a model name or a mapping with 'model'"), (["caser", {"model": "caser"}], "caser more than once"),
+                             ("sasrec", "must be a list")):
+        config["baselines"]["models"] = models
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+        assert_user_error(sdpo("pipeline", tmp_path / "bad.yaml"), expected)
 
 
 def test_bad_inputs_each_end_in_one_error_line(small_data, tmp_path):

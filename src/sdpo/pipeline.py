@@ -12,6 +12,7 @@ A pipeline config (see ``configs/quickstart.yaml``)::
     sft: {train_limit: 256, ...}     # any SFTConfig option; output in OUTPUT/sft
     align: {negatives: 3, ...}       # any AlignConfig option, from OUTPUT/sft; output in OUTPUT/<name>
     baselines: {models: [popularity, sasrec], ...}   # any BaselineConfig option; OUTPUT/baselines/NAME
+                                     #   (an entry {model: sasrec, l2: "1e-4"} sets options for one model)
     evaluate: {split: test, limit: 200, protocols: [generate, rank]}   # stages: [...] evaluates only those;
                                      #   trunk_cache: false turns the shared-trunk cache off
 
@@ -299,6 +300,7 @@ def run_pipeline(path: str | Path) -> list[dict[str, Any]]:
     if eval_cfg.get("trunk_cache", True) not in (True, False):
         raise UserError(f"{path}: evaluate.trunk_cache must be true or false.")
     sft_stages, align_stages = _training_stages(config, path)
+    _baseline_models(_section(config, "baselines", path).get("models", []), path)  # a typo fails now, not hours later
     started = time.perf_counter()
 
     data_cfg = _section(config, "data", path)
@@ -427,9 +429,8 @@ def _run_baselines(config, path, out, data_dir, seed, split, limit, subset_seed)
     from sdpo.baselines.train import CHECKPOINT, BaselineConfig, run_baseline
 
     section = dict(_section(config, "baselines", path))
-    names = section.pop("models", ["popularity", "sasrec"])
     rows = []
-    for name in names:
+    for name, options in _baseline_models(section.pop("models", ["popularity", "sasrec"]), path):
         target = out / "baselines" / name
         if (target / "metrics.json").is_file():
             print(f"[baseline] reusing {target}")
@@ -438,10 +439,31 @@ def _run_baselines(config, path, out, data_dir, seed, split, limit, subset_seed)
             resume = (target / CHECKPOINT).is_file()
             print(f"[baseline] {name}" + (" (resuming)" if resume else ""))
             values = {"data": str(data_dir), "seed": seed, "eval_split": split, "eval_limit": limit, "subset_seed": subset_seed,
-                      **section, "model": name, "output_dir": str(target), "resume": resume, "overwrite": True}
+                      **section, **options, "model": name, "output_dir": str(target), "resume": resume, "overwrite": True}
             metrics = run_baseline(build_config(BaselineConfig, values, where=f"{path}: baselines"))
         rows.append({**metrics, "stage": name, "protocol": "rank"})
     return rows
+
+
+def _baseline_models(entries: Any, path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(model, its own options) per entry of baselines.models: a name, or a mapping with `model` and options."""
+    if not isinstance(entries, list):
+        raise UserError(f"{path}: baselines.models must be a list, e.g. [popularity, sasrec].")
+    models = []
+    for number, entry in enumerate(entries, start=1):
+        if isinstance(entry, str):
+            models.append((entry, {}))
+        elif isinstance(entry, dict) and isinstance(entry.get("model"), str):
+            options = dict(entry)
+            models.append((options.pop("model"), options))
+        else:
+            raise UserError(f"{path}: baselines.models entry {number} must be a model name or a mapping with 'model' "
+                            f"(e.g. {{model: sasrec, l2: '1e-4'}}), got {entry!r}.")
+    names = [name for name, _ in models]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}: baselines.models lists {', '.join(repeated)} more than once; each model has one folder.")
+    return models
 
 
 def _run_training_stage(name: str, config_cls, runner, values: dict[str, Any], out: Path, path: Path) -> Path:
