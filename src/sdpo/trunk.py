@@ -163,6 +163,18 @@ def _prompt_trunk_from(decoder, saved: dict[str, torch.Tensor]):
 
 
 @contextmanager
+def _states_entering(layer):
+    """A list that collects the hidden states [B, L, H] of every call into `layer`, while in the block."""
+    kept = []
+    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: kept.append(args[0] if args else kwargs["hidden_states"]),
+                                           with_kwargs=True)
+    try:
+        yield kept
+    finally:
+        hook.remove()
+
+
+@contextmanager
 def _without_first_layers(decoder, depth: int):
     """Let `decoder` run only its layers from `depth` on (its input then being the hidden states entering that layer)."""
     layers = decoder.layers
@@ -215,16 +227,8 @@ class TrunkCache:
             full = final_hidden_states(model, decoder, **inputs)
             self._check(torch.equal(full, cached), f"largest gap {float((full - cached).abs().max()):.3g}")
             return full
-        kept = []
-
-        def keep(module, args, kwargs):
-            kept.append(args[0] if args else kwargs["hidden_states"])
-
-        hook = decoder.layers[self.depth].register_forward_pre_hook(keep, with_kwargs=True)
-        try:
+        with _states_entering(decoder.layers[self.depth]) as kept:
             output = final_hidden_states(model, decoder, **inputs)
-        finally:
-            hook.remove()
         self._save(path, {"hidden": kept[-1]})
         return output
 
@@ -254,16 +258,8 @@ class TrunkCache:
                 torch.equal(a, b) for a, b in zip(full.logits, cached.logits, strict=True))
             self._check(same, "other generated tokens or logits")
             return full.sequences
-        kept = []
-
-        def keep(module, args, kwargs):
-            kept.append(args[0] if args else kwargs["hidden_states"])
-
-        hook = decoder.layers[self.depth].register_forward_pre_hook(keep, with_kwargs=True)
-        try:
+        with _states_entering(decoder.layers[self.depth]) as kept:
             output = model.generate(**prompts, **options, return_dict_in_generate=True)
-        finally:
-            hook.remove()
         if not _holds_every_position(output.cache, output.sequences.shape[1] - 1):
             return output.sequences  # no cache, or one that drops or compresses positions: nothing to keep
         width = input_ids.shape[1]
