@@ -15,10 +15,10 @@ N = 40
 
 
 def fake_pipeline(folder, seed: int = 0):
-    """A finished pipeline's files: zero-shot, sft, dpo (K=1), s-dpo-k3 and popularity, N records each."""
+    """A finished pipeline's files: zero-shot, sft, dpo (K=1), s-dpo-k7, s-dpo-k3 and popularity, N records each."""
     rng = random.Random(seed)
     ids = [f"test-{i}" for i in range(N)]
-    strength = {"zero-shot": 0.05, "sft": 0.1, "dpo": 0.2, "s-dpo-k3": 0.35, "popularity": 0.25}
+    strength = {"zero-shot": 0.05, "sft": 0.1, "dpo": 0.2, "s-dpo-k7": 0.4, "s-dpo-k3": 0.35, "popularity": 0.25}
     rows = []
 
     def ranks(stage):
@@ -28,7 +28,7 @@ def fake_pipeline(folder, seed: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(item) + "\n" for item in items))
 
-    for stage in ("zero-shot", "sft", "dpo", "s-dpo-k3"):
+    for stage in ("zero-shot", "sft", "dpo", "s-dpo-k7", "s-dpo-k3"):  # K=7 first: comparisons order by K, not by listing
         logp, reward = ranks(stage), ranks(stage)
         trained = stage != "zero-shot"
         write_jsonl(folder / "eval" / f"{stage}-rank" / "predictions.jsonl", [
@@ -40,7 +40,8 @@ def fake_pipeline(folder, seed: int = 0):
         rows += [{"stage": stage, "protocol": "generate"}, {"stage": stage, "protocol": "rank"}]
         if trained:
             rows.append({"stage": stage, "protocol": "rank-reward"})
-            config = {"model": "tiny", "negatives": {"dpo": 1, "s-dpo-k3": 3}.get(stage), "loss": {"dpo": "dpo", "s-dpo-k3": "sdpo"}.get(stage),
+            config = {"model": "tiny", "negatives": {"dpo": 1, "s-dpo-k3": 3, "s-dpo-k7": 7}.get(stage),
+                      "loss": {"dpo": "dpo", "s-dpo-k3": "sdpo", "s-dpo-k7": "sdpo"}.get(stage),
                       "sft": str(folder / "sft") if stage != "sft" else None}
             (folder / stage).mkdir(parents=True, exist_ok=True)
             (folder / stage / "sdpo_config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
@@ -65,8 +66,8 @@ def test_report_writes_every_file_from_the_records(tmp_path):
     with open(tmp_path / "report" / "study-lastfm-records.csv", newline="") as f:
         records = list(csv.DictReader(f))
     assert list(records[0]) == ["id", "stage", "protocol", "rank", "hit", "valid"]
-    # 4 LM stages x (rank, generate, generate-strict) + 3 trained x rank-reward + popularity, N records each
-    assert len(records) == N * (4 * 3 + 3 + 1)
+    # 5 LM stages x (rank, generate, generate-strict) + 4 trained x rank-reward + popularity, N records each
+    assert len(records) == N * (5 * 3 + 4 + 1)
     # the table's numbers are the CSV's means
     dpo_rank = [int(r["hit"]) for r in records if r["stage"] == "dpo" and r["protocol"] == "rank"]
     text = (tmp_path / "report" / "results.md").read_text()
@@ -77,8 +78,9 @@ def test_report_writes_every_file_from_the_records(tmp_path):
 def test_comparisons_are_paired_on_the_same_records(tmp_path):
     run = load_run(fake_pipeline(tmp_path / "run"))
     rows = {(r["a"], r["b"], r["protocol"]): r for r in comparisons(run)}
-    # each trained stage against where it started, each S-DPO stage against each DPO stage
-    assert {k[:2] for k in rows} == {("sft", "zero-shot"), ("dpo", "sft"), ("s-dpo-k3", "sft"), ("s-dpo-k3", "dpo")}
+    # each trained stage against where it started, each S-DPO stage against each DPO stage and against the fewest negatives
+    assert {k[:2] for k in rows} == {("sft", "zero-shot"), ("dpo", "sft"), ("s-dpo-k3", "sft"), ("s-dpo-k7", "sft"), ("s-dpo-k3", "dpo"),
+                                     ("s-dpo-k7", "dpo"), ("s-dpo-k7", "s-dpo-k3")}
     by_key = {(r.stage, r.protocol): r for r in run.results}
     ids = list(by_key[("s-dpo-k3", "rank")].values)
     expected = paired_difference(by_key[("s-dpo-k3", "rank")].column("hr@1", ids), by_key[("dpo", "rank")].column("hr@1", ids))
@@ -111,5 +113,5 @@ def test_a_stage_keeps_its_colour_in_every_training_panel(tmp_path, monkeypatch)
     for ax in figures[0].axes:
         for line in ax.get_lines():
             colours.setdefault(line.get_label(), set()).add(line.get_color())
-    assert set(colours) == {"sft", "dpo", "s-dpo-k3"} and all(len(c) == 1 for c in colours.values())
-    assert len({next(iter(c)) for c in colours.values()}) == 3
+    assert set(colours) == {"sft", "dpo", "s-dpo-k7", "s-dpo-k3"} and all(len(c) == 1 for c in colours.values())
+    assert len({next(iter(c)) for c in colours.values()}) == 4

@@ -162,7 +162,8 @@ def wide_table(run: Run) -> str:
 
 
 def comparisons(run: Run) -> list[dict[str, Any]]:
-    """Paired HR@1 differences: each trained stage against its starting stage, each S-DPO stage against each DPO stage.
+    """Paired HR@1 differences: each trained stage against its starting stage, each S-DPO stage against each DPO stage
+    and against the S-DPO stage with the fewest negatives.
 
     Per protocol: rank against rank (log-probs), generate against generate, and a stage's
     reward ranking against the other stage's log-prob ranking (what that model ranks by itself).
@@ -171,7 +172,9 @@ def comparisons(run: Run) -> list[dict[str, Any]]:
     losses = {stage: config.get("loss") for stage, config in run.configs.items()}
     pairs = [(stage, start) for stage, start in run.starts.items()]
     dpo = [s for s, loss in losses.items() if loss == "dpo"]
-    pairs += [(s, d) for s, loss in losses.items() if loss == "sdpo" for d in dpo]
+    sdpo = sorted((s for s, loss in losses.items() if loss == "sdpo"), key=lambda s: run.configs[s].get("negatives") or 0)
+    pairs += [(s, d) for s in sdpo for d in dpo]
+    pairs += [(s, sdpo[0]) for s in sdpo[1:]]  # do more negatives help?
     rows = []
     for a, b in pairs:
         for protocol in PROTOCOL_ORDER:
