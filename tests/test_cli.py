@@ -345,7 +345,7 @@ def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path, name):
     assert sorted(c["negatives"] for c in configs) == [1, 3, 7, 19]
     report = sdpo("report", tmp_path / "study", "--out", tmp_path / "report")
     assert report.returncode == 0, report.stderr[-2000:]
-    assert (tmp_path / "report" / "study-records.csv").is_file() and (tmp_path / "report" / "study-hr1-vs-k.png").is_file()
+    assert (tmp_path / "report" / "study-records.csv.gz").is_file() and (tmp_path / "report" / "study-hr1-vs-k.png").is_file()
 
 
 def test_accelerate_configs_parse_and_4bit_is_refused_without_cuda(small_data, tmp_path):

@@ -1,6 +1,7 @@
 """sdpo report on small fake pipeline folders: every file, numbers recomputed from the records, clear errors."""
 
 import csv
+import gzip
 import json
 import random
 
@@ -59,11 +60,11 @@ def test_report_writes_every_file_from_the_records(tmp_path):
     run = fake_pipeline(tmp_path / "study-lastfm")
     written = write_report([run], tmp_path / "report")
     names = sorted(p.name for p in written)
-    assert names == sorted(["results.md", "study-lastfm-records.csv", "study-lastfm-hr1.png", "study-lastfm-training.png",
+    assert names == sorted(["results.md", "study-lastfm-records.csv.gz", "study-lastfm-hr1.png", "study-lastfm-training.png",
                             "study-lastfm-val-hr1.png", "study-lastfm-hr1-vs-k.png"])
     assert all(p.stat().st_size > 0 for p in written)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written if p.suffix == ".png")
-    with open(tmp_path / "report" / "study-lastfm-records.csv", newline="") as f:
+    with gzip.open(tmp_path / "report" / "study-lastfm-records.csv.gz", "rt", newline="") as f:
         records = list(csv.DictReader(f))
     assert list(records[0]) == ["id", "stage", "protocol", "rank", "hit", "valid"]
     # 5 LM stages x (rank, generate, generate-strict) + 4 trained x rank-reward + popularity, N records each

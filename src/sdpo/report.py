@@ -10,8 +10,9 @@ training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
   from, and each S-DPO stage against each DPO stage: the HR@1 difference, its paired
   bootstrap interval and the share of resamples in which it is at most 0 (a reward ranking is
   compared with the other stage's log-prob ranking);
-- ``<run>-records.csv``: one row per (record id, stage, protocol) with the target's ``rank`` (rank
-  protocols) or ``hit``/``valid`` (generate): the input of every number in the tables;
+- ``<run>-records.csv.gz``: gzip-compressed CSV (a full study's rows exceed a megabyte as plain
+  text), one row per (record id, stage, protocol) with the target's ``rank`` (rank protocols)
+  or ``hit``/``valid`` (generate): the input of every number in the tables;
 - plots (PNG): training curves (loss, rewards, reward accuracy, chosen log-prob against step),
   validation HR@1 against step where it was logged, HR@1 per stage with intervals, HR@1 against K.
 """
@@ -19,6 +20,8 @@ training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +208,8 @@ def write_records_csv(run: Run, path: Path) -> None:
     rows = [{"stage": r.stage, **rec} for r in run.results for rec in r.records]
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as out:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", filename="", mtime=0) as packed, \
+                io.TextIOWrapper(packed, encoding="utf-8", newline="") as out:  # mtime 0: the same rows give the same bytes
             writer = csv.DictWriter(out, fieldnames=["id", "stage", "protocol", "rank", "hit", "valid"])
             writer.writeheader()
             writer.writerows(rows)
@@ -343,7 +347,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     sections = ["# Results", "", "Every number is recomputed from the per-record predictions; intervals are 95% percentile "
                 "bootstrap intervals over records (2,000 resamples); differences are paired on the same records.", ""]
     for run in runs:
-        csv_path = out / f"{run.name}-records.csv"
+        csv_path = out / f"{run.name}-records.csv.gz"
         write_records_csv(run, csv_path)
         written.append(csv_path)
         sections += [wide_table(run), "", comparison_table(run, comparisons(run)), ""]
