@@ -79,9 +79,10 @@ def test_report_writes_every_file_from_the_records(tmp_path):
 def test_comparisons_are_paired_on_the_same_records(tmp_path):
     run = load_run(fake_pipeline(tmp_path / "run"))
     rows = {(r["a"], r["b"], r["protocol"]): r for r in comparisons(run)}
-    # each trained stage against where it started, each S-DPO stage against each DPO stage and against the fewest negatives
+    # each trained stage against where it started, each S-DPO stage against each DPO stage and against the fewest negatives,
+    # the most negatives against the baseline
     assert {k[:2] for k in rows} == {("sft", "zero-shot"), ("dpo", "sft"), ("s-dpo-k3", "sft"), ("s-dpo-k7", "sft"), ("s-dpo-k3", "dpo"),
-                                     ("s-dpo-k7", "dpo"), ("s-dpo-k7", "s-dpo-k3")}
+                                     ("s-dpo-k7", "dpo"), ("s-dpo-k7", "s-dpo-k3"), ("s-dpo-k7", "popularity")}
     by_key = {(r.stage, r.protocol): r for r in run.results}
     ids = list(by_key[("s-dpo-k3", "rank")].values)
     expected = paired_difference(by_key[("s-dpo-k3", "rank")].column("hr@1", ids), by_key[("dpo", "rank")].column("hr@1", ids))
@@ -89,6 +90,7 @@ def test_comparisons_are_paired_on_the_same_records(tmp_path):
     assert (got["difference"], got["interval"], got["p_le_0"]) == (expected["difference"], expected["interval"], expected["p_le_0"])
     assert rows[("sft", "zero-shot", "rank-reward")]["b_protocol"] == "rank"  # against what the other model ranks by itself
     assert rows[("s-dpo-k3", "dpo", "rank-reward")]["b_protocol"] == "rank"
+    assert {k for k in rows if k[1] == "popularity"} == {("s-dpo-k7", "popularity", "rank"), ("s-dpo-k7", "popularity", "rank-reward")}
 
 
 def test_report_refuses_incomplete_run_folders(tmp_path):

@@ -7,9 +7,10 @@ training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
 - a table of every (stage, protocol) with every metric and its 95% bootstrap interval,
   recomputed from the per-record predictions;
 - paired comparisons on the same records: each trained stage against the stage it started
-  from, and each S-DPO stage against each DPO stage: the HR@1 difference, its paired
-  bootstrap interval and the share of resamples in which it is at most 0 (a reward ranking is
-  compared with the other stage's log-prob ranking);
+  from, each S-DPO stage against each DPO stage and against the fewest-negatives S-DPO stage,
+  and the most-negatives S-DPO stage against each classic baseline: the HR@1 difference, its
+  paired bootstrap interval and the share of resamples in which it is at most 0 (a reward
+  ranking is compared with the other stage's log-prob ranking, or the baseline's ranking);
 - ``<run>-records.csv.gz``: gzip-compressed CSV (a full study's rows exceed a megabyte as plain
   text), one row per (record id, stage, protocol) with the target's ``rank`` (rank protocols)
   or ``hit``/``valid`` (generate): the input of every number in the tables;
@@ -64,6 +65,7 @@ class Run:
     logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> log entries
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> resolved run config
     starts: dict[str, str] = field(default_factory=dict)  # trained stage -> the stage it started from
+    baselines: list[str] = field(default_factory=list)  # the classic recommenders' stages (popularity, sasrec, ...)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -114,6 +116,8 @@ def load_run(folder: str | Path) -> Run:
             is_baseline = (folder / "baselines" / stage).is_dir() and not (folder / "eval" / f"{stage}-rank").is_dir()
             path = folder / ("baselines" if is_baseline else "eval") / (stage if is_baseline else f"{stage}-rank") / "predictions.jsonl"
             predictions = _read_jsonl(path)
+            if is_baseline:
+                run.baselines.append(stage)
             run.results.append(_rank_result(stage, protocol, predictions, "logp_rank" if "logp_rank" in predictions[0] else "rank"))
         elif protocol == "generate":
             predictions = _read_jsonl(folder / "eval" / f"{stage}-generate" / "predictions.jsonl")
@@ -166,10 +170,11 @@ def wide_table(run: Run) -> str:
 
 def comparisons(run: Run) -> list[dict[str, Any]]:
     """Paired HR@1 differences: each trained stage against its starting stage, each S-DPO stage against each DPO stage
-    and against the S-DPO stage with the fewest negatives.
+    and against the S-DPO stage with the fewest negatives, and the one with the most negatives against each baseline.
 
     Per protocol: rank against rank (log-probs), generate against generate, and a stage's
-    reward ranking against the other stage's log-prob ranking (what that model ranks by itself).
+    reward ranking against the other stage's log-prob ranking (what that model ranks by itself;
+    a baseline's own ranking).
     """
     by_key = {(r.stage, r.protocol): r for r in run.results}
     losses = {stage: config.get("loss") for stage, config in run.configs.items()}
@@ -178,6 +183,7 @@ def comparisons(run: Run) -> list[dict[str, Any]]:
     sdpo = sorted((s for s, loss in losses.items() if loss == "sdpo"), key=lambda s: run.configs[s].get("negatives") or 0)
     pairs += [(s, d) for s in sdpo for d in dpo]
     pairs += [(s, sdpo[0]) for s in sdpo[1:]]  # do more negatives help?
+    pairs += [(sdpo[-1], b) for b in run.baselines] if sdpo else []  # how far from the classic recommenders?
     rows = []
     for a, b in pairs:
         for protocol in PROTOCOL_ORDER:
