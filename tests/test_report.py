@@ -118,3 +118,43 @@ def test_a_stage_keeps_its_colour_in_every_training_panel(tmp_path, monkeypatch)
             colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert set(colours) == {"sft", "dpo", "s-dpo-k7", "s-dpo-k3"} and all(len(c) == 1 for c in colours.values())
     assert len({next(iter(c)) for c in colours.values()}) == 4
+
+
+def with_users(folder, users):
+    """Give a fake run the split it evaluated: data/test.jsonl naming each record's user, and an eval metrics.json pointing there."""
+    data = folder / "data"
+    data.mkdir(exist_ok=True)
+    candidates = [f"item {j}" for j in range(20)]
+    data.joinpath("test.jsonl").write_text("".join(
+        json.dumps({"id": f"test-{i}", "user": user, "history": ["item 30", "item 31", "item 32"], "candidates": candidates,
+                    "target": "item 0"}) + "\n" for i, user in enumerate(users)))
+    (folder / "eval" / "sft-rank" / "metrics.json").write_text(json.dumps({"data": str(data), "split": "test", "hr@1": 0.1}))
+    return folder
+
+
+def test_records_sharing_users_get_per_user_intervals(tmp_path):
+    users = [f"user-{i % 5}" for i in range(N)]
+    folder = with_users(fake_pipeline(tmp_path / "study-ml100k"), users)
+    run = load_run(folder)
+    assert run.users == {f"test-{i}": users[i] for i in range(N)}
+    by_key = {(r.stage, r.protocol): r for r in run.results}
+    ids = list(by_key[("s-dpo-k7", "rank")].values)
+    expected = paired_difference(by_key[("s-dpo-k7", "rank")].column("hr@1", ids), by_key[("dpo", "rank")].column("hr@1", ids),
+                                 groups=[run.users[i] for i in ids])
+    row = next(r for r in comparisons(run) if (r["a"], r["b"], r["protocol"]) == ("s-dpo-k7", "dpo", "rank"))
+    assert (row["user_interval"], row["user_p_le_0"]) == (expected["interval"], expected["p_le_0"])
+    write_report([folder], tmp_path / "report")
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert f"the {N} evaluated records come from 5 users" in text
+    assert text.count("per-user 95% CI") == 3  # the stage table, the paired differences, every metric
+    with gzip.open(tmp_path / "report" / "study-ml100k-records.csv.gz", "rt", newline="") as f:
+        records = list(csv.DictReader(f))
+    assert list(records[0]) == ["id", "stage", "protocol", "rank", "hit", "valid", "user"]
+    assert {r["user"] for r in records if r["id"] == "test-7"} == {"user-2"}
+
+
+@pytest.mark.parametrize("users", [[None] * N, [f"user-{i}" for i in range(N)]], ids=["unknown", "one record each"])
+def test_no_per_user_intervals_without_shared_users(tmp_path, users):
+    run = load_run(with_users(fake_pipeline(tmp_path / "run"), users))
+    assert run.users is None
+    assert "user_interval" not in comparisons(run)[0]

@@ -11,9 +11,13 @@ training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
   and the most-negatives S-DPO stage against each classic baseline: the HR@1 difference, its
   paired bootstrap interval and the share of resamples in which it is at most 0 (a reward
   ranking is compared with the other stage's log-prob ranking, or the baseline's ranking);
+- where the records share users (MovieLens test records are windows over 95 users' histories), a
+  second interval beside each, from resampling users with all their records (`sdpo.stats`): the
+  record bootstrap treats one user's records as independent and is too narrow there;
 - ``<run>-records.csv.gz``: gzip-compressed CSV (a full study's rows exceed a megabyte as plain
   text), one row per (record id, stage, protocol) with the target's ``rank`` (rank protocols)
-  or ``hit``/``valid`` (generate): the input of every number in the tables;
+  or ``hit``/``valid`` (generate), and the record's ``user`` where users repeat: the input of
+  every number in the tables;
 - plots (PNG): training curves (loss, rewards, reward accuracy, chosen log-prob against step),
   validation HR@1 against step where it was logged, HR@1 per stage with intervals, HR@1 against K.
 """
@@ -33,7 +37,7 @@ import yaml
 from sdpo.errors import UserError
 from sdpo.io import replace_atomic, write_text_atomic
 from sdpo.metrics import per_record_ranking
-from sdpo.stats import bootstrap_cis, paired_difference
+from sdpo.stats import bootstrap_ci, bootstrap_cis, paired_difference
 
 CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen")
 RANK_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
@@ -66,6 +70,11 @@ class Run:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> resolved run config
     starts: dict[str, str] = field(default_factory=dict)  # trained stage -> the stage it started from
     baselines: list[str] = field(default_factory=list)  # the classic recommenders' stages (popularity, sasrec, ...)
+    users: dict[str, str] | None = None  # record id -> user, where the evaluated records share users
+
+    def groups(self, ids: list[str]) -> list[str] | None:
+        """The users of records `ids` for a per-user bootstrap, or None where the records' users are unknown or all distinct."""
+        return None if self.users is None else [self.users[i] for i in ids]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -94,6 +103,27 @@ def _generate_result(stage: str, rows: list[dict[str, Any]]) -> Result:
     records += [{"id": row["id"], "protocol": "generate-strict", "rank": "", "hit": int(row["strict_hit"]), "valid": int(row["strict_valid"])}
                 for row in rows]
     return Result(stage, "generate", values, records)
+
+
+def _record_users(folder: Path) -> dict[str, str] | None:
+    """Record id -> user over the split the run evaluated, if every record of it names a user.
+
+    The split is the one an evaluation's metrics.json names, read from the data folder it names
+    or from the run's own ``data``; None when neither is here.
+    """
+    from sdpo.datasets import load_split
+
+    for metrics_path in sorted(folder.glob("eval/*/metrics.json")):
+        try:
+            info = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        split = info.get("split")
+        for data in (info.get("data"), folder / "data"):
+            if split and data and (Path(data) / f"{split}.jsonl").is_file():
+                users = {r.id: r.user for r in load_split(data, split)}
+                return None if None in users.values() else users
+    return None
 
 
 def load_run(folder: str | Path) -> Run:
@@ -128,6 +158,10 @@ def load_run(folder: str | Path) -> Run:
             from sdpo.training.logs import read_log
 
             run.logs[stage] = read_log(stage_dir)
+    users = _record_users(folder)
+    evaluated = {i for result in run.results for i in result.values}
+    if users is not None and evaluated <= users.keys() and len({users[i] for i in evaluated}) < len(evaluated):
+        run.users = {i: users[i] for i in sorted(evaluated)}  # only where some user has several records
     for stage, config in run.configs.items():
         if config.get("sft"):
             run.starts[stage] = Path(config["sft"]).name
@@ -143,27 +177,36 @@ def _common_ids(*results: Result) -> list[str]:
 
 def summary_table(run: Run) -> str:
     """Markdown: every (stage, protocol) with every metric and its 95% interval."""
-    lines = [f"### {run.name}: every stage", "", "| stage | protocol | n | metric | value | 95% CI |", "|---|---|---|---|---|---|"]
+    per_user = run.users is not None
+    lines = [f"### {run.name}: every stage", "", "| stage | protocol | n | metric | value | 95% CI |" + (" per-user 95% CI |" if per_user else ""),
+             "|---|---|---|---|---|---|" + ("---|" if per_user else "")]
     for result in run.results:
         ids = list(result.values)
         columns = {m: result.column(m, ids) for m in result.metrics()}
         intervals = bootstrap_cis(columns)
+        by_user = bootstrap_cis(columns, groups=run.groups(ids)) if per_user else {}
         for metric, values in columns.items():
             low, high = intervals[metric]
-            lines.append(f"| {result.stage} | {result.protocol} | {len(ids)} | {metric} | {sum(values) / len(values):.4f} | [{low:.4f}, {high:.4f}] |")
+            line = f"| {result.stage} | {result.protocol} | {len(ids)} | {metric} | {sum(values) / len(values):.4f} | [{low:.4f}, {high:.4f}] |"
+            if per_user:
+                line += " [{:.4f}, {:.4f}] |".format(*by_user[metric])
+            lines.append(line)
     return "\n".join(lines)
 
 
 def wide_table(run: Run) -> str:
     """Markdown: one row per (stage, protocol), HR@1 with its interval and the other metrics."""
-    header = "| stage | protocol | n | HR@1 [95% CI] | HR@5 | NDCG@5 | NDCG@10 | MRR | ValidRatio | strict HR@1 |"
-    lines = [f"### {run.name}", "", header, "|" + "---|" * 10]
+    per_user = run.users is not None
+    header = "| stage | protocol | n | HR@1 [95% CI] |" + (" per-user 95% CI |" if per_user else "") + \
+        " HR@5 | NDCG@5 | NDCG@10 | MRR | ValidRatio | strict HR@1 |"
+    lines = [f"### {run.name}", "", header, "|" + "---|" * (11 if per_user else 10)]
     for result in run.results:
         ids = list(result.values)
         columns = {m: result.column(m, ids) for m in result.metrics()}
         low, high = bootstrap_cis({"hr@1": columns["hr@1"]})["hr@1"]
+        user_cell = " [{:.3f}, {:.3f}] |".format(*bootstrap_ci(columns["hr@1"], groups=run.groups(ids))) if per_user else ""
         cell = {m: f"{sum(columns[m]) / len(ids):.4f}" if m in columns else "–" for m in (*RANK_METRICS, *GENERATE_METRICS)}
-        lines.append(f"| {result.stage} | {result.protocol} | {len(ids)} | {cell['hr@1']} [{low:.3f}, {high:.3f}] | {cell['hr@5']} | "
+        lines.append(f"| {result.stage} | {result.protocol} | {len(ids)} | {cell['hr@1']} [{low:.3f}, {high:.3f}] |{user_cell} {cell['hr@5']} | "
                      f"{cell['ndcg@5']} | {cell['ndcg@10']} | {cell['mrr']} | {cell['valid_ratio']} | {cell['strict_hr@1']} |")
     return "\n".join(lines)
 
@@ -194,29 +237,43 @@ def comparisons(run: Run) -> list[dict[str, Any]]:
             if reference is None:
                 continue
             ids = _common_ids(by_key[(a, protocol)], reference)
-            diff = paired_difference(by_key[(a, protocol)].column("hr@1", ids), reference.column("hr@1", ids))
-            rows.append({"a": a, "b": b, "protocol": protocol, "b_protocol": reference.protocol, "n": len(ids), **diff})
+            columns = by_key[(a, protocol)].column("hr@1", ids), reference.column("hr@1", ids)
+            row = {"a": a, "b": b, "protocol": protocol, "b_protocol": reference.protocol, "n": len(ids), **paired_difference(*columns)}
+            if run.users is not None:
+                by_user = paired_difference(*columns, groups=run.groups(ids))
+                row.update(user_interval=by_user["interval"], user_p_le_0=by_user["p_le_0"])
+            rows.append(row)
     return rows
 
 
 def comparison_table(run: Run, rows: list[dict[str, Any]]) -> str:
+    per_user = run.users is not None
     lines = [f"### {run.name}: paired HR@1 differences (same records)", "",
-             "| A | B | protocol | n | HR@1(A) - HR@1(B) | 95% CI | share of resamples <= 0 |", "|---|---|---|---|---|---|---|"]
+             "| A | B | protocol | n | HR@1(A) - HR@1(B) | 95% CI | share of resamples <= 0 |"
+             + (" per-user 95% CI | per-user share <= 0 |" if per_user else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if per_user else "")]
     for row in rows:
         protocol = row["protocol"] if row["protocol"] == row["b_protocol"] else f"{row['protocol']} vs {row['b_protocol']}"
         low, high = row["interval"]
-        lines.append(f"| {row['a']} | {row['b']} | {protocol} | {row['n']} | {row['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] | {row['p_le_0']:.3f} |")
+        line = f"| {row['a']} | {row['b']} | {protocol} | {row['n']} | {row['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] | {row['p_le_0']:.3f} |"
+        if per_user:
+            line += " [{:+.4f}, {:+.4f}] |".format(*row["user_interval"]) + f" {row['user_p_le_0']:.3f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def write_records_csv(run: Run, path: Path) -> None:
-    """One row per (record id, stage, protocol): id, stage, protocol, rank, hit, valid."""
+    """One row per (record id, stage, protocol): id, stage, protocol, rank, hit, valid (and user, where records share users)."""
     rows = [{"stage": r.stage, **rec} for r in run.results for rec in r.records]
+    fields = ["id", "stage", "protocol", "rank", "hit", "valid"]
+    if run.users is not None:
+        fields.append("user")
+        rows = [{**row, "user": run.users[row["id"]]} for row in rows]
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", filename="", mtime=0) as packed, \
                 io.TextIOWrapper(packed, encoding="utf-8", newline="") as out:  # mtime 0: the same rows give the same bytes
-            writer = csv.DictWriter(out, fieldnames=["id", "stage", "protocol", "rank", "hit", "valid"])
+            writer = csv.DictWriter(out, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
 
@@ -280,11 +337,16 @@ def plot_val_hr(run: Run, path: Path) -> bool:
     return True
 
 
-def _hr_with_interval(result: Result) -> tuple[float, float, float]:
+def _hr_with_interval(run: Run, result: Result) -> tuple[float, float, float]:
+    """HR@1 and its 95% interval: per user where the records share users, else per record."""
     ids = list(result.values)
     values = result.column("hr@1", ids)
-    low, high = bootstrap_cis({"hr@1": values})["hr@1"]
+    low, high = bootstrap_ci(values, groups=run.groups(ids))
     return sum(values) / len(values), low, high
+
+
+def _interval_kind(run: Run) -> str:
+    return "95% intervals, resampling users" if run.users is not None else "95% bootstrap intervals"
 
 
 def plot_stage_hr(run: Run, path: Path) -> None:
@@ -301,14 +363,14 @@ def plot_stage_hr(run: Run, path: Path) -> None:
         xs, hrs, errors = [], [], [[], []]
         for i, stage in enumerate(stages):
             if (stage, protocol) in by_key:
-                hr, low, high = _hr_with_interval(by_key[(stage, protocol)])
+                hr, low, high = _hr_with_interval(run, by_key[(stage, protocol)])
                 xs.append(i + (k - (len(protocols) - 1) / 2) * width)
                 hrs.append(hr)
                 errors[0].append(hr - low)
                 errors[1].append(high - hr)
         ax.bar(xs, hrs, width, yerr=np.array(errors), capsize=3, label=protocol)
     ax.set_xticks(range(len(stages)), stages, rotation=20)
-    ax.set(title=f"{run.name}: HR@1 per stage (95% bootstrap intervals)", xlabel="stage", ylabel="HR@1")
+    ax.set(title=f"{run.name}: HR@1 per stage ({_interval_kind(run)})", xlabel="stage", ylabel="HR@1")
     ax.axhline(0.05, color="grey", linestyle=":", linewidth=1, label="chance (1 of 20)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -324,7 +386,7 @@ def plot_hr_vs_k(run: Run, path: Path) -> bool:
     plt, fig, axes = _figure()
     ax = axes[0, 0]
     for protocol in PROTOCOL_ORDER:
-        points = sorted((k, _hr_with_interval(by_key[(s, protocol)])) for s, k in stages.items() if (s, protocol) in by_key)
+        points = sorted((k, _hr_with_interval(run, by_key[(s, protocol)])) for s, k in stages.items() if (s, protocol) in by_key)
         if not points:
             continue
         ks = [k for k, _ in points]
@@ -333,7 +395,8 @@ def plot_hr_vs_k(run: Run, path: Path) -> bool:
         ax.errorbar(ks, hrs, yerr=errors, marker="o", capsize=3, label=protocol)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(set(stages.values())), [str(k) for k in sorted(set(stages.values()))])
-    ax.set(title=f"{run.name}: HR@1 against the number of negatives K", xlabel="K (K=1: DPO)", ylabel="HR@1")
+    ax.set(title=f"{run.name}: HR@1 against the number of negatives K" + (f" ({_interval_kind(run)})" if run.users is not None else ""),
+           xlabel="K (K=1: DPO)", ylabel="HR@1")
     ax.grid(alpha=0.3)
     ax.legend()
     _save(plt, fig, path)
@@ -356,6 +419,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
         csv_path = out / f"{run.name}-records.csv.gz"
         write_records_csv(run, csv_path)
         written.append(csv_path)
+        if run.users is not None:
+            sections += [f"{run.name}: the {len(run.users):,} evaluated records come from {len(set(run.users.values())):,} users, "
+                         "so beside each interval over records stands one over users (each resample draws users with all their "
+                         "records; the plots show it). One user's records are not independent: the per-user interval is the one "
+                         "to read.", ""]
         sections += [wide_table(run), "", comparison_table(run, comparisons(run)), ""]
         plots = [(out / f"{run.name}-hr1.png", lambda p, r=run: plot_stage_hr(r, p) or True),
                  (out / f"{run.name}-training.png", lambda p, r=run: plot_training_curves(r, p)),
