@@ -1,3 +1,4 @@
+import itertools
 import json
 from collections import Counter
 
@@ -7,7 +8,7 @@ from sdpo.candidates import record_rng, sample_candidates
 from sdpo.datasets import load_split, read_manifest, write_prepared
 from sdpo.errors import UserError
 from sdpo.records import Record
-from sdpo.sources.lastfm import read_id2name
+from sdpo.sources.lastfm import read_id2name, sliding_window_users
 
 
 def test_lastfm_counts_and_manifest(lastfm_dir):
@@ -15,6 +16,30 @@ def test_lastfm_counts_and_manifest(lastfm_dir):
     assert manifest["counts"] == {"train": 47872, "val": 2767, "test": 2495}
     assert manifest["domain"] == "music" and manifest["seed"] == 0 and manifest["n_items"] == 4606
     assert manifest["sources"]["train_data.df"]["sha256"].startswith("7db71a60")
+    # LLaRA's Test_data.df / Val_data.df hold one row (the last window) per held-out user: 122 of them
+    assert manifest["users"] == {"train": 976, "val": 122, "test": 122}
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_records_know_their_users(lastfm_dir, split):
+    """Each recovered user's records are consecutive, start from a 3-item history and grow one item at a time up to 10."""
+    records = load_split(lastfm_dir, split)
+    runs = [list(group) for _, group in itertools.groupby(records, key=lambda r: r.user)]
+    assert len(runs) == len({r.user for r in records}) == 122  # no user comes back after another's records
+    for run in runs:
+        assert [len(r.history) for r in run] == [min(3 + k, 10) for k in range(len(run))]
+        assert all(later.history[-1] == earlier.target for earlier, later in itertools.pairwise(run))
+
+
+def test_sliding_window_users_by_hand():
+    def window(i, history, target):
+        return Record(f"r{i}", None, history, ["x", target], target)
+
+    records = [window(0, ["a", "b", "c"], "d"), window(1, ["a", "b", "c", "d"], "e"),  # one user
+               window(2, ["a", "b", "c"], "d"),  # the same start again: a new user
+               window(3, ["p", "q", "r"], "s"), window(4, ["q", "r", "s"], "t")]  # a full window slides (here at 3 items)
+    assert [r.user for r in sliding_window_users(records, "test")] == ["test-user-0", "test-user-0", "test-user-1", "test-user-2",
+                                                                       "test-user-2"]
 
 
 @pytest.mark.parametrize("split, name", [("test", "sdpo-lastfm-test.json"), ("val", "sdpo-lastfm-val.json")])
@@ -76,23 +101,12 @@ def test_write_prepared_refuses_bad_records_and_writes_nothing(tmp_path):
         write_prepared(tmp_path / "out", {"train": [good]}, {"domain": "music"})
 
 
-def sliding_users(records) -> dict[str, int]:
-    """A user number per record id: LastFM's train file has no user ids, but one user's records are
-    consecutive sliding windows (a window's history continues the previous window's history + target)."""
-    users, user, previous = {}, -1, None
-    for record in records:
-        follows = previous is not None and (previous.history + [previous.target])[-len(record.history):] == record.history
-        user += 0 if follows else 1
-        users[record.id], previous = user, record
-    return users
-
-
 def test_a_limited_subset_spans_many_users_and_nests(lastfm_dir):
     """--train_limit 256 draws records from all over the file; the first 256 lines are a few users' windows."""
     from sdpo.datasets import subset
     from sdpo.records import read_records
 
-    users = sliding_users(load_split(lastfm_dir, "train"))
+    users = {r.id: r.user for r in load_split(lastfm_dir, "train")}  # recovered from the windows (sources/lastfm.py)
     drawn = load_split(lastfm_dir, "train", 256)
     first = read_records(lastfm_dir / "train.jsonl", limit=256)
     assert len({users[r.id] for r in first}) <= 10

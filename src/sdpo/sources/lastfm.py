@@ -4,10 +4,16 @@
   candidates and target in their order).
 - train: the 47,872 LLaRA training windows with at least 3 history items; 20 candidates
   each (the target plus 19 artists outside the history), seeded per record.
+
+Neither source names users, but each holds every window of its users in order, and a window's
+history continues the previous window's history and target. Chaining them recovers the users
+("test-user-0", ...): 122 test users, as LLaRA's Test_data.df has one row per held-out user.
+Evaluation needs them: one user's records are not independent (see `sdpo.stats`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,19 @@ def read_paper_json(path: Path, split: str) -> list[Record]:
     ]
 
 
+def sliding_window_users(records: list[Record], split: str) -> list[Record]:
+    """`records` with their users recovered: a record whose history is the previous record's history and target
+    (its last items, once the history is full) belongs to the same user; any other starts a new one."""
+    labelled, user, previous = [], -1, None
+    for record in records:
+        follows = (previous is not None and len(record.history) <= len(previous.history) + 1
+                   and (previous.history + [previous.target])[-len(record.history):] == record.history)
+        user += 0 if follows else 1
+        labelled.append(dataclasses.replace(record, user=f"{split}-user-{user}"))
+        previous = record
+    return labelled
+
+
 def train_records(windows: list[tuple[list[int], int]], titles: list[str], seed: int) -> list[Record]:
     """Training records for every window with at least MIN_HISTORY items, 20 candidates each."""
     records = []
@@ -95,6 +114,7 @@ def prepare_lastfm(raw_dir: Path, seed: int) -> tuple[dict[str, list[Record]], d
         "val": read_paper_json(paths["sdpo-lastfm-val.json"], "val"),
         "test": read_paper_json(paths["sdpo-lastfm-test.json"], "test"),
     }
+    splits = {split: sliding_window_users(records, split) for split, records in splits.items()}
     manifest = {
         "dataset": "lastfm",
         "domain": "music",
@@ -102,5 +122,7 @@ def prepare_lastfm(raw_dir: Path, seed: int) -> tuple[dict[str, list[Record]], d
         "n_items": len(titles),
         "sources": {f.name: {"repo": f.repo, "commit": f.commit, "path": f.path, "sha256": f.sha256} for f in DATASETS["lastfm"]},
         "train_rule": f"LLaRA train windows with >= {MIN_HISTORY} history items; {N_CANDIDATES} candidates, negatives seeded per record",
+        "users": {split: len({r.user for r in records}) for split, records in splits.items()},
+        "user_rule": "not in the sources: recovered by chaining each user's consecutive windows",
     }
     return splits, manifest
