@@ -11,7 +11,7 @@ training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
   and the most-negatives S-DPO stage against each classic baseline: the HR@1 difference, its
   paired bootstrap interval and the share of resamples in which it is at most 0 (a reward
   ranking is compared with the other stage's log-prob ranking, or the baseline's ranking);
-- where the records share users (MovieLens test records are windows over 95 users' histories), a
+- where the records share users (test records are windows over a few users' histories), a
   second interval beside each, from resampling users with all their records (`sdpo.stats`): the
   record bootstrap treats one user's records as independent and is too narrow there;
 - ``<run>-records.csv.gz``: gzip-compressed CSV (a full study's rows exceed a megabyte as plain
