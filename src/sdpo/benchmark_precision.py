@@ -11,8 +11,9 @@ Measured on the same model, records and LoRA initialisation in both precisions:
 
 Step timings alternate between the precisions (fp32 first on even repeats, bf16 first on odd
 ones), so a slow phase of a shared machine hits both; medians are reported. Whether the CPU
-has native bf16 instructions is recorded with the results: without them (no AVX512-BF16 or
-AMX on x86) bf16 is emulated and slower, and sdpo's default is fp32.
+has native bf16 instructions, and where it has, how much faster it multiplies bf16 matrices
+(`sdpo.precision.cpu_bf16_matmul_speedup`, which decides sdpo's default), are recorded with
+the results: without them (no AVX512-BF16 or AMX on x86) bf16 is emulated and slower.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sdpo.io import write_json
 from sdpo.losses import softmax_dpo_loss
 from sdpo.metrics import ranked_indices
 from sdpo.models import LoraSettings, add_lora, load_model
-from sdpo.precision import bf16_supported, cpu_has_bf16, cpu_name, model_dtype
+from sdpo.precision import bf16_supported, cpu_bf16_matmul_speedup, cpu_has_bf16, cpu_name, model_dtype
 from sdpo.prompts import encode_answer, record_prompt_ids
 from sdpo.scoring import answer_logprobs, pack_answers
 
@@ -120,6 +121,7 @@ def benchmark_precision(model_name: str, data: str | Path, ks: list[int], n_reco
         "model": model_name,
         "cpu": cpu_name(),
         "cpu_native_bf16": cpu_has_bf16(),
+        "cpu_bf16_matmul_speedup": round(cpu_bf16_matmul_speedup(), 2) if cpu_has_bf16() else None,
         "bf16_default": bf16_supported(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -159,5 +161,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"log-prob |fp32 - bf16| over {agreement['records']} records x all candidates: max {agreement['max_abs_logp_diff']:.3g}, "
                  f"mean {agreement['mean_abs_logp_diff']:.3g}; top-1 agreement {agreement['top1_agreement']:.3f}")
-    lines.append(f"CPU: {result['cpu']} (native bf16: {'yes' if result['cpu_native_bf16'] else 'no'})")
+    native = "yes" if result["cpu_native_bf16"] else "no"
+    if result.get("cpu_bf16_matmul_speedup") is not None:
+        native += f", bf16 matmul at {result['cpu_bf16_matmul_speedup']}x fp32"
+    lines.append(f"CPU: {result['cpu']} (native bf16: {native}; sdpo's default here: {'bf16' if result['bf16_default'] else 'fp32'})")
     return "\n".join(lines)

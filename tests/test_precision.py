@@ -1,0 +1,70 @@
+"""The default precision: bf16 only where the device has it natively and, on a CPU, multiplies faster in it."""
+
+import json
+import math
+import warnings
+
+import pytest
+
+from sdpo import precision
+from sdpo.benchmark_precision import benchmark_precision, format_table
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Set what the CPU reports (flags) and measures (bf16 matmul speedup); the probe counts its calls."""
+    calls = []
+
+    def fake(flags: set[str], speedup: float):
+        monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(precision, "cpu_bf16_matmul_speedup", lambda: calls.append(1) or speedup)
+        return calls
+
+    return fake
+
+
+def test_no_native_bf16_means_fp32_without_measuring(cpu):
+    calls = cpu({"avx2", "fma"}, speedup=9.0)
+    assert precision.bf16_supported("cpu") is False and precision.resolve_bf16(None, "cpu") is False
+    assert calls == []  # emulated bf16 is never timed
+
+
+def test_native_bf16_that_measures_slower_stays_fp32(cpu):
+    """An Intel Xeon with AVX512-BF16 multiplied bf16 matrices at 0.4-0.65x fp32: the flags alone chose bf16 there."""
+    cpu({"avx2", "avx512_bf16"}, speedup=0.61)
+    assert precision.resolve_bf16(None, "cpu") is False
+    with pytest.warns(UserWarning, match=r"0\.61x its fp32 speed.*--no_bf16"):
+        assert precision.resolve_bf16(True, "cpu") is True  # asking still gets it
+
+
+def test_native_bf16_that_measures_faster_is_the_default(cpu):
+    cpu({"avx2", "avx512_bf16"}, speedup=precision.CPU_BF16_MIN_SPEEDUP + 0.01)
+    assert precision.resolve_bf16(None, "cpu") is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve_bf16(True, "cpu") is True and precision.resolve_bf16(False, "cpu") is False
+
+
+def test_emulated_bf16_warns_when_asked_for(cpu):
+    cpu(set(), speedup=1.0)
+    with pytest.warns(UserWarning, match="emulated"):
+        precision.resolve_bf16(True, "cpu")
+
+
+def test_matmul_probe_measures_a_ratio():
+    precision.cpu_bf16_matmul_speedup.cache_clear()
+    speedup = precision.cpu_bf16_matmul_speedup(rows=32, inner=32, cols=32, repeats=3)
+    assert math.isfinite(speedup) and speedup > 0
+    precision.cpu_bf16_matmul_speedup.cache_clear()
+
+
+def test_benchmark_precision_on_tiny(small_data, tmp_path):
+    result = benchmark_precision("tiny", small_data, ks=[3], n_records=2, repeats=1, rank_records=4, batch_size=2,
+                                 json_out=tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text()) == result
+    assert [row["what"] for row in result["steps"]] == ["sft", "s-dpo K=3"]
+    assert result["rank"]["records"] == 4 and result["agreement"]["records"] == 4
+    assert result["bf16_default"] == precision.bf16_supported("cpu")
+    assert (result["cpu_bf16_matmul_speedup"] is None) == (not result["cpu_native_bf16"])
+    assert "sdpo's default here" in format_table(result)
