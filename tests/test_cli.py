@@ -346,6 +346,11 @@ def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path, name):
     report = sdpo("report", tmp_path / "study", "--out", tmp_path / "report")
     assert report.returncode == 0, report.stderr[-2000:]
     assert (tmp_path / "report" / "study-records.csv.gz").is_file() and (tmp_path / "report" / "study-hr1-vs-k.png").is_file()
+    # the committed per-record CSV and the config are enough to recompute the tables and the paired comparisons
+    again = sdpo("report", tmp_path / "report" / "study-records.csv.gz", "--config", tmp_path / "study.yaml", "--data", small_data,
+                 "--out", tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"| {stages[-1]} | {stages[0]} | rank |" in (tmp_path / "again" / "results.md").read_text()
 
 
 def test_accelerate_configs_parse_and_4bit_is_refused_without_cuda(small_data, tmp_path):

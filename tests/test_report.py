@@ -158,3 +158,68 @@ def test_no_per_user_intervals_without_shared_users(tmp_path, users):
     run = load_run(with_users(fake_pipeline(tmp_path / "run"), users))
     assert run.users is None
     assert "user_interval" not in comparisons(run)[0]
+
+
+FAKE_STUDY = {"output_dir": "runs/fake", "sft": {"name": "sft"}, "evaluate": {"split": "test"}, "baselines": {"models": ["popularity"]},
+              "align": [{"name": "dpo", "loss": "dpo", "negatives": 1}, {"name": "s-dpo-k7", "loss": "sdpo", "negatives": 7},
+                        {"name": "s-dpo-k3", "loss": "sdpo", "negatives": 3}]}
+
+
+def tables(results_md):
+    """results.md's non-empty lines but its plots (a records table has no training logs to draw) and the one saying where it came from."""
+    return [line for line in results_md.read_text().splitlines() if line and not line.startswith("![") and "rebuilt from" not in line]
+
+
+def test_a_records_table_gives_the_run_folders_report(tmp_path):
+    """From the CSV and the pipeline config alone: every table, interval and paired difference, to the digit."""
+    users = [f"user-{i % 5}" for i in range(N)]
+    folder = with_users(fake_pipeline(tmp_path / "study-ml100k"), users)
+    write_report([folder], tmp_path / "from-run")
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(FAKE_STUDY))
+    csv_path = tmp_path / "from-run" / "study-ml100k-records.csv.gz"
+    written = write_report([csv_path], tmp_path / "from-csv", config=config)
+    assert sorted(p.name for p in written) == sorted(["results.md", "study-ml100k-records.csv.gz", "study-ml100k-hr1.png",
+                                                      "study-ml100k-hr1-vs-k.png"])
+    assert "study-ml100k: rebuilt from its per-record table" in (tmp_path / "from-csv" / "results.md").read_text()
+    assert tables(tmp_path / "from-csv" / "results.md") == tables(tmp_path / "from-run" / "results.md")
+    assert (tmp_path / "from-csv" / "study-ml100k-records.csv.gz").read_bytes() == csv_path.read_bytes()
+    # without the config: the same stage tables, no paired comparisons
+    write_report([csv_path], tmp_path / "bare")
+    text = (tmp_path / "bare" / "results.md").read_text()
+    assert "| s-dpo-k3 | rank-reward |" in text and "| s-dpo-k7 | dpo |" not in text
+
+
+def test_a_records_table_without_users_takes_them_from_the_data(tmp_path):
+    users = [f"user-{i % 4}" for i in range(N)]
+    folder = fake_pipeline(tmp_path / "study-lastfm")
+    write_report([folder], tmp_path / "old")  # no users known: no user column
+    with_users(folder, users)
+    csv_path = tmp_path / "old" / "study-lastfm-records.csv.gz"
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(FAKE_STUDY))
+    write_report([csv_path], tmp_path / "new", config=config, data=folder / "data")
+    assert "come from 4 users" in (tmp_path / "new" / "results.md").read_text()
+    with gzip.open(tmp_path / "new" / "study-lastfm-records.csv.gz", "rt", newline="") as f:
+        assert {r["user"] for r in csv.DictReader(f) if r["id"] == "test-5"} == {"user-1"}
+    (folder / "data" / "test.jsonl").write_text("\n".join((folder / "data" / "test.jsonl").read_text().splitlines()[:3]) + "\n")
+    with pytest.raises(UserError, match="record.s. have no user"):
+        write_report([csv_path], tmp_path / "none", config=config, data=folder / "data")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no rows or no column"),
+    ("id,stage,protocol,rank,hit\ntest-0,sft,rank,1,1\n", r"no column\(s\) valid"),
+    ("id,stage,protocol,rank,hit,valid\ntest-0,sft,ranked,1,1,1\n", "unknown protocol 'ranked'"),
+    ("id,stage,protocol,rank,hit,valid\ntest-0,sft,rank,first,1,1\n", "not a number"),
+    ("id,stage,protocol,rank,hit,valid\ntest-0,sft,generate,,1,1\n", "without the same records' generate-strict rows"),
+])
+def test_a_bad_records_table_is_refused_before_writing(tmp_path, text, message):
+    path = tmp_path / "x-records.csv"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        write_report([path], tmp_path / "out")
+    with pytest.raises(UserError, match="no such records table"):
+        write_report([tmp_path / "missing-records.csv.gz"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

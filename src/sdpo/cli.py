@@ -356,13 +356,18 @@ def _read_queries(path: Path) -> list[dict]:
 
 @app.command("report")
 def report_cmd(
-    runs: list[Path] = typer.Argument(..., help="pipeline output folders (results.json, eval/, stage folders)"),
+    runs: list[Path] = typer.Argument(..., help="pipeline output folders (results.json, eval/, stage folders), "
+                                                "or per-record CSVs a report wrote (<run>-records.csv.gz)"),
     out: Path = typer.Option(..., "--out", help="folder for results.md, the per-record CSVs and the plots"),
+    config: Optional[Path] = typer.Option(None, help="for a records CSV: the pipeline config that produced it "
+                                                     "(stage relations, for the paired comparisons and HR@1 against K)"),
+    data: Optional[Path] = typer.Option(None, help="for a records CSV without a user column: the prepared dataset "
+                                                   "folder, for intervals over users"),
 ) -> None:
-    """Tables with 95% intervals, paired comparisons, per-record CSVs and plots from pipeline runs."""
+    """Tables with 95% intervals, paired comparisons, per-record CSVs and plots from pipeline runs (or their records CSVs)."""
     from sdpo.report import write_report
 
-    for path in write_report(runs, out):
+    for path in write_report(runs, out, config, data):
         typer.echo(f"wrote {path}")
 
 

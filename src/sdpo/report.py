@@ -71,6 +71,7 @@ class Run:
     starts: dict[str, str] = field(default_factory=dict)  # trained stage -> the stage it started from
     baselines: list[str] = field(default_factory=list)  # the classic recommenders' stages (popularity, sasrec, ...)
     users: dict[str, str] | None = None  # record id -> user, where the evaluated records share users
+    table: Path | None = None  # the records CSV the run was rebuilt from (None: read from its folder)
 
     def groups(self, ids: list[str]) -> list[str] | None:
         """The users of records `ids` for a per-user bootstrap, or None where the records' users are unknown or all distinct."""
@@ -167,6 +168,95 @@ def load_run(folder: str | Path) -> Run:
             run.starts[stage] = Path(config["sft"]).name
         else:
             run.starts[stage] = "zero-shot"
+    return run
+
+
+RECORDS_SUFFIXES = (".csv", ".csv.gz")
+
+
+def is_records_table(path: str | Path) -> bool:
+    """Whether `path` names a per-record CSV (what the report writes as ``<run>-records.csv.gz``) rather than a run folder."""
+    return str(path).endswith(RECORDS_SUFFIXES)
+
+
+def _read_records_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such records table; give a <run>-records.csv.gz that sdpo report wrote.")
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8", newline="") if path.suffix == ".gz" else open(path, encoding="utf-8", newline="")) as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: not a readable CSV ({exc}).") from None
+    missing = {"id", "stage", "protocol", "rank", "hit", "valid"} - set(rows[0] if rows else {})
+    if missing:
+        raise UserError(f"{path}: no rows or no column(s) {', '.join(sorted(missing))}; give a records table that sdpo report wrote.")
+    return rows
+
+
+def _results_from_table(path: Path, rows: list[dict[str, str]]) -> list[Result]:
+    """The (stage, protocol) results of a records table, in the order the table first names them."""
+    grouped: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for row in rows:
+        grouped.setdefault((row["stage"], row["protocol"]), []).append(row)
+    results = []
+    try:
+        for (stage, protocol), group in grouped.items():
+            if protocol in ("rank", "rank-reward"):
+                results.append(_rank_result(stage, protocol, group, "rank"))
+            elif protocol == "generate":
+                strict = {row["id"]: row for row in grouped.get((stage, "generate-strict"), [])}
+                if set(strict) != {row["id"] for row in group}:
+                    raise UserError(f"{path}: stage {stage!r} has generate rows without the same records' generate-strict rows.")
+                results.append(_generate_result(stage, [{**row, "strict_hit": strict[row["id"]]["hit"], "strict_valid": strict[row["id"]]["valid"]}
+                                                        for row in group]))
+            elif protocol != "generate-strict":
+                raise UserError(f"{path}: unknown protocol {protocol!r} (stage {stage!r}); known: rank, rank-reward, generate, generate-strict.")
+    except ValueError as exc:
+        raise UserError(f"{path}: a rank, hit or valid value is not a number ({exc}).") from None
+    return results
+
+
+def load_records_table(path: str | Path, config: str | Path | None = None, data: str | Path | None = None) -> Run:
+    """A run rebuilt from its per-record CSV: every table and the HR@1 plots, without the run folder.
+
+    `config`, the pipeline config that produced the run, says how its stages relate (which SFT
+    stage each align stage started from, each one's loss and K): without it there are no paired
+    comparisons and no HR@1-against-K plot. The records' users come from the table's ``user``
+    column, or else from `data`, the prepared dataset folder (the split the config evaluated).
+    Training curves need the run's logs and are not drawn.
+    """
+    from sdpo.config import read_yaml
+    from sdpo.datasets import load_split
+
+    path = Path(path)
+    rows = _read_records_csv(path)
+    name = path.name.removesuffix(".gz").removesuffix(".csv").removesuffix("-records")
+    run = Run(name, path.parent, _results_from_table(path, rows), table=path)
+    training: list[str] = []
+    if config is not None:
+        from sdpo.pipeline import _training_stages
+
+        sft_stages, align_stages = _training_stages(read_yaml(config), Path(config))
+        for stage, options in sft_stages:
+            run.configs[stage], run.starts[stage] = options, "zero-shot"
+        for stage, options, start in align_stages:
+            run.configs[stage], run.starts[stage] = options, start
+        run.configs = {s: c for s, c in run.configs.items() if any(r.stage == s for r in run.results)}
+        run.starts = {s: start for s, start in run.starts.items() if s in run.configs}
+        training = list(run.configs)
+        run.baselines = [r.stage for r in run.results if r.protocol == "rank" and r.stage not in (*training, "zero-shot")]
+    users = {row["id"]: row["user"] for row in rows} if rows[0].get("user") else None
+    if users is None and data is not None:
+        split = ((read_yaml(config).get("evaluate") or {}).get("split", "test")) if config is not None else "test"
+        users = {r.id: r.user for r in load_split(data, split)}
+    evaluated = {i for result in run.results for i in result.values}
+    if users is not None:
+        unknown = evaluated - users.keys()
+        if unknown:
+            raise UserError(f"{path}: {len(unknown)} record(s) have no user in {data or path} (e.g. {sorted(unknown)[0]}); "
+                            "give the prepared dataset folder the run evaluated.")
+        if None not in users.values() and len({users[i] for i in evaluated}) < len(evaluated):
+            run.users = {i: users[i] for i in sorted(evaluated)}
     return run
 
 
@@ -395,7 +485,7 @@ def plot_hr_vs_k(run: Run, path: Path) -> bool:
         ax.errorbar(ks, hrs, yerr=errors, marker="o", capsize=3, label=protocol)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(set(stages.values())), [str(k) for k in sorted(set(stages.values()))])
-    ax.set(title=f"{run.name}: HR@1 against the number of negatives K" + (f" ({_interval_kind(run)})" if run.users is not None else ""),
+    ax.set(title=f"{run.name}: HR@1 against the number of negatives K" + (f"\n({_interval_kind(run)})" if run.users is not None else ""),
            xlabel="K (K=1: DPO)", ylabel="HR@1")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -403,11 +493,17 @@ def plot_hr_vs_k(run: Run, path: Path) -> bool:
     return True
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
-    """Write results.md, one CSV per run and the plots into `out`; returns the files written."""
+def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path | None = None,
+                 data: str | Path | None = None) -> list[Path]:
+    """Write results.md, one CSV per run and the plots into `out`; returns the files written.
+
+    Each of `run_dirs` is a pipeline output folder or a records CSV (`load_records_table`, which
+    reads `config` and `data`).
+    """
     if not run_dirs:
         raise UserError("report: give at least one pipeline output folder.")
-    runs = [load_run(folder) for folder in run_dirs]  # every folder is checked before anything is written
+    # every input is checked before anything is written
+    runs = [load_records_table(source, config, data) if is_records_table(source) else load_run(source) for source in run_dirs]
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise UserError(f"report: run folders must have distinct names, got {names}.")
@@ -419,6 +515,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
         csv_path = out / f"{run.name}-records.csv.gz"
         write_records_csv(run, csv_path)
         written.append(csv_path)
+        if run.table is not None:
+            sections += [f"{run.name}: rebuilt from its per-record table ({run.table.name}); training curves need the run folder's logs.", ""]
         if run.users is not None:
             sections += [f"{run.name}: the {len(run.users):,} evaluated records come from {len(set(run.users.values())):,} users, "
                          "so beside each interval over records stands one over users (each resample draws users with all their "
