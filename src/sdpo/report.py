@@ -20,6 +20,9 @@ training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
   every number in the tables;
 - plots (PNG): training curves (loss, rewards, reward accuracy, chosen log-prob against step),
   validation HR@1 against step where it was logged, HR@1 per stage with intervals, HR@1 against K.
+
+A records CSV can stand in for its run folder (`load_records_table`): with the pipeline config
+that produced it, every table, interval and paired comparison comes out the same.
 """
 
 from __future__ import annotations
@@ -160,15 +163,26 @@ def load_run(folder: str | Path) -> Run:
 
             run.logs[stage] = read_log(stage_dir)
     users = _record_users(folder)
-    evaluated = {i for result in run.results for i in result.values}
-    if users is not None and evaluated <= users.keys() and len({users[i] for i in evaluated}) < len(evaluated):
-        run.users = {i: users[i] for i in sorted(evaluated)}  # only where some user has several records
+    evaluated = _evaluated_ids(run)
+    if users is not None and evaluated <= users.keys():
+        run.users = _shared_users(users, evaluated)
     for stage, config in run.configs.items():
         if config.get("sft"):
             run.starts[stage] = Path(config["sft"]).name
         else:
             run.starts[stage] = "zero-shot"
     return run
+
+
+def _evaluated_ids(run: Run) -> set[str]:
+    return {i for result in run.results for i in result.values}
+
+
+def _shared_users(users: dict[str, str | None], evaluated: set[str]) -> dict[str, str] | None:
+    """The evaluated records' users where every one is known and some user has several records, else None."""
+    if any(users[i] is None for i in evaluated) or len({users[i] for i in evaluated}) == len(evaluated):
+        return None
+    return {i: users[i] for i in sorted(evaluated)}
 
 
 RECORDS_SUFFIXES = (".csv", ".csv.gz")
@@ -232,31 +246,26 @@ def load_records_table(path: str | Path, config: str | Path | None = None, data:
     rows = _read_records_csv(path)
     name = path.name.removesuffix(".gz").removesuffix(".csv").removesuffix("-records")
     run = Run(name, path.parent, _results_from_table(path, rows), table=path)
-    training: list[str] = []
+    pipeline = read_yaml(config) if config is not None else {}
     if config is not None:
         from sdpo.pipeline import _training_stages
 
-        sft_stages, align_stages = _training_stages(read_yaml(config), Path(config))
-        for stage, options in sft_stages:
-            run.configs[stage], run.starts[stage] = options, "zero-shot"
-        for stage, options, start in align_stages:
-            run.configs[stage], run.starts[stage] = options, start
-        run.configs = {s: c for s, c in run.configs.items() if any(r.stage == s for r in run.results)}
-        run.starts = {s: start for s, start in run.starts.items() if s in run.configs}
-        training = list(run.configs)
-        run.baselines = [r.stage for r in run.results if r.protocol == "rank" and r.stage not in (*training, "zero-shot")]
+        sft_stages, align_stages = _training_stages(pipeline, Path(config))
+        evaluated_stages = {r.stage for r in run.results}
+        for stage, options, start in [(stage, options, "zero-shot") for stage, options in sft_stages] + align_stages:
+            if stage in evaluated_stages:
+                run.configs[stage], run.starts[stage] = options, start
+        run.baselines = [r.stage for r in run.results if r.protocol == "rank" and r.stage not in (*run.configs, "zero-shot")]
     users = {row["id"]: row["user"] for row in rows} if rows[0].get("user") else None
     if users is None and data is not None:
-        split = ((read_yaml(config).get("evaluate") or {}).get("split", "test")) if config is not None else "test"
-        users = {r.id: r.user for r in load_split(data, split)}
-    evaluated = {i for result in run.results for i in result.values}
+        users = {r.id: r.user for r in load_split(data, (pipeline.get("evaluate") or {}).get("split", "test"))}
     if users is not None:
+        evaluated = _evaluated_ids(run)
         unknown = evaluated - users.keys()
         if unknown:
             raise UserError(f"{path}: {len(unknown)} record(s) have no user in {data or path} (e.g. {sorted(unknown)[0]}); "
                             "give the prepared dataset folder the run evaluated.")
-        if None not in users.values() and len({users[i] for i in evaluated}) < len(evaluated):
-            run.users = {i: users[i] for i in sorted(evaluated)}
+        run.users = _shared_users(users, evaluated)
     return run
 
 
