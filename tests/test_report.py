@@ -4,6 +4,7 @@ import csv
 import gzip
 import json
 import random
+import shutil
 
 import pytest
 import yaml
@@ -223,3 +224,17 @@ def test_a_bad_records_table_is_refused_before_writing(tmp_path, text, message):
     with pytest.raises(UserError, match="no such records table"):
         write_report([tmp_path / "missing-records.csv.gz"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_baselines_only_run_gets_per_user_intervals_and_no_empty_comparison_table(tmp_path):
+    """configs/baselines-ml100k.yaml: no LM stage, so no eval folder; the baselines' metrics.json name the split."""
+    folder = with_users(fake_pipeline(tmp_path / "baselines"), [f"user-{i % 6}" for i in range(N)])
+    (folder / "eval" / "sft-rank" / "metrics.json").rename(folder / "baselines" / "popularity" / "metrics.json")
+    for stage_files in [folder / "eval", *(folder / s for s in ("sft", "dpo", "s-dpo-k3", "s-dpo-k7"))]:
+        shutil.rmtree(stage_files)
+    (folder / "results.json").write_text(json.dumps([{"stage": "popularity", "protocol": "rank"}]))
+    run = load_run(folder)
+    assert run.baselines == ["popularity"] and run.users is not None and len(set(run.users.values())) == 6
+    write_report([folder], tmp_path / "report")
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "come from 6 users" in text and "paired HR@1 differences" not in text

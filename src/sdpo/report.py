@@ -112,12 +112,12 @@ def _generate_result(stage: str, rows: list[dict[str, Any]]) -> Result:
 def _record_users(folder: Path) -> dict[str, str] | None:
     """Record id -> user over the split the run evaluated, if every record of it names a user.
 
-    The split is the one an evaluation's metrics.json names, read from the data folder it names
-    or from the run's own ``data``; None when neither is here.
+    The split is the one an evaluation's (or a baseline's) metrics.json names, read from the data
+    folder it names or from the run's own ``data``; None when neither is here.
     """
     from sdpo.datasets import load_split
 
-    for metrics_path in sorted(folder.glob("eval/*/metrics.json")):
+    for metrics_path in sorted(folder.glob("eval/*/metrics.json")) + sorted(folder.glob("baselines/*/metrics.json")):
         try:
             info = json.loads(metrics_path.read_text(encoding="utf-8"))
         except ValueError:
@@ -531,7 +531,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
                          "so beside each interval over records stands one over users (each resample draws users with all their "
                          "records; the plots show it). One user's records are not independent: the per-user interval is the one "
                          "to read.", ""]
-        sections += [wide_table(run), "", comparison_table(run, comparisons(run)), ""]
+        rows = comparisons(run)
+        sections += [wide_table(run), ""] + ([comparison_table(run, rows), ""] if rows else [])
         plots = [(out / f"{run.name}-hr1.png", lambda p, r=run: plot_stage_hr(r, p) or True),
                  (out / f"{run.name}-training.png", lambda p, r=run: plot_training_curves(r, p)),
                  (out / f"{run.name}-val-hr1.png", lambda p, r=run: plot_val_hr(r, p)),
