@@ -20,9 +20,9 @@ torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(config)  # random weights, SmolLM2-135M's shape
 tok = AutoTokenizer.from_pretrained(tokenizer_dir)
 model.save_pretrained("/tmp/smol-arch"); tok.save_pretrained("/tmp/smol-arch")
-from sdpo.datasets import load_split
-from sdpo.prompts import encode_answer, record_prompt_ids
-from sdpo.scoring import score_answers
+from sdpo.data.datasets import load_split
+from sdpo.data.prompts import encode_answer, record_prompt_ids
+from sdpo.lm.scoring import score_answers
 
 records = load_split(data_dir, "test", limit=4)
 report = {}
@@ -42,7 +42,7 @@ for dtype in (torch.float32, torch.bfloat16):
     report[str(dtype)] = worst
     print("packed vs plain on CUDA", dtype, "max abs diff", worst, flush=True)
 json.dump(report, open(f"{out}/cuda-kernel-check.json", "w"), indent=2)
-from sdpo.benchmark import benchmark_step, format_table, save_results
+from sdpo.benchmarks.step import benchmark_step, format_table, save_results
 
 records = load_split(data_dir, "test", limit=8)
 t = time.time()

@@ -11,12 +11,12 @@ import statistics
 import sys
 import time
 
-from sdpo.allocator import keep_freed_memory
-from sdpo.benchmark import shared_step, step_answers
-from sdpo.datasets import load_split
-from sdpo.models import LoraSettings, add_lora, load_model
-from sdpo.prompts import record_prompt_ids
-from sdpo.scoring import pack_answers
+from sdpo.benchmarks.step import shared_step, step_answers
+from sdpo.data.datasets import load_split
+from sdpo.data.prompts import record_prompt_ids
+from sdpo.lm.allocator import keep_freed_memory
+from sdpo.lm.models import LoraSettings, add_lora, load_model
+from sdpo.lm.scoring import pack_answers
 
 data, keep = sys.argv[1], sys.argv[2] == "1"
 if keep and not keep_freed_memory():

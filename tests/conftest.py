@@ -1,9 +1,11 @@
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
-from sdpo.datasets import load_split, read_manifest, write_prepared
+from sdpo.data.datasets import load_split, read_manifest, write_prepared
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +21,7 @@ def mirror() -> Path:
 @pytest.fixture(scope="session")
 def lastfm_dir(mirror, tmp_path_factory) -> Path:
     """LastFM prepared once for the whole session, from the mirror."""
-    from sdpo.pipeline import prepare_dataset
+    from sdpo.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared") / "lastfm"
     prepare_dataset("lastfm", out, seed=0, mirror=mirror, raw_dir=tmp_path_factory.mktemp("raw"))
@@ -40,7 +42,34 @@ def small_data(lastfm_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer): the seeded tiny random Llama with the SmolLM2 tokenizer, in eval mode."""
-    from sdpo.models import load_model
+    from sdpo.lm.models import load_model
 
     model, tokenizer = load_model("tiny")
     return model.eval(), tokenizer
+
+
+# The tiny study: SFT then DPO on a handful of records, both protocols, popularity; a few seconds of training.
+TINY_STUDY = {
+    "model": "tiny",
+    "prompt_seed": 3,
+    "sft": {"train_limit": 8, "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True, "lora_layers": 1},
+    "align": [{"name": "dpo", "loss": "dpo", "negatives": 1, "train_limit": 4, "max_steps": 1, "disable_tqdm": True}],
+    "evaluate": {"split": "test", "limit": 3, "protocols": ["rank", "generate"], "batch_size": 2},
+    "baselines": {"models": ["popularity"]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_study(small_data, tmp_path_factory):
+    """The tiny study run once, uninterrupted: `sdpo pipeline tiny.yaml --output_dir studies/tiny` in a work folder.
+
+    Tests that change the run copy `work` first (relative paths keep the copy whole).
+    """
+    from tests.helpers import sdpo
+
+    work = tmp_path_factory.mktemp("uninterrupted")
+    config = {**TINY_STUDY, "data": {"path": str(small_data)}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(config))
+    result = sdpo("pipeline", "tiny.yaml", "--output_dir", "studies/tiny", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return SimpleNamespace(config=config, work=work, out=Path("studies/tiny"), stdout=result.stdout)

@@ -10,9 +10,9 @@ import torch
 
 from sdpo.baselines.items import PAD, UNKNOWN, ItemTable
 from sdpo.baselines.train import BaselineConfig, build_model, encode, popularity_scores, rank_records, run_baseline
-from sdpo.datasets import write_prepared
+from sdpo.data.datasets import write_prepared
+from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.records import Record
 
 N_ITEMS = 40
 
@@ -128,13 +128,13 @@ def test_caser_units_survive_the_first_steps():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
 def test_malloc_settings_are_taken_on_linux():
-    from sdpo.allocator import keep_freed_memory, return_freed_memory
+    from sdpo.lm.allocator import keep_freed_memory, return_freed_memory
 
     assert keep_freed_memory() and return_freed_memory()
 
 
 def test_step_benchmark_times_both_settings_in_child_processes(planted):
-    from sdpo.baselines.benchmark import SETTINGS, benchmark_baselines, format_table
+    from sdpo.benchmarks.baseline import SETTINGS, benchmark_baselines, format_table
 
     [result] = benchmark_baselines(["caser"], str(planted), steps=2, repeats=1)
     assert all(len(result["all_step_s"][s]) == 1 and result["all_step_s"][s][0] > 0 for s in SETTINGS)

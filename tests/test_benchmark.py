@@ -2,8 +2,8 @@
 
 import json
 
-from sdpo.benchmark import benchmark_step, format_table, naive_sequences, save_results
-from sdpo.datasets import load_split
+from sdpo.benchmarks.step import benchmark_step, format_table, naive_sequences, save_results
+from sdpo.data.datasets import load_split
 
 
 def test_benchmark_step_on_tiny(small_data, tmp_path):
@@ -27,8 +27,8 @@ def test_naive_sequences_layout():
 
 
 def test_benchmark_trunk_on_tiny(small_data, tmp_path):
-    from sdpo.benchmark_trunk import benchmark_trunk
-    from sdpo.benchmark_trunk import format_table as trunk_table
+    from sdpo.benchmarks.trunk import benchmark_trunk
+    from sdpo.benchmarks.trunk import format_table as trunk_table
 
     result = benchmark_trunk("tiny", small_data, lora_layers=1, n_records=4, repeats=2, batch_size=2, json_out=tmp_path / "t.json")
     assert json.loads((tmp_path / "t.json").read_text()) == result

@@ -1,31 +1,15 @@
 """The `sdpo` command as a user runs it: clear errors, exit codes, and the pipeline end to end."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-
-def sdpo(*args, cwd=None, env=None):
-    return subprocess.run(
-        [sys.executable, "-c", "from sdpo.cli import main; main()", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=600,
-    )
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0]
+from sdpo.io import read_jsonl
+from tests.helpers import assert_user_error, sdpo
 
 
 def test_prepare_from_mirror_and_refusals(mirror, tmp_path):
@@ -73,50 +57,44 @@ def test_sft_cli_errors(tmp_path):
     assert help_text.returncode == 0 and "--lora_r" in help_text.stdout and "--learning_rate" in help_text.stdout
 
 
-def test_pipeline_on_tiny(small_data, tmp_path):
-    config = {
-        "output_dir": str(tmp_path / "run"),
-        "model": "tiny",
-        "prompt_seed": 3,
-        "data": {"path": str(small_data)},
-        "sft": {"train_limit": 8, "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True, "lora_layers": 1},
-        "align": [{"name": "dpo", "loss": "dpo", "negatives": 1, "train_limit": 4, "max_steps": 1, "disable_tqdm": True}],
-        "evaluate": {"split": "test", "limit": 3, "protocols": ["rank", "generate"], "batch_size": 2},
-    }
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
-    result = sdpo("pipeline", tmp_path / "p.yaml")
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
+def test_pipeline_on_tiny(tiny_study, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_study.work, work)  # this test retrains and removes stages: a copy of its own
+    run, stdout, config = work / tiny_study.out, tiny_study.stdout, tiny_study.config
+    out = str(tiny_study.out)
+
+    def pipeline(config_file, output_dir=out):
+        return sdpo("pipeline", config_file, "--output_dir", output_dir, cwd=work)
+
     # LoRA on the last layer only: the evaluations shared what layer 0 computes, removed at the end
     for protocol in ("rank", "generate"):
-        assert f"every stage is evaluated with {protocol}: removed the trunk cache {run / 'eval' / 'trunk-cache' / protocol}" in result.stdout
+        assert f"every stage is evaluated with {protocol}: removed the trunk cache {tiny_study.out / 'eval' / 'trunk-cache' / protocol}" in stdout
     # protocol by protocol: every rank pass ran before the first generation
-    assert result.stdout.index("[evaluate] dpo, rank protocol") < result.stdout.index("[evaluate] zero-shot, generate protocol")
+    assert stdout.index("[evaluate] dpo, rank protocol") < stdout.index("[evaluate] zero-shot, generate protocol")
     assert not (run / "eval" / "trunk-cache").exists()
     rows = json.loads((run / "results.json").read_text())
     assert [(r["stage"], r["protocol"]) for r in rows] == [
         ("zero-shot", "rank"), ("zero-shot", "generate"), ("sft", "rank"), ("sft", "rank-reward"), ("sft", "generate"),
-        ("dpo", "rank"), ("dpo", "rank-reward"), ("dpo", "generate"),
+        ("dpo", "rank"), ("dpo", "rank-reward"), ("dpo", "generate"), ("popularity", "rank"),
     ]
-    assert all(r["n_records"] == 3 and r["prompt_seed"] == 3 for r in rows)
-    assert "| sft | rank | 3 |" in result.stdout and "| dpo | rank-reward | 3 |" in result.stdout
+    assert all(r["n_records"] == 3 for r in rows) and all(r["prompt_seed"] == 3 for r in rows if r["stage"] != "popularity")
+    assert "| sft | rank | 3 |" in stdout and "| dpo | rank-reward | 3 |" in stdout
     # every stage trained and was evaluated with the pipeline's one prompt setting
     assert all(yaml.safe_load((run / s / "sdpo_config.yaml").read_text())["prompt_seed"] == 3 for s in ("sft", "dpo"))
-    # each stage's reward is its log-prob minus its reference stage's, from the saved predictions
-    predictions = {s: [json.loads(line) for line in (run / "eval" / f"{s}-rank" / "predictions.jsonl").read_text().splitlines()]
-                   for s in ("zero-shot", "sft", "dpo")}
+    # each stage's reward is its log-prob minus its reference stage's, from the saved (compressed) predictions
+    predictions = {s: read_jsonl(run / "eval" / f"{s}-rank" / "predictions.jsonl.gz") for s in ("zero-shot", "sft", "dpo")}
     for stage, reference in (("sft", "zero-shot"), ("dpo", "sft")):
         for row, ref_row in zip(predictions[stage], predictions[reference], strict=True):
             ref = {e["title"]: e["logp"] for e in ref_row["ranking"]}
             assert all(abs(e["reward"] - (e["logp"] - ref[e["title"]])) < 1e-9 for e in row["ranking"])
-    again = sdpo("pipeline", tmp_path / "p.yaml")  # finished stages are reused
+    again = pipeline("tiny.yaml")  # finished stages are reused
     assert again.returncode == 0 and "[sft] reusing" in again.stdout and "[evaluate] reusing" in again.stdout
     # a finished stage trained with other options is refused, not silently reused
     changed = {**config, "align": [{**config["align"][0], "beta": 0.5}]}
-    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
-    assert_user_error(sdpo("pipeline", tmp_path / "changed.yaml"), "stage dpo", "beta 1.0 -> 0.5", "remove")
+    (work / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert_user_error(pipeline("changed.yaml"), "stage dpo", "beta 1.0 -> 0.5", "remove")
     # an evaluation of another adapter of the stage (trained again since) is not reused
-    from sdpo.pipeline import _finished_evaluation
+    from sdpo.pipeline.run import _finished_evaluation
 
     sft_eval = json.loads((run / "eval" / "sft-rank" / "metrics.json").read_text())
     assert _finished_evaluation(run / "eval" / "sft-rank", str(run / "sft")) == sft_eval
@@ -126,32 +104,32 @@ def test_pipeline_on_tiny(small_data, tmp_path):
 
     # same seed, same machine, same numbers: a fresh run (LoRA dropout on) gives the same table and files
     # (and without the trunk cache: the same numbers, byte for byte)
-    uncached = {**config, "output_dir": str(tmp_path / "run2"), "evaluate": {**config["evaluate"], "trunk_cache": False}}
-    (tmp_path / "p2.yaml").write_text(yaml.safe_dump(uncached))
-    second = sdpo("pipeline", tmp_path / "p2.yaml")
+    uncached = {**config, "evaluate": {**config["evaluate"], "trunk_cache": False}}
+    (work / "uncached.yaml").write_text(yaml.safe_dump(uncached))
+    second = pipeline("uncached.yaml", "run2")
     assert second.returncode == 0 and "trunk cache" not in second.stdout
-    rerun = tmp_path / "run2"
+    rerun = work / "run2"
 
     def numbers(folder):
-        return [{k: v for k, v in row.items() if k not in ("seconds", "adapter", "reference")}
+        return [{k: v for k, v in row.items() if k not in ("seconds", "adapter", "reference", "output_dir")}
                 for row in json.loads((folder / "results.json").read_text())]
 
     assert numbers(rerun) == numbers(run)
-    for name in ("sft/adapter_model.safetensors", "dpo/adapter_model.safetensors", "eval/sft-generate/predictions.jsonl",
-                 "eval/dpo-rank/predictions.jsonl"):
+    for name in ("sft/adapter_model.safetensors", "dpo/adapter_model.safetensors", "eval/sft-generate/predictions.jsonl.gz",
+                 "eval/dpo-rank/predictions.jsonl.gz"):
         assert (rerun / name).read_bytes() == (run / name).read_bytes(), name
     # an align stage trained from an SFT run that was trained again since is refused
     shutil.rmtree(run / "sft")
     retrained = {**config, "sft": {**config["sft"], "learning_rate": 0.5}}
-    (tmp_path / "retrained.yaml").write_text(yaml.safe_dump(retrained))
-    assert_user_error(sdpo("pipeline", tmp_path / "retrained.yaml"), "stage dpo", "sft_sha256", "remove")
-    config["sft"]["prompt_seed"] = 1
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
-    assert_user_error(sdpo("pipeline", tmp_path / "p.yaml"), "set prompt_seed at the top level")
+    (work / "retrained.yaml").write_text(yaml.safe_dump(retrained))
+    assert_user_error(pipeline("retrained.yaml"), "stage dpo", "sft_sha256", "remove")
+    config = {**config, "sft": {**config["sft"], "prompt_seed": 1}}
+    (work / "p.yaml").write_text(yaml.safe_dump(config))
+    assert_user_error(pipeline("p.yaml"), "set prompt_seed at the top level")
     del config["sft"]["prompt_seed"]
-    config["evaluate"]["trunk_cache"] = "yes"
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
-    assert_user_error(sdpo("pipeline", tmp_path / "p.yaml"), "evaluate.trunk_cache must be true or false")
+    config["evaluate"] = {**config["evaluate"], "trunk_cache": "yes"}
+    (work / "p.yaml").write_text(yaml.safe_dump(config))
+    assert_user_error(pipeline("p.yaml"), "evaluate.trunk_cache must be true or false")
 
 
 def test_baseline_and_align_commands(small_data, tmp_path):
@@ -249,7 +227,7 @@ def test_a_windows_edited_record_file_is_read(small_data, tmp_path):
     (folder / "manifest.json").write_bytes(b"\xef\xbb\xbf" + (small_data / "manifest.json").read_bytes().replace(b"\n", b"\r\n"))
     text = (small_data / "test.jsonl").read_text(encoding="utf-8")
     (folder / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
-    from sdpo.datasets import load_split
+    from sdpo.data.datasets import load_split
 
     assert load_split(folder, "test") == load_split(small_data, "test")
 
@@ -299,17 +277,17 @@ def test_the_gpu_study_differs_from_the_cpu_study_in_scale_only():
 
 def test_pipeline_stages_are_named_and_linked(tmp_path):
     from sdpo.errors import UserError
-    from sdpo.pipeline import _training_stages
+    from sdpo.pipeline.config import training_stages
 
     config = {
         "sft": [{"name": "sft-small", "train_limit": 8}, {"name": "sft-big", "train_limit": 16}],
         "align": [{"loss": "dpo", "negatives": 1}, {"name": "sdpo-k3", "from": "sft-big", "negatives": 3}],
     }
-    sft, align = _training_stages(config, tmp_path / "p.yaml")
+    sft, align = training_stages(config, tmp_path / "p.yaml")
     assert [name for name, _ in sft] == ["sft-small", "sft-big"]
     assert [(name, start) for name, _, start in align] == [("dpo", "sft-small"), ("sdpo-k3", "sft-big")]
     assert align[1][1] == {"negatives": 3}  # name and from are the pipeline's, not the stage's options
-    single = _training_stages({"sft": {"train_limit": 8}, "align": {"negatives": 3}}, tmp_path / "p.yaml")
+    single = training_stages({"sft": {"train_limit": 8}, "align": {"negatives": 3}}, tmp_path / "p.yaml")
     assert [n for n, _ in single[0]] == ["sft"] and [(n, s) for n, _, s in single[1]] == [("s-dpo", "sft")]
     for bad, message in (
         ({"sft": {}, "align": [{"name": "a"}, {"name": "a"}]}, "stage name 'a' is taken"),
@@ -318,7 +296,7 @@ def test_pipeline_stages_are_named_and_linked(tmp_path):
         ({"sft": {"name": "zero-shot"}}, "stage name 'zero-shot' is taken"),
     ):
         with pytest.raises(UserError, match=message):
-            _training_stages(bad, tmp_path / "p.yaml")
+            training_stages(bad, tmp_path / "p.yaml")
 
 
 @pytest.mark.parametrize("name", ["study-lastfm.yaml", "study-ml100k.yaml"])
@@ -359,7 +337,7 @@ def test_accelerate_configs_parse_and_4bit_is_refused_without_cuda(small_data, t
 
     from sdpo.config import build_config
     from sdpo.errors import UserError
-    from sdpo.models import load_model
+    from sdpo.lm.models import load_model
     from sdpo.training.sft import SFTConfig
 
     folder = Path(__file__).parents[1] / "configs" / "accelerate"

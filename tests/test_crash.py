@@ -91,7 +91,7 @@ def test_align_killed_after_a_checkpoint_and_during_the_reference_pass(small_dat
 
 @pytest.mark.parametrize("garbage", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"logps\": trunc"])
 def test_a_damaged_reference_table_is_recomputed_not_trusted(tiny, small_data, tmp_path, garbage):
-    from sdpo.datasets import load_split
+    from sdpo.data.datasets import load_split
     from sdpo.training.reference import cached_reference_logps, compute_reference_logps
 
     model, tokenizer = tiny

@@ -4,11 +4,11 @@ from collections import Counter
 
 import pytest
 
-from sdpo.candidates import record_rng, sample_candidates
-from sdpo.datasets import load_split, read_manifest, write_prepared
+from sdpo.data.candidates import record_rng, sample_candidates
+from sdpo.data.datasets import load_split, read_manifest, write_prepared
+from sdpo.data.records import Record
+from sdpo.data.sources.lastfm import read_id2name, sliding_window_users
 from sdpo.errors import UserError
-from sdpo.records import Record
-from sdpo.sources.lastfm import read_id2name, sliding_window_users
 
 
 def test_lastfm_counts_and_manifest(lastfm_dir):
@@ -70,7 +70,7 @@ def test_train_records(lastfm_dir, mirror):
 
 
 def test_prepare_is_deterministic(lastfm_dir, mirror, tmp_path):
-    from sdpo.pipeline import prepare_dataset
+    from sdpo.data.prepare import prepare_dataset
 
     again = tmp_path / "again"
     prepare_dataset("lastfm", again, seed=0, mirror=mirror, raw_dir=tmp_path / "raw")
@@ -103,8 +103,8 @@ def test_write_prepared_refuses_bad_records_and_writes_nothing(tmp_path):
 
 def test_a_limited_subset_spans_many_users_and_nests(lastfm_dir):
     """--train_limit 256 draws records from all over the file; the first 256 lines are a few users' windows."""
-    from sdpo.datasets import subset
-    from sdpo.records import read_records
+    from sdpo.data.datasets import subset
+    from sdpo.data.records import read_records
 
     users = {r.id: r.user for r in load_split(lastfm_dir, "train")}  # recovered from the windows (sources/lastfm.py)
     drawn = load_split(lastfm_dir, "train", 256)

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from sdpo.datasets import load_split
+from sdpo.data.datasets import load_split
+from sdpo.data.prompts import encode_answer, record_prompt_ids
 from sdpo.errors import UserError
-from sdpo.evaluation import candidate_logps, evaluate, generate_answers
-from sdpo.metrics import target_ranks
-from sdpo.models import LoraSettings, add_lora, load_model
+from sdpo.evaluation.metrics import target_ranks
+from sdpo.evaluation.protocols import candidate_logps, evaluate, generate_answers
+from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.pipeline import evaluate_model
-from sdpo.prompts import encode_answer, record_prompt_ids
 from tests.test_scoring import plain_logprob
 
 
@@ -66,7 +66,8 @@ def random_adapter(folder, scale: float):
 
 def test_rank_by_reward_against_the_base_model(small_data, tmp_path):
     policy, tokenizer = random_adapter(tmp_path / "adapter", 0.5)
-    metrics = evaluate_model(small_data, "test", "tiny", tmp_path / "adapter", "rank", 3, tmp_path / "out", score="reward", progress=False)
+    metrics = evaluate_model(small_data, "test", "tiny", tmp_path / "adapter", "rank", 3, tmp_path / "out", score="reward", progress=False,
+                             bf16=False)  # as the fp32 reference computation below
     assert metrics["score"] == "reward" and metrics["reference"] == "base model"
     for key in ("hr@1", "reward_hr@1", "reward_mrr"):
         low, high = metrics["ci95"][key]
@@ -122,7 +123,7 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_
     6 records in batches of 2: rank makes a log-prob pass and a reference pass (6 prompts each),
     generate one pass; stop_at is the prompt being encoded when the process is interrupted.
     """
-    import sdpo.evaluation as evaluation
+    import sdpo.evaluation.protocols as evaluation
 
     random_adapter(tmp_path / "adapter", 0.5)
     encode = evaluation.record_prompt_ids

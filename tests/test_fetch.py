@@ -7,8 +7,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from sdpo.data.sources.fetch import DATASETS, fetch, sha256_of, verified_path
 from sdpo.errors import UserError
-from sdpo.sources.fetch import DATASETS, fetch, sha256_of, verified_path
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sdpo.losses import dpo_loss, softmax_dpo_loss
+from sdpo.training.losses import dpo_loss, softmax_dpo_loss
 
 
 def brute_force_sdpo(pc, pr, rc, rr, beta):

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-from sdpo import precision
-from sdpo.benchmark_precision import benchmark_precision, format_table
+from sdpo.benchmarks.precision import benchmark_precision, format_table
+from sdpo.lm import precision
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from sdpo.config import build_config
-from sdpo.datasets import load_split
+from sdpo.data.datasets import load_split
+from sdpo.data.negatives import hard_negatives, random_negatives
+from sdpo.data.prompts import encode_answer, record_prompt_ids
+from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.evaluation import evaluate
-from sdpo.models import load_model
-from sdpo.negatives import hard_negatives, random_negatives
-from sdpo.prompts import encode_answer, record_prompt_ids
-from sdpo.records import Record
-from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.evaluation.protocols import evaluate
+from sdpo.lm.models import load_model
+from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.training.preference import (
     LOG_FILE,
     REFERENCE_ADAPTER,

@@ -2,8 +2,8 @@ import copy
 
 import pytest
 
-from sdpo.prompts import ANSWER_CUE, DOMAINS, TEMPLATES, build_prompt, encode_answer, encode_prompt, record_prompt_ids, render_list
-from sdpo.records import Record
+from sdpo.data.prompts import ANSWER_CUE, DOMAINS, TEMPLATES, build_prompt, encode_answer, encode_prompt, record_prompt_ids, render_list
+from sdpo.data.records import Record
 from sdpo.training.sft import PromptAnswerDataset
 
 RECORD = Record("r1", None, ["Earth, Wind & Fire", "Beck"], ["Jeff Beck", "Crosby, Stills, Nash & Young", "Mø"], "Mø")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from sdpo.data.records import Record, read_records, record_problem, write_records
 from sdpo.errors import UserError
-from sdpo.records import Record, read_records, record_problem, write_records
 
 GOOD = {"id": "r1", "user": None, "history": ["A", "B, the band"], "candidates": ["C", "D", "E"], "target": "D"}
 

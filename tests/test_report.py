@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from sdpo.errors import UserError
+from sdpo.evaluation.stats import paired_difference
 from sdpo.report import comparisons, load_run, write_report
-from sdpo.stats import paired_difference
 
 N = 40
 
@@ -106,7 +106,7 @@ def test_report_refuses_incomplete_run_folders(tmp_path):
 
 def test_a_stage_keeps_its_colour_in_every_training_panel(tmp_path, monkeypatch):
     """SFT logs only its loss; the align stages must not shift colours in the reward panels."""
-    import sdpo.report as report
+    import sdpo.report.plots as report
 
     run = fake_pipeline(tmp_path / "run")
     (run / "sft" / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3)))
@@ -238,3 +238,18 @@ def test_a_baselines_only_run_gets_per_user_intervals_and_no_empty_comparison_ta
     write_report([folder], tmp_path / "report")
     text = (tmp_path / "report" / "results.md").read_text()
     assert "come from 6 users" in text and "paired HR@1 differences" not in text
+
+
+def test_a_pipeline_folder_with_compressed_predictions_reports_the_same(tmp_path):
+    """Pipelines now write predictions.jsonl.gz (a study folder lives in git); older folders hold predictions.jsonl: one report."""
+    from sdpo.io import read_jsonl, write_jsonl
+
+    run = fake_pipeline(tmp_path / "run")
+    write_report([run], tmp_path / "plain")
+    for path in sorted(run.rglob("predictions.jsonl")):
+        write_jsonl(path.with_suffix(".jsonl.gz"), read_jsonl(path))
+        path.unlink()
+    assert list(run.rglob("predictions.jsonl.gz"))
+    write_report([run], tmp_path / "compressed")
+    for name in ("results.md", "run-records.csv.gz"):
+        assert (tmp_path / "compressed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name

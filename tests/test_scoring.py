@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from sdpo.models import LoraSettings, add_lora, load_model
-from sdpo.scoring import answer_logprobs, block_attention_mask, pack_answers, score_answers
+from sdpo.lm.models import LoraSettings, add_lora, load_model
+from sdpo.lm.scoring import answer_logprobs, block_attention_mask, pack_answers, score_answers
 
 
 def plain_logprob(model, prompt: list[int], answer: list[int]) -> float:

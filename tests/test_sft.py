@@ -7,11 +7,11 @@ import yaml
 from safetensors.torch import load_file
 
 from sdpo.config import build_config
-from sdpo.datasets import load_split
+from sdpo.data.datasets import load_split
+from sdpo.data.prompts import encode_answer, record_prompt_ids
 from sdpo.errors import UserError
-from sdpo.models import load_model
-from sdpo.prompts import encode_answer, record_prompt_ids
-from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.lm.models import load_model
+from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.training.sft import CONFIG_FILE, SFTConfig, run_sft
 
 

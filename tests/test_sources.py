@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from sdpo.datasets import load_split, read_manifest
+from sdpo.data.datasets import load_split, read_manifest
+from sdpo.data.prepare import prepare_dataset
+from sdpo.data.sources.interactions import split_users
 from sdpo.errors import UserError
-from sdpo.pipeline import prepare_dataset
-from sdpo.sources.interactions import split_users
 
 N_USERS = 10
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sdpo.stats import bootstrap_ci, bootstrap_cis, paired_difference
+from sdpo.evaluation.stats import bootstrap_ci, bootstrap_cis, paired_difference
 
 
 def test_interval_by_hand():

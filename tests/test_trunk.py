@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from sdpo.datasets import load_split
+from sdpo.data.datasets import load_split
 from sdpo.errors import UserError
-from sdpo.evaluation import candidate_logps, generate_answers, reference_logps
-from sdpo.models import LoraSettings, add_lora, load_model
-from sdpo.trunk import TrunkCache, first_adapted_layer, shared_trunk_depth
+from sdpo.evaluation.protocols import candidate_logps, generate_answers, reference_logps
+from sdpo.lm.adapters import first_adapted_layer, shared_trunk_depth
+from sdpo.lm.models import LoraSettings, add_lora, load_model
+from sdpo.lm.trunk import TrunkCache
 
 
 def adapted_model(last_layers: int | None, seed: int = 1):
@@ -94,7 +95,7 @@ def test_generation_from_the_cached_prompt_trunk_is_the_full_generation_bitwise(
 
 def test_a_deeper_trunk_generates_and_ranks_as_the_full_model(small_data, tmp_path):
     """Four layers, LoRA on the last: three trunk layers hand on states and push their own keys and values."""
-    from sdpo.models import load_tokenizer, tiny_model
+    from sdpo.lm.models import load_tokenizer, tiny_model
 
     records = load_split(small_data, "test", limit=4)
     tokenizer = load_tokenizer("tiny")
@@ -120,7 +121,7 @@ def test_a_deeper_trunk_generates_and_ranks_as_the_full_model(small_data, tmp_pa
 
 
 def test_a_layer_gets_its_own_forward_back_even_when_generation_fails():
-    from sdpo.trunk import _prompt_trunk_from
+    from sdpo.lm.trunk import _prompt_trunk_from
 
     model, _ = load_model("tiny")
     layers = model.model.layers

@@ -1,4 +1,20 @@
-"""sdpo: train language-model recommenders with Softmax-DPO (Chen et al., NeurIPS 2024)."""
+"""sdpo: train language-model recommenders with Softmax-DPO (Chen et al., NeurIPS 2024).
+
+The package in layers; a module imports only from its own layer's package or from lower
+layers (``tests/test_architecture.py`` checks it, and that no imports close a cycle):
+
+0. ``errors``, ``io``, ``config``: user errors, atomic files, dataclass configs from YAML + flags
+1. ``data``: records, raw sources, prepared folders, candidates, negatives, prompts
+2. ``lm``: model loading with LoRA, precision, adapter folders, the packed scoring kernel, trunk cache
+3. ``evaluation``: generate and rank protocols, metrics, bootstrap intervals, journals
+4. ``training`` (SFT, S-DPO/DPO, runs, export) and ``baselines`` (SASRec, GRU4Rec, Caser, popularity)
+5. ``recommend`` (the `Recommender` API) and ``benchmarks``
+6. ``pipeline``: a study from one config, every stage reused or resumed
+7. ``report``: tables, paired comparisons, plots
+8. ``cli``: the ``sdpo`` command
+
+``from sdpo import Recommender`` is the public entry point for applications.
+"""
 
 __version__ = "0.2.0"
 __all__ = ["Recommender", "Retriever", "__version__"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -62,7 +63,22 @@ def write_json(path: str | Path, value: Any) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """One JSON value per line; gzip-compressed where `path` ends in .gz (the same bytes for the same rows)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if str(path).endswith(".gz"):
+        replace_atomic(path, lambda tmp: tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0)))
+    else:
+        write_text_atomic(path, text)
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The values of a JSON-lines file, plain or gzip-compressed (.gz); blank lines skipped.
+
+    A missing file raises FileNotFoundError; a line that is not JSON, ValueError.
+    """
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
 def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None]) -> Path:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.records import Record
 
 SCORES = ("logp", "reward")
 
@@ -63,10 +63,11 @@ class Recommender:
     @classmethod
     def load(cls, run_dir: str | Path, *, bf16: bool | None = None) -> Recommender:
         """Base model + adapter of an ``sdpo sft`` / ``sdpo align`` run folder, with its prompts."""
-        from sdpo.export import EXPORTED_FROM
-        from sdpo.models import load_model
-        from sdpo.precision import model_dtype, resolve_bf16
-        from sdpo.runs import CONFIG_FILE, check_adapter_folder, read_run_config
+        from sdpo.lm.adapters import check_adapter_folder
+        from sdpo.lm.models import load_model
+        from sdpo.lm.precision import model_dtype, resolve_bf16
+        from sdpo.training.export import EXPORTED_FROM
+        from sdpo.training.runs import CONFIG_FILE, read_run_config
 
         run_dir = Path(run_dir)
         if not (run_dir / CONFIG_FILE).is_file():
@@ -85,8 +86,8 @@ class Recommender:
 
     def rank_records(self, records: list[Record], score: str = "logp", batch_size: int = 8, progress: bool = False) -> list[list[tuple[str, float]]]:
         """`rank` for many records, batched: per record, (title, score) best first."""
-        from sdpo.evaluation import candidate_logps, reference_logps
-        from sdpo.metrics import ranked_indices
+        from sdpo.evaluation.metrics import ranked_indices
+        from sdpo.evaluation.protocols import candidate_logps, reference_logps
 
         if score not in SCORES:
             raise UserError(f"--score {score!r}: choose logp or reward.")
@@ -110,8 +111,8 @@ class Recommender:
 
     def generate_records(self, records: list[Record], batch_size: int = 8, progress: bool = False) -> list[dict]:
         """`generate` for many records, batched: per record, {"text", "choice"}."""
-        from sdpo.evaluation import generate_answers
-        from sdpo.metrics import longest_match
+        from sdpo.evaluation.metrics import longest_match
+        from sdpo.evaluation.protocols import generate_answers
 
         texts = generate_answers(self.model, self.tokenizer, records, self.domain, batch_size, self.prompt_seed, progress)
         answers = []
@@ -202,7 +203,7 @@ def _rank_metrics(rank: int | None) -> dict[str, float]:
     """HR@1, NDCG@10 and MRR of one record, from the target's rank in a short list (None: not in it, all 0)."""
     import math
 
-    from sdpo.metrics import per_record_ranking
+    from sdpo.evaluation.metrics import per_record_ranking
 
     values = per_record_ranking([math.inf if rank is None else rank])
     return {key: values[key][0] for key in ("hr@1", "ndcg@10", "mrr")}
@@ -217,8 +218,8 @@ def evaluate_rerank(recommender: Recommender, retriever: Retriever, records: lis
     retrieved). The LM's gain over the retriever is a paired difference on the same records.
     Returns an `Evaluation` (metrics with 95% intervals; one prediction per record).
     """
-    from sdpo.evaluation import Evaluation
-    from sdpo.stats import bootstrap_cis, paired_difference
+    from sdpo.evaluation.protocols import Evaluation
+    from sdpo.evaluation.stats import bootstrap_cis, paired_difference
 
     retrieved = retriever.top([r.history for r in records], top)
     queries = [Record(r.id, r.user, r.history, [t for t, _ in items], r.target) for r, items in zip(records, retrieved, strict=True)]

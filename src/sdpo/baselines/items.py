@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from sdpo.records import Record
+from sdpo.data.records import Record
 
 PAD, UNKNOWN = 0, 1
 _CONNECTORS = re.compile(r"\b(and|plus)\b|[&+]")

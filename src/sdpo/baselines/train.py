@@ -25,15 +25,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from sdpo.allocator import keep_freed_memory
 from sdpo.baselines.items import PAD, ItemTable
 from sdpo.baselines.models import Caser, GRU4Rec, SASRec, SequentialRecommender
-from sdpo.datasets import load_split
+from sdpo.data.datasets import load_split
+from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.evaluation import Evaluation, score_rankings
+from sdpo.evaluation.metrics import target_ranks
+from sdpo.evaluation.protocols import Evaluation, score_rankings
 from sdpo.io import refuse_non_empty, replace_atomic, write_json
-from sdpo.metrics import target_ranks
-from sdpo.records import Record
+from sdpo.lm.allocator import keep_freed_memory
 
 MODELS = ("sasrec", "gru4rec", "caser", "popularity")
 L2_GRID = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
@@ -59,6 +59,7 @@ class BaselineConfig:
     progress: bool = True
     resume: bool = field(default=False, metadata={"help": "continue the search saved in output_dir/checkpoint.pt"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
+    compress_predictions: bool = field(default=False, metadata={"help": "write predictions.jsonl.gz (as a pipeline does)"})
 
     def training_settings(self) -> dict[str, Any]:
         """The options a checkpoint must share with the run that resumes it."""
@@ -263,7 +264,7 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
         info.update({"l2": best["l2"], "val_hr@1": best["val_hr@1"], "l2_search": search, **items.coverage(eval_records)})
     result.metrics = {**result.metrics, "n_records": len(eval_records), "seconds": round(time.perf_counter() - started, 2), **info}
     write_json(out / "config.json", {k: v for k, v in vars(config).items()})
-    result.save(out)
+    result.save(out, compress=config.compress_predictions)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return result.metrics
 

@@ -1,1 +1,4 @@
-"""Training stages built on transformers.Trainer: SFT (and the preference stage)."""
+"""Training runs: SFT, S-DPO/DPO with its reference table and losses, run folders, logs, exported adapters.
+
+Layer 4: imports `sdpo.evaluation` (candidate log-probs), `sdpo.lm`, `sdpo.data` and the foundation; not `sdpo.baselines`.
+"""

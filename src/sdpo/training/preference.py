@@ -21,22 +21,23 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, set_seed
 
-from sdpo.datasets import load_split, resolve_domain
+from sdpo.data.datasets import load_split, resolve_domain
+from sdpo.data.negatives import STRATEGIES, check_k
+from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.evaluation import candidate_logps
-from sdpo.losses import dpo_loss, softmax_dpo_loss
-from sdpo.metrics import target_ranks
-from sdpo.models import load_model
-from sdpo.negatives import STRATEGIES, check_k, hard_negatives, random_negatives
-from sdpo.precision import model_dtype
-from sdpo.prompts import encode_answer, record_prompt_ids
-from sdpo.records import Record
-from sdpo.runs import adapter_sha256, check_adapter_folder, read_run_config, resume_point, start_run, write_run_config
-from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.evaluation.metrics import target_ranks
+from sdpo.evaluation.protocols import candidate_logps
+from sdpo.lm.adapters import adapter_sha256, check_adapter_folder
+from sdpo.lm.models import load_model
+from sdpo.lm.precision import model_dtype
+from sdpo.lm.scoring import answer_logprobs
 from sdpo.training.logs import LOG_FILE, JsonlLogger
+from sdpo.training.losses import dpo_loss, softmax_dpo_loss
+from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
+from sdpo.training.runs import read_run_config, resume_point, start_run, write_run_config
 from sdpo.training.sft import SFTConfig
 
 LOSSES = ("sdpo", "dpo")
@@ -99,56 +100,6 @@ class AlignConfig(SFTConfig):
             self.metric_for_best_model = "loss" if self.select_by == "loss" else "hr@1"
             self.greater_is_better = self.select_by == "hr@1"
         super().__post_init__()
-
-
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Records with their positive + K chosen negatives and the reference log-probs of those."""
-
-    def __init__(self, records: list[Record], reference: torch.Tensor, tokenizer, config: AlignConfig, domain: str):
-        self.records, self.reference, self.tokenizer, self.config, self.domain = records, reference, tokenizer, config, domain
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def negatives_of(self, index: int) -> list[int]:
-        record, k, c = self.records[index], self.config.negatives, self.config
-        if c.negative_sampling == "hard":
-            return hard_negatives(record, k, self.reference[index])
-        epoch = self.epoch if c.negative_sampling == "resample" else 0
-        return random_negatives(record, k, c.seed, index, epoch)
-
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        chosen = [record.candidates.index(record.target), *self.negatives_of(index)]
-        example = {
-            "prompt_ids": record_prompt_ids(self.tokenizer, record, self.domain, self.config.prompt_seed),
-            "answer_ids": [encode_answer(self.tokenizer, record.candidates[i]) for i in chosen],
-        }
-        if self.reference is not None:  # else the reference adapter scores them during the step
-            example["reference_logps"] = self.reference[index, chosen]
-        return example
-
-
-class PreferenceCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        packed = pack_answers([e["prompt_ids"] for e in examples], [e["answer_ids"] for e in examples], self.pad_token_id)
-        if "reference_logps" in examples[0]:
-            packed["reference_logps"] = torch.stack([e["reference_logps"] for e in examples])  # [B, 1+K]
-        return packed
-
-
-class EpochSetter(TrainerCallback):
-    """Tells the dataset the epoch, for per-epoch resampling of negatives."""
-
-    def __init__(self, dataset: PreferenceDataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.epoch = int(state.epoch or 0)
 
 
 @torch.no_grad()

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdpo.evaluation import candidate_logps
+from sdpo.data.records import Record
+from sdpo.evaluation.protocols import candidate_logps
 from sdpo.io import remove_temporaries, replace_atomic
-from sdpo.records import Record
 
 
 def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path, domain: str, prompt_seed: int, dtype: str) -> str:

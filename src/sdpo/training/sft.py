@@ -4,7 +4,7 @@ The loss is the mean negative log-likelihood of the answer tokens (title + EOS),
 with the shared scoring kernel (`answer_logprobs`), so the prompt and answer are tokenized
 exactly as in evaluation. Built on transformers.Trainer: gradient accumulation, report_to,
 multi-GPU launch via accelerate and checkpoint resume behave as usual. Precision is
-sdpo's (`sdpo.precision`): ``--bf16`` stores the frozen base in bf16 and trains fp32 LoRA
+sdpo's (`sdpo.lm.precision`): ``--bf16`` stores the frozen base in bf16 and trains fp32 LoRA
 weights under bf16 autocast; it is on by default where the hardware computes bf16 natively.
 """
 
@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from sdpo.datasets import load_split, resolve_domain
+from sdpo.data.datasets import load_split, resolve_domain
+from sdpo.data.prompts import encode_answer, record_prompt_ids
+from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.models import LoraSettings, add_lora, load_model
-from sdpo.precision import model_dtype, resolve_bf16
-from sdpo.prompts import encode_answer, record_prompt_ids
-from sdpo.records import Record
-from sdpo.runs import CONFIG_FILE, resume_point, start_run, write_run_config
-from sdpo.scoring import answer_logprobs, pack_answers
+from sdpo.lm.models import LoraSettings, add_lora, load_model
+from sdpo.lm.precision import model_dtype, resolve_bf16
+from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.training.logs import JsonlLogger
+from sdpo.training.runs import CONFIG_FILE, resume_point, start_run, write_run_config
 
 __all__ = ["CONFIG_FILE", "ModelArguments", "SFTConfig", "run_sft"]
 

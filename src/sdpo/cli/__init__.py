@@ -1,0 +1,31 @@
+"""The ``sdpo`` command: data, sft, align, baseline, evaluate, benchmark, pipeline.
+
+User mistakes (bad files, bad options) end with one ``error:`` line and exit status 2;
+no traceback.
+
+Layer 8, the top: each command imports what it runs when it runs, so ``sdpo --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sdpo.cli import benchmark, data, evaluate, recommend, train  # noqa: F401  (each registers its commands)
+from sdpo.cli.app import app
+from sdpo.errors import UserError
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `sdpo` command on `argv` (default: the process's arguments); exits with its status."""
+    try:
+        app(args=argv)  # typer reports a bad flag or value itself: usage line, the problem, exit status 2
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

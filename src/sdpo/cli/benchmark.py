@@ -1,0 +1,118 @@
+"""`sdpo benchmark step|precision|trunk|baseline`: speed and memory, side by side in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sdpo.cli.app import bench_app
+from sdpo.errors import UserError
+
+
+def _parse_ks(negatives: str) -> list[int]:
+    try:
+        return [int(k) for k in negatives.split(",")]
+    except ValueError:
+        raise UserError(f"--negatives must be comma-separated integers, got {negatives!r}.") from None
+
+
+@bench_app.command("step")
+def benchmark_step_cmd(
+    model: str = typer.Option("tiny", help="alias, local HF folder or cached hub id"),
+    negatives: str = typer.Option("1,3,7,15", help="comma-separated K values"),
+    records: int = typer.Option(4, help="records in the step's batch"),
+    data: Path = typer.Option(..., help="prepared dataset folder whose test records are used"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    repeats: int = typer.Option(3, help="timed repeats after one warm-up (the median is reported)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    bf16: bool | None = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
+    attn_implementation: str = typer.Option("sdpa", "--attn_implementation", "--attn-implementation",
+                                            help="sdpa, eager or flex_attention (the packed step's block mask as a FlexAttention BlockMask)"),
+) -> None:
+    """Time one S-DPO step (forward + backward + reference) the published way and the shared-prompt way."""
+    from sdpo.benchmarks.step import benchmark_step, format_table, save_results
+    from sdpo.data.datasets import load_split, read_manifest
+    from sdpo.lm.precision import resolve_bf16
+
+    ks = _parse_ks(negatives)
+    if records < 1 or repeats < 1:
+        raise UserError("--records and --repeats must be at least 1.")
+    chosen = load_split(data, "test", limit=records)
+    if any(not 1 <= k < len(r.candidates) for k in ks for r in chosen):
+        raise UserError("--negatives: every K must be between 1 and the number of negatives per record (19).")
+    bf16 = resolve_bf16(bf16, device)
+    if attn_implementation not in ("sdpa", "eager", "flex_attention"):
+        raise UserError(f"--attn_implementation {attn_implementation!r}: choose sdpa, eager or flex_attention.")
+    results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device, bf16, attn_implementation)
+    save_results(json_out, model, device, results, repeats, bf16)
+    typer.echo(format_table(results))
+    typer.echo(f"wrote {json_out}")
+
+
+@bench_app.command("precision")
+def benchmark_precision_cmd(
+    data: Path = typer.Option(..., help="prepared dataset folder (train records for the steps, test records for ranking)"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    records: int = typer.Option(4, help="records per training step"),
+    negatives: str = typer.Option("3,15", help="comma-separated K values for the S-DPO steps"),
+    repeats: int = typer.Option(3, help="timed repeats per step after one warm-up, the precisions alternating (medians reported)"),
+    rank_records: int = typer.Option(200, "--rank_records", "--rank-records",
+                                     help="test records ranked in each precision (speed, log-prob gap and top-1 agreement)"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass when ranking"),
+) -> None:
+    """fp32 against bf16, side by side: records/s of SFT and S-DPO steps and of ranking, log-prob gaps, top-1 agreement."""
+    from sdpo.benchmarks.precision import benchmark_precision, format_table
+
+    ks = _parse_ks(negatives)
+    if min(records, repeats, rank_records, batch_size) < 1:
+        raise UserError("--records, --repeats, --rank_records and --batch_size must be at least 1.")
+    result = benchmark_precision(model, data, ks, records, repeats, rank_records, batch_size, json_out)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {json_out}")
+
+
+@bench_app.command("trunk")
+def benchmark_trunk_cmd(
+    data: Path = typer.Option(..., help="prepared dataset folder whose test records are ranked"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    protocol: str = typer.Option("rank", help="rank (score the candidates) or generate (greedy answers)"),
+    lora_layers: int = typer.Option(8, "--lora_layers", "--lora-layers", help="the adapter's layers: the last N (the trunk is the rest)"),
+    records: int = typer.Option(32, help="test records ranked (answered) in each way"),
+    repeats: int = typer.Option(3, help="timed repeats of each way, alternating which goes first (medians reported)"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass"),
+) -> None:
+    """Ranking or generating with the shared-trunk cache against the full computation: s/record, speedup, exactness, disk per record."""
+    from sdpo.benchmarks.trunk import benchmark_trunk, format_table
+
+    if min(records, repeats, batch_size, lora_layers) < 1:
+        raise UserError("--records, --repeats, --batch_size and --lora_layers must be at least 1.")
+    result = benchmark_trunk(model, data, lora_layers, records, repeats, batch_size, json_out, protocol=protocol)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {json_out}")
+
+
+@bench_app.command("baseline")
+def benchmark_baseline_cmd(
+    data: Path = typer.Option(..., help="prepared dataset folder whose train records are used"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    models: str = typer.Option("sasrec,gru4rec,caser", help="comma-separated baselines"),
+    steps: int = typer.Option(20, help="timed training steps per child process (after 3 warm-up steps)"),
+    repeats: int = typer.Option(3, help="child processes per setting (the median is reported)"),
+) -> None:
+    """Time a baseline training step with glibc's default malloc and with freed memory kept."""
+    from sdpo.baselines.train import MODELS
+    from sdpo.benchmarks.baseline import benchmark_baselines, format_table, save_results
+    from sdpo.data.datasets import load_split
+
+    chosen = [m.strip() for m in models.split(",")]
+    unknown = [m for m in chosen if m not in MODELS or m == "popularity"]
+    if unknown:
+        raise UserError(f"--models: {', '.join(unknown)} cannot be timed; choose from sasrec, gru4rec, caser.")
+    load_split(data, "train", limit=1)  # a clear message for a wrong folder before any child starts
+    results = benchmark_baselines(chosen, str(data), steps, repeats)
+    save_results(json_out, str(data), steps, repeats, results)
+    typer.echo(format_table(results))
+    typer.echo(f"wrote {json_out}")

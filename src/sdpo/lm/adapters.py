@@ -1,0 +1,99 @@
+"""LoRA adapter folders: what one must hold, which adapter it is (the SHA-256 of its weights), which layers it changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import safe_open
+
+from sdpo.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_sha256(folder: str | Path) -> str:
+    """SHA-256 of a LoRA adapter's weights file: which adapter a run or an evaluation used, beyond its path."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / ADAPTER_WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_adapter_folder(folder: str | Path, what: str = "adapter") -> None:
+    """A user error unless `folder` holds a readable LoRA adapter (config + weights)."""
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder} holds no LoRA {what} (adapter_config.json). Give the output folder of sdpo sft or sdpo align.")
+    try:
+        json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{config_path}: damaged ({type(exc).__name__}). Retrain, or restore the file.") from None
+    check_safetensors(folder / ADAPTER_WEIGHTS)
+
+
+def check_safetensors(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: missing. Retrain, or restore the file.")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                weights.get_slice(name)
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"{path}: damaged ({type(exc).__name__}: {exc}). Retrain, or restore the file.") from None
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_AFTER_THE_TRUNK = ("lm_head", "norm")  # modules an adapter may change without touching the trunk
+_PLAIN_NAME = re.compile(r"^\w+$")
+
+
+def first_adapted_layer(model) -> int | None:
+    """Index of the first decoder layer that any loaded adapter (active or not) changes; None if none does.
+
+    0 when an adapter changes what comes before the layers (the embeddings, a prompt) or
+    depends on the input tokens themselves (activated LoRA).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    for config in getattr(model, "peft_config", {}).values():
+        if config.is_prompt_learning or getattr(config, "alora_invocation_tokens", None):
+            return 0
+    first = None
+    for name, module in model.named_modules():
+        if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            continue
+        match = _LAYER_INDEX.search(f".{name}.")
+        if match is None:
+            if name.rsplit(".", 1)[-1] in _AFTER_THE_TRUNK:
+                continue
+            return 0
+        first = int(match.group(1)) if first is None else min(first, int(match.group(1)))
+    return first
+
+
+def shared_trunk_depth(adapters: Sequence[str | Path]) -> int | None:
+    """How many leading decoder layers none of the saved LoRA `adapters` changes (from adapter_config.json).
+
+    None when there is nothing to share or it cannot be told from the config: no adapters, a
+    non-LoRA or activated-LoRA adapter, one on every layer (no ``layers_to_transform``), one
+    whose targets PEFT matches without regard to layers (a regex, full module names, target
+    parameters), or one that saves whole modules or trains token embeddings.
+    """
+    depth = None
+    for folder in adapters:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+        layers, targets = config.get("layers_to_transform"), config.get("target_modules")
+        plain_targets = isinstance(targets, list) and all(_PLAIN_NAME.match(t) for t in targets)
+        if (config.get("peft_type") != "LORA" or layers in (None, []) or not plain_targets or config.get("target_parameters")
+                or config.get("modules_to_save") or config.get("trainable_token_indices") or config.get("alora_invocation_tokens")):
+            return None
+        first = layers if isinstance(layers, int) else min(layers)
+        depth = first if depth is None else min(depth, first)
+    return depth or None

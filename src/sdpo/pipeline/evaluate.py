@@ -1,0 +1,134 @@
+"""Evaluate one model (+ adapter) on a prepared split: what `sdpo evaluate` and every pipeline stage run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sdpo.data.datasets import load_split, resolve_domain
+from sdpo.data.records import Record
+from sdpo.errors import UserError
+from sdpo.evaluation.protocols import PROTOCOLS, evaluate, predictions_file
+from sdpo.io import read_jsonl
+from sdpo.lm.adapters import shared_trunk_depth
+from sdpo.lm.trunk import TrunkCache
+
+
+def evaluate_model(
+    data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=None, progress=True,
+    *, subset_seed=0, bf16=None, score="logp", reference_adapter=None, reference_scores=None, retriever=None, top=20,
+    reward=True, trunk_cache=None, trunk_depth=None, compress_predictions=False,
+) -> dict[str, Any]:
+    """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl.
+
+    With an adapter that a training run wrote, the base model and the prompt settings come
+    from its sdpo_config.yaml (a contradicting --model, --domain or --prompt_seed is refused).
+    With an adapter, the rank protocol also ranks by reward against the reference: the base
+    model, or `reference_adapter`, or `reference_scores` (per record, the reference's log-prob
+    of each candidate) when they were computed already; ``reward=False`` skips it. The ``rerank`` protocol re-ranks the
+    `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
+    retriever alone (see `sdpo.recommend.evaluate_rerank`). With a `trunk_cache` folder, rank and
+    generate keep what the layers below `trunk_depth` (default: the adapter's first layer) compute
+    there and reuse it (`sdpo.lm.trunk`). ``compress_predictions`` writes predictions.jsonl.gz.
+    """
+    from sdpo.evaluation.protocols import SCORES
+    from sdpo.lm.adapters import adapter_sha256
+    from sdpo.lm.models import load_model
+    from sdpo.lm.precision import model_dtype, resolve_bf16
+
+    if protocol not in (*PROTOCOLS, "rerank"):
+        raise UserError(f"unknown protocol {protocol!r}; choose generate, rank or rerank.")
+    if (protocol == "rerank") != (retriever is not None):
+        raise UserError("--protocol rerank and --retriever DIR go together: the retriever picks what the LM re-ranks.")
+    if score not in SCORES:
+        raise UserError(f"--score {score!r}: choose logp or reward.")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}.")
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}.")
+    if adapter is None and (score == "reward" or reference_adapter is not None):
+        raise UserError("--score reward / --reference_adapter rank by log pi(c|x) - log pi_ref(c|x): give the policy with --adapter DIR.")
+    model_name, domain, prompt_seed = _settings_of_adapter(adapter, model_name, domain, prompt_seed)
+    domain = resolve_domain(data, domain)
+    records = load_split(data, split, limit, subset_seed)
+    bf16 = resolve_bf16(bf16)
+    model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16))
+    if reference_adapter is not None:
+        from sdpo.lm.adapters import check_adapter_folder
+
+        check_adapter_folder(reference_adapter, "reference adapter")
+    reference = None
+    if adapter is not None and protocol == "rank" and reward:
+        reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
+    info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split,
+            "limit": limit, "subset_seed": subset_seed, "domain": domain, "prompt_seed": prompt_seed,
+            "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
+            "adapter_sha256": adapter_sha256(adapter) if adapter else None,
+            "reference_sha256": adapter_sha256(reference_adapter) if reference_adapter and reward else None}
+    if protocol == "rerank":
+        return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
+                                {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter,
+                                compress_predictions)
+    trunk = None
+    if trunk_cache is not None:
+        if trunk_depth is None:
+            trunk_depth = shared_trunk_depth([a for a in (adapter, reference_adapter) if a is not None]) if adapter else None
+            if trunk_depth is None:
+                raise UserError("--trunk_cache keeps the layers below an adapter's: give an --adapter trained on the last "
+                                "layers only (--lora_layers N), and a --reference_adapter of the same kind if any.")
+        trunk = TrunkCache(trunk_cache, model, trunk_depth)
+    result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
+                      score=score, reference=reference, journal_dir=output, trunk=trunk)
+    result.save(output, compress=compress_predictions)
+    return result.metrics
+
+
+def _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress, info, output,
+                     reference_adapter, compress_predictions) -> dict[str, Any]:
+    from sdpo.recommend import Recommender, Retriever, evaluate_rerank
+
+    start = time.perf_counter()
+    recommender = Recommender(model, tokenizer, domain, prompt_seed, str(reference_adapter) if reference_adapter else None)
+    result = evaluate_rerank(recommender, Retriever.load(retriever), records, top, score, batch_size, progress)
+    result.metrics = {**result.metrics, "n_records": len(records), "protocol": "rerank", "retriever_dir": str(retriever),
+                      "seconds": round(time.perf_counter() - start, 2), **info}
+    result.save(output, compress=compress_predictions)
+    return result.metrics
+
+
+def _reference_label(adapter, reference_adapter, reference_scores) -> str | None:
+    if adapter is None:
+        return None
+    if reference_adapter is not None:
+        return str(reference_adapter)
+    return "given scores" if reference_scores is not None else "base model"
+
+
+def _settings_of_adapter(adapter, model_name, domain, prompt_seed):
+    """(model, domain, prompt_seed): the adapter's training settings, unless given; contradictions refused."""
+    from sdpo.training.runs import CONFIG_FILE, read_run_config
+
+    if adapter is None or not (Path(adapter) / CONFIG_FILE).is_file():
+        return model_name or "smollm2-135m", domain, prompt_seed or 0
+    trained = read_run_config(adapter)
+    resolved = []
+    for flag, mine, key in (("--model", model_name, "model"), ("--domain", domain, "domain"), ("--prompt_seed", prompt_seed, "prompt_seed")):
+        theirs = trained.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise UserError(f"{flag} {mine!r} differs from {theirs!r}, which {adapter} was trained with. Leave {flag} out to use the adapter's.")
+        resolved.append(mine if mine is not None else theirs)
+    model_name, domain, prompt_seed = resolved
+    return model_name or "smollm2-135m", domain, prompt_seed or 0
+
+
+def read_candidate_logps(folder: str | Path, records: list[Record]) -> list[list[float]] | None:
+    """Per record, the log-prob of each candidate (candidate order) from a rank evaluation's predictions; None if they do not cover `records`."""
+    path = predictions_file(folder)
+    if not path.is_file():
+        return None
+    by_id = {row["id"]: {entry["title"]: entry["logp"] for entry in row["ranking"]} for row in read_jsonl(path)}
+    try:
+        return [[by_id[r.id][c] for c in r.candidates] for r in records]
+    except KeyError:
+        return None

@@ -1,0 +1,147 @@
+"""`run_pipeline`: data, training stages, evaluation of every stage protocol by protocol, baselines, one table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sdpo.data.datasets import load_split, read_manifest, resolve_domain
+from sdpo.data.prepare import prepare_dataset
+from sdpo.errors import UserError
+from sdpo.io import folder_bytes, write_json, write_text_atomic
+from sdpo.lm.adapters import shared_trunk_depth
+from sdpo.pipeline.config import Pipeline, read_pipeline
+from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
+from sdpo.pipeline.stages import run_baselines, run_training_stage
+from sdpo.pipeline.study import warn_about_large_files, write_gitignore
+from sdpo.pipeline.table import results_table, reward_row
+
+TRUNK_CACHE = "trunk-cache"
+
+
+def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Run the pipeline config at `path`; returns the results rows (also saved as results.json/.md).
+
+    `output_dir` (default: the config's ``output_dir``) receives everything; its .gitignore lets
+    git carry the study to a fresh checkout (`sdpo.pipeline.study`).
+    """
+    plan = read_pipeline(path, output_dir)
+    started = time.perf_counter()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_gitignore(plan.out)
+    data_dir = prepared_data(plan)
+    plan.shared["domain"] = resolve_domain(data_dir, plan.shared["domain"])
+    models = train_stages(plan, data_dir)
+    results = evaluate_stages(plan, data_dir, models)
+    rows = []
+    for label, _, _ in models:  # the table: stage by stage
+        for protocol in plan.protocols:
+            if (label, protocol) in results:
+                rows.append({**results[label, protocol], "stage": label})
+                if "reward_hr@1" in results[label, protocol]:
+                    rows.append({**reward_row(results[label, protocol]), "stage": label})
+    rows.extend(run_baselines(plan, data_dir))
+    table = results_table(rows)
+    write_json(plan.out / "results.json", rows)
+    write_text_atomic(plan.out / "results.md", table + "\n")
+    print(table)
+    warn_about_large_files(plan.out)
+    print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in {plan.out / 'results.md'}")
+    return rows
+
+
+def prepared_data(plan: Pipeline) -> Path:
+    """The prepared dataset folder: the config's ``data.path``, or OUTPUT/data, prepared from its source once."""
+    if "path" in plan.data:
+        read_manifest(plan.data["path"])
+        return Path(plan.data["path"])
+    data_dir = plan.out / "data"
+    if (data_dir / "manifest.json").is_file():
+        print(f"[data] reusing {data_dir}")
+    else:
+        dataset = plan.data.get("dataset", "lastfm")
+        print(f"[data] preparing {dataset} into {data_dir}")
+        prepare_dataset(dataset, data_dir, seed=plan.seed, mirror=plan.data.get("mirror"))
+    return data_dir
+
+
+def train_stages(plan: Pipeline, data_dir: Path) -> list[tuple[str, str | None, str | None]]:
+    """Train (or reuse) every SFT and align stage; (label, adapter folder, label of its reference stage) per model, zero-shot first."""
+    from sdpo.lm.adapters import adapter_sha256
+    from sdpo.training.preference import AlignConfig, run_align
+    from sdpo.training.sft import SFTConfig, run_sft
+
+    models: list[tuple[str, str | None, str | None]] = [("zero-shot", None, None)]
+    common = {"model": plan.model, "data": str(data_dir), "seed": plan.seed, **plan.shared}
+    for name, options in plan.sft_stages:
+        adapter = run_training_stage(name, SFTConfig, run_sft, {**common, **options}, plan.out / name, plan.path)
+        models.append((name, str(adapter), "zero-shot"))
+    for name, options, start in plan.align_stages:
+        # the SFT adapter's hash: a stage trained from an SFT run that was trained again since is not reused
+        section = {**common, "sft": str(plan.out / start), "sft_sha256": adapter_sha256(plan.out / start), **options}
+        models.append((name, str(run_training_stage(name, AlignConfig, run_align, section, plan.out / name, plan.path)), start))
+    return models
+
+
+def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, str], dict[str, Any]]:
+    """Evaluate (or reuse) every stage, protocol by protocol; the metrics by (stage, protocol)."""
+    evaluated = plan.evaluate.get("stages", [label for label, _, _ in models])
+    unknown = sorted(set(evaluated) - {label for label, _, _ in models})
+    if unknown:
+        raise UserError(f"{plan.path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
+    # the layers no evaluated adapter changes run once per batch for all stages (sdpo.lm.trunk)
+    trunk_dir, trunk_depth = plan.out / "eval" / TRUNK_CACHE, None
+    if plan.evaluate.get("trunk_cache", True) and {"rank", "generate"} & set(plan.protocols):
+        trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
+        print(f"[evaluate] layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
+              else "[evaluate] no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for protocol in plan.protocols:
+        for label, adapter, reference_label in models:
+            if label not in evaluated:
+                continue
+            target = plan.out / "eval" / f"{label}-{protocol}"
+            metrics = _finished_evaluation(target, adapter)
+            if metrics is not None:
+                print(f"[evaluate] reusing {target}")
+            else:
+                print(f"[evaluate] {label}, {protocol} protocol, {plan.split} split")
+                # a stage's reward needs its reference stage's log-probs: free when that stage is evaluated too
+                reward = reference_label in evaluated and protocol == "rank"
+                reference_scores = None
+                if reward:
+                    records = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
+                    reference_scores = read_candidate_logps(plan.out / "eval" / f"{reference_label}-rank", records)
+                metrics = evaluate_model(
+                    data_dir, plan.split, plan.model, adapter, protocol, plan.limit, target, plan.evaluate.get("batch_size", 8),
+                    plan.shared["domain"], plan.shared["prompt_seed"], subset_seed=plan.shared["subset_seed"], bf16=plan.shared["bf16"],
+                    score=plan.evaluate.get("score", "logp"), reference_scores=reference_scores, reward=reward,
+                    trunk_cache=trunk_dir / protocol if trunk_depth else None, trunk_depth=trunk_depth, compress_predictions=True,
+                )
+            results[label, protocol] = metrics
+        _remove_trunk_cache(trunk_dir / protocol, f"every stage is evaluated with {protocol}")
+    _remove_trunk_cache(trunk_dir, "every stage is evaluated")
+    return results
+
+
+def _remove_trunk_cache(folder: Path, why: str) -> None:
+    if folder.exists():
+        size = folder_bytes(folder)
+        shutil.rmtree(folder)
+        print(f"[evaluate] {why}: removed the trunk cache {folder} ({size / 1e9:.2f} GB)")
+
+
+def _finished_evaluation(target: Path, adapter: str | None) -> dict[str, Any] | None:
+    """The metrics of a finished evaluation of this very adapter in `target` (None: evaluate it)."""
+    from sdpo.lm.adapters import adapter_sha256
+
+    if not (target / "metrics.json").is_file():
+        return None
+    metrics = json.loads((target / "metrics.json").read_text())
+    if adapter is not None and metrics.get("adapter_sha256", "unrecorded") not in ("unrecorded", adapter_sha256(adapter)):
+        print(f"[evaluate] {target} evaluated another adapter of that stage (it was trained again since): evaluating again")
+        return None
+    return metrics

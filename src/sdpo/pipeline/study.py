@@ -1,0 +1,73 @@
+"""A pipeline's output folder as a study that git can carry from one checkout to the next.
+
+`sdpo pipeline CONFIG --output_dir studies/NAME` writes ``studies/NAME/.gitignore``, which lets
+git keep exactly what a fresh checkout needs to continue the study with the same command:
+
+- each finished training stage's adapter, its resolved config and its training log;
+- each finished evaluation's metrics and its per-record predictions (gzip-compressed);
+- the journal of an unfinished evaluation (its finished batches);
+- each finished baseline's metrics, predictions, weights and item table;
+- the results table.
+
+Checkpoints, the reference table, the trunk cache and the prepared data stay out: a fresh
+checkout rebuilds them (the data from its source with the recorded seed, an unfinished
+training stage from its start), so the continued study reaches the same numbers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+from sdpo.io import write_text_atomic
+
+GITIGNORE = ".gitignore"
+KEPT_FILES = (
+    GITIGNORE, "results.json", "results.md",  # the pipeline's table
+    "sdpo_config.yaml", "adapter_config.json", "adapter_model.safetensors", "log.jsonl",  # a finished training stage
+    "metrics.json", "predictions.jsonl.gz", "progress.jsonl",  # an evaluation, finished or under way
+    "model.safetensors", "items.json", "config.json",  # a finished baseline
+)
+REBUILT_FOLDERS = ("checkpoint-*", "reference-cache", "trunk-cache", "runs")  # checkpoints, caches, tensorboard
+MAX_TRACKED_BYTES = 8 * 1024 * 1024
+
+
+def gitignore_text() -> str:
+    """The study folder's .gitignore: everything is ignored but the files a continuation reads."""
+    lines = ["# Written by sdpo pipeline (sdpo.pipeline.study): git keeps what a fresh checkout needs to continue",
+             "# this study with the same command; checkpoints, caches and the prepared data are rebuilt there.",
+             "*", "!*/"]
+    lines += [f"!{name}" for name in KEPT_FILES]
+    lines += ["/data/"] + [f"{folder}/" for folder in REBUILT_FOLDERS]
+    return "\n".join(lines) + "\n"
+
+
+def write_gitignore(out: Path) -> None:
+    """Give the output folder its .gitignore (rewritten if an older sdpo wrote another)."""
+    path = Path(out) / GITIGNORE
+    if not path.is_file() or path.read_text(encoding="utf-8") != gitignore_text():
+        write_text_atomic(path, gitignore_text())
+
+
+def kept_files(out: Path) -> list[Path]:
+    """The files under `out` that its .gitignore lets git track (what `git add` would take)."""
+    out = Path(out)
+    kept = []
+    for path in sorted(out.rglob("*")):
+        relative = path.relative_to(out)
+        folders = relative.parts[:-1]
+        if not path.is_file() or path.name not in KEPT_FILES or (folders and folders[0] == "data"):
+            continue
+        if any(fnmatch.fnmatch(folder, pattern) for folder in folders for pattern in REBUILT_FOLDERS):
+            continue
+        kept.append(path)
+    return kept
+
+
+def warn_about_large_files(out: Path) -> list[Path]:
+    """Name each file git would track that is over 8 MiB (too large to commit comfortably); returns them."""
+    large = [p for p in kept_files(out) if p.stat().st_size > MAX_TRACKED_BYTES]
+    for path in large:
+        print(f"[study] {path} is {path.stat().st_size / 2**20:.1f} MiB, over the 8 MiB a committed study file should be: "
+              "train LoRA on fewer layers (lora_layers) or commit it through Git LFS.")
+    return large

@@ -1,0 +1,87 @@
+"""`sdpo report`: read pipeline run folders, write tables with intervals, paired comparisons, plots.
+
+For every pipeline output folder given (``sdpo pipeline`` writes ``results.json``, its stages'
+``eval/<stage>-<protocol>/predictions.jsonl``, ``baselines/<name>/predictions.jsonl`` and each
+training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
+
+- a table of every (stage, protocol) with every metric and its 95% bootstrap interval,
+  recomputed from the per-record predictions;
+- paired comparisons on the same records: each trained stage against the stage it started
+  from, each S-DPO stage against each DPO stage and against the fewest-negatives S-DPO stage,
+  and the most-negatives S-DPO stage against each classic baseline: the HR@1 difference, its
+  paired bootstrap interval and the share of resamples in which it is at most 0 (a reward
+  ranking is compared with the other stage's log-prob ranking, or the baseline's ranking);
+- where the records share users (test records are windows over a few users' histories), a
+  second interval beside each, from resampling users with all their records (`sdpo.evaluation.stats`): the
+  record bootstrap treats one user's records as independent and is too narrow there;
+- ``<run>-records.csv.gz``: gzip-compressed CSV (a full study's rows exceed a megabyte as plain
+  text), one row per (record id, stage, protocol) with the target's ``rank`` (rank protocols)
+  or ``hit``/``valid`` (generate), and the record's ``user`` where users repeat: the input of
+  every number in the tables;
+- plots (PNG): training curves (loss, rewards, reward accuracy, chosen log-prob against step),
+  validation HR@1 against step where it was logged, HR@1 per stage with intervals, HR@1 against K.
+
+A records CSV can stand in for its run folder (`load_records_table`): with the pipeline config
+that produced it, every table, interval and paired comparison comes out the same.
+
+Layer 7: reads what `sdpo.pipeline` writes (it imports `sdpo.pipeline.config` for the stages' relations) and uses
+`sdpo.evaluation` for the metrics and intervals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdpo.errors import UserError
+from sdpo.io import write_text_atomic
+from sdpo.report.loading import load_run
+from sdpo.report.plots import plot_hr_vs_k, plot_stage_hr, plot_training_curves, plot_val_hr
+from sdpo.report.records import is_records_table, load_records_table, write_records_csv
+from sdpo.report.tables import comparison_table, comparisons, summary_table, wide_table
+
+__all__ = ["comparisons", "load_records_table", "load_run", "write_report"]
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path | None = None,
+                 data: str | Path | None = None) -> list[Path]:
+    """Write results.md, one CSV per run and the plots into `out`; returns the files written.
+
+    Each of `run_dirs` is a pipeline output folder or a records CSV (`load_records_table`, which
+    reads `config` and `data`).
+    """
+    if not run_dirs:
+        raise UserError("report: give at least one pipeline output folder.")
+    # every input is checked before anything is written
+    runs = [load_records_table(source, config, data) if is_records_table(source) else load_run(source) for source in run_dirs]
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"report: run folders must have distinct names, got {names}.")
+    out = Path(out)
+    written: list[Path] = []
+    sections = ["# Results", "", "Every number is recomputed from the per-record predictions; intervals are 95% percentile "
+                "bootstrap intervals over records (2,000 resamples); differences are paired on the same records.", ""]
+    for run in runs:
+        csv_path = out / f"{run.name}-records.csv.gz"
+        write_records_csv(run, csv_path)
+        written.append(csv_path)
+        if run.table is not None:
+            sections += [f"{run.name}: rebuilt from its per-record table ({run.table.name}); training curves need the run folder's logs.", ""]
+        if run.users is not None:
+            sections += [f"{run.name}: the {len(run.users):,} evaluated records come from {len(set(run.users.values())):,} users, "
+                         "so beside each interval over records stands one over users (each resample draws users with all their "
+                         "records; the plots show it). One user's records are not independent: the per-user interval is the one "
+                         "to read.", ""]
+        rows = comparisons(run)
+        sections += [wide_table(run), ""] + ([comparison_table(run, rows), ""] if rows else [])
+        plots = [(out / f"{run.name}-hr1.png", lambda p, r=run: plot_stage_hr(r, p) or True),
+                 (out / f"{run.name}-training.png", lambda p, r=run: plot_training_curves(r, p)),
+                 (out / f"{run.name}-val-hr1.png", lambda p, r=run: plot_val_hr(r, p)),
+                 (out / f"{run.name}-hr1-vs-k.png", lambda p, r=run: plot_hr_vs_k(r, p))]
+        for path, draw in plots:
+            if draw(path):
+                written.append(path)
+                sections.append(f"![{path.stem}]({path.name})")
+        sections += ["", summary_table(run), ""]
+    results = out / "results.md"
+    write_text_atomic(results, "\n".join(sections) + "\n")
+    return [results, *written]

@@ -1,0 +1,159 @@
+"""A pipeline run folder read for the report: per-record results, training logs, configs, users."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdpo.errors import UserError
+from sdpo.evaluation.metrics import per_record_ranking
+from sdpo.evaluation.protocols import predictions_file
+from sdpo.io import read_jsonl
+
+RANK_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
+
+
+GENERATE_METRICS = ("hr@1", "valid_ratio", "strict_hr@1", "strict_valid_ratio")
+PROTOCOL_ORDER = ("rank", "rank-reward", "generate")
+
+
+@dataclass
+class Result:
+    """One (stage, protocol) of a run: its per-record values, keyed by record id."""
+
+    stage: str
+    protocol: str
+    values: dict[str, dict[str, float]]  # record id -> metric -> value
+    records: list[dict[str, Any]]  # the CSV rows: id, protocol, rank, hit, valid
+
+    def column(self, metric: str, ids: list[str]) -> list[float]:
+        return [self.values[i][metric] for i in ids]
+
+    def metrics(self) -> list[str]:
+        return list(next(iter(self.values.values())))
+
+
+@dataclass
+class Run:
+    name: str
+    folder: Path
+    results: list[Result]
+    logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> log entries
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> resolved run config
+    starts: dict[str, str] = field(default_factory=dict)  # trained stage -> the stage it started from
+    baselines: list[str] = field(default_factory=list)  # the classic recommenders' stages (popularity, sasrec, ...)
+    users: dict[str, str] | None = None  # record id -> user, where the evaluated records share users
+    table: Path | None = None  # the records CSV the run was rebuilt from (None: read from its folder)
+
+    def groups(self, ids: list[str]) -> list[str] | None:
+        """The users of records `ids` for a per-user bootstrap, or None where the records' users are unknown or all distinct."""
+        return None if self.users is None else [self.users[i] for i in ids]
+
+
+def _read_predictions(folder: Path) -> list[dict[str, Any]]:
+    """The per-record predictions of an evaluation folder (predictions.jsonl.gz or predictions.jsonl)."""
+    path = predictions_file(folder)
+    if not path.is_file():
+        raise UserError(f"{path}: missing. Rerun the pipeline (it reuses what is finished) to write it.")
+    try:
+        return read_jsonl(path)
+    except (ValueError, OSError, EOFError):
+        raise UserError(f"{path}: not JSON lines. Rerun the pipeline stage that wrote it.") from None
+
+
+def rank_result(stage: str, protocol: str, rows: list[dict[str, Any]], key: str) -> Result:
+    ranks = [int(row[key]) for row in rows]
+    per_metric = per_record_ranking(ranks)
+    values = {row["id"]: {m: per_metric[m][i] for m in RANK_METRICS} for i, row in enumerate(rows)}
+    records = [{"id": row["id"], "protocol": protocol, "rank": rank, "hit": int(rank == 1), "valid": 1}
+               for row, rank in zip(rows, ranks, strict=True)]
+    return Result(stage, protocol, values, records)
+
+
+def generate_result(stage: str, rows: list[dict[str, Any]]) -> Result:
+    """The paper's matcher (protocol generate) and the longest-match one (rows generate-strict in the CSV)."""
+    values = {row["id"]: {"hr@1": float(row["hit"]), "valid_ratio": float(row["valid"]),
+                          "strict_hr@1": float(row["strict_hit"]), "strict_valid_ratio": float(row["strict_valid"])} for row in rows}
+    records = [{"id": row["id"], "protocol": "generate", "rank": "", "hit": int(row["hit"]), "valid": int(row["valid"])} for row in rows]
+    records += [{"id": row["id"], "protocol": "generate-strict", "rank": "", "hit": int(row["strict_hit"]), "valid": int(row["strict_valid"])}
+                for row in rows]
+    return Result(stage, "generate", values, records)
+
+
+def _record_users(folder: Path) -> dict[str, str] | None:
+    """Record id -> user over the split the run evaluated, if every record of it names a user.
+
+    The split is the one an evaluation's (or a baseline's) metrics.json names, read from the data
+    folder it names or from the run's own ``data``; None when neither is here.
+    """
+    from sdpo.data.datasets import load_split
+
+    for metrics_path in sorted(folder.glob("eval/*/metrics.json")) + sorted(folder.glob("baselines/*/metrics.json")):
+        try:
+            info = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        split = info.get("split")
+        for data in (info.get("data"), folder / "data"):
+            if split and data and (Path(data) / f"{split}.jsonl").is_file():
+                users = {r.id: r.user for r in load_split(data, split)}
+                return None if None in users.values() else users
+    return None
+
+
+def load_run(folder: str | Path) -> Run:
+    """A pipeline output folder's results, per-record predictions, training logs and configs."""
+    folder = Path(folder)
+    summary = folder / "results.json"
+    if not summary.is_file():
+        raise UserError(f"{folder}: no results.json; give the output folder of a finished sdpo pipeline run.")
+    try:
+        rows = json.loads(summary.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{summary}: not JSON. Rerun the pipeline to write it again.") from None
+    run = Run(folder.name, folder, [])
+    for row in rows:
+        stage, protocol = row["stage"], row["protocol"]
+        if protocol == "rank-reward":
+            predictions = _read_predictions(folder / "eval" / f"{stage}-rank")
+            run.results.append(rank_result(stage, protocol, predictions, "reward_rank"))
+        elif protocol == "rank":
+            is_baseline = (folder / "baselines" / stage).is_dir() and not (folder / "eval" / f"{stage}-rank").is_dir()
+            predictions = _read_predictions(folder / ("baselines" if is_baseline else "eval") / (stage if is_baseline else f"{stage}-rank"))
+            if is_baseline:
+                run.baselines.append(stage)
+            run.results.append(rank_result(stage, protocol, predictions, "logp_rank" if "logp_rank" in predictions[0] else "rank"))
+        elif protocol == "generate":
+            predictions = _read_predictions(folder / "eval" / f"{stage}-generate")
+            run.results.append(generate_result(stage, predictions))
+        stage_dir = folder / stage
+        if (stage_dir / "sdpo_config.yaml").is_file() and stage not in run.configs:
+            run.configs[stage] = yaml.safe_load((stage_dir / "sdpo_config.yaml").read_text(encoding="utf-8")) or {}
+            from sdpo.training.logs import read_log
+
+            run.logs[stage] = read_log(stage_dir)
+    users = _record_users(folder)
+    evaluated = evaluated_ids(run)
+    if users is not None and evaluated <= users.keys():
+        run.users = shared_users(users, evaluated)
+    for stage, config in run.configs.items():
+        if config.get("sft"):
+            run.starts[stage] = Path(config["sft"]).name
+        else:
+            run.starts[stage] = "zero-shot"
+    return run
+
+
+def evaluated_ids(run: Run) -> set[str]:
+    return {i for result in run.results for i in result.values}
+
+
+def shared_users(users: dict[str, str | None], evaluated: set[str]) -> dict[str, str] | None:
+    """The evaluated records' users where every one is known and some user has several records, else None."""
+    if any(users[i] is None for i in evaluated) or len({users[i] for i in evaluated}) == len(evaluated):
+        return None
+    return {i: users[i] for i in sorted(evaluated)}

@@ -1,0 +1,100 @@
+"""The report's Markdown tables: every stage with its intervals, and the paired comparisons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdpo.evaluation.stats import bootstrap_ci, bootstrap_cis, paired_difference
+from sdpo.report.loading import GENERATE_METRICS, PROTOCOL_ORDER, RANK_METRICS, Result, Run
+
+
+def common_ids(*results: Result) -> list[str]:
+    ids = [i for i in results[0].values if all(i in r.values for r in results[1:])]
+    return ids
+
+
+def summary_table(run: Run) -> str:
+    """Markdown: every (stage, protocol) with every metric and its 95% interval."""
+    per_user = run.users is not None
+    lines = [f"### {run.name}: every stage", "", "| stage | protocol | n | metric | value | 95% CI |" + (" per-user 95% CI |" if per_user else ""),
+             "|---|---|---|---|---|---|" + ("---|" if per_user else "")]
+    for result in run.results:
+        ids = list(result.values)
+        columns = {m: result.column(m, ids) for m in result.metrics()}
+        intervals = bootstrap_cis(columns)
+        by_user = bootstrap_cis(columns, groups=run.groups(ids)) if per_user else {}
+        for metric, values in columns.items():
+            low, high = intervals[metric]
+            line = f"| {result.stage} | {result.protocol} | {len(ids)} | {metric} | {sum(values) / len(values):.4f} | [{low:.4f}, {high:.4f}] |"
+            if per_user:
+                line += " [{:.4f}, {:.4f}] |".format(*by_user[metric])
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def wide_table(run: Run) -> str:
+    """Markdown: one row per (stage, protocol), HR@1 with its interval and the other metrics."""
+    per_user = run.users is not None
+    header = "| stage | protocol | n | HR@1 [95% CI] |" + (" per-user 95% CI |" if per_user else "") + \
+        " HR@5 | NDCG@5 | NDCG@10 | MRR | ValidRatio | strict HR@1 |"
+    lines = [f"### {run.name}", "", header, "|" + "---|" * (11 if per_user else 10)]
+    for result in run.results:
+        ids = list(result.values)
+        columns = {m: result.column(m, ids) for m in result.metrics()}
+        low, high = bootstrap_cis({"hr@1": columns["hr@1"]})["hr@1"]
+        user_cell = " [{:.3f}, {:.3f}] |".format(*bootstrap_ci(columns["hr@1"], groups=run.groups(ids))) if per_user else ""
+        cell = {m: f"{sum(columns[m]) / len(ids):.4f}" if m in columns else "–" for m in (*RANK_METRICS, *GENERATE_METRICS)}
+        lines.append(f"| {result.stage} | {result.protocol} | {len(ids)} | {cell['hr@1']} [{low:.3f}, {high:.3f}] |{user_cell} {cell['hr@5']} | "
+                     f"{cell['ndcg@5']} | {cell['ndcg@10']} | {cell['mrr']} | {cell['valid_ratio']} | {cell['strict_hr@1']} |")
+    return "\n".join(lines)
+
+
+def comparisons(run: Run) -> list[dict[str, Any]]:
+    """Paired HR@1 differences: each trained stage against its starting stage, each S-DPO stage against each DPO stage
+    and against the S-DPO stage with the fewest negatives, and the one with the most negatives against each baseline.
+
+    Per protocol: rank against rank (log-probs), generate against generate, and a stage's
+    reward ranking against the other stage's log-prob ranking (what that model ranks by itself;
+    a baseline's own ranking).
+    """
+    by_key = {(r.stage, r.protocol): r for r in run.results}
+    losses = {stage: config.get("loss") for stage, config in run.configs.items()}
+    pairs = [(stage, start) for stage, start in run.starts.items()]
+    dpo = [s for s, loss in losses.items() if loss == "dpo"]
+    sdpo = sorted((s for s, loss in losses.items() if loss == "sdpo"), key=lambda s: run.configs[s].get("negatives") or 0)
+    pairs += [(s, d) for s in sdpo for d in dpo]
+    pairs += [(s, sdpo[0]) for s in sdpo[1:]]  # do more negatives help?
+    pairs += [(sdpo[-1], b) for b in run.baselines] if sdpo else []  # how far from the classic recommenders?
+    rows = []
+    for a, b in pairs:
+        for protocol in PROTOCOL_ORDER:
+            if (a, protocol) not in by_key:
+                continue
+            # a reward ranking is compared with what the starting model ranks by itself: its log-probs
+            reference = by_key.get((b, "rank" if protocol == "rank-reward" else protocol))
+            if reference is None:
+                continue
+            ids = common_ids(by_key[(a, protocol)], reference)
+            columns = by_key[(a, protocol)].column("hr@1", ids), reference.column("hr@1", ids)
+            row = {"a": a, "b": b, "protocol": protocol, "b_protocol": reference.protocol, "n": len(ids), **paired_difference(*columns)}
+            if run.users is not None:
+                by_user = paired_difference(*columns, groups=run.groups(ids))
+                row.update(user_interval=by_user["interval"], user_p_le_0=by_user["p_le_0"])
+            rows.append(row)
+    return rows
+
+
+def comparison_table(run: Run, rows: list[dict[str, Any]]) -> str:
+    per_user = run.users is not None
+    lines = [f"### {run.name}: paired HR@1 differences (same records)", "",
+             "| A | B | protocol | n | HR@1(A) - HR@1(B) | 95% CI | share of resamples <= 0 |"
+             + (" per-user 95% CI | per-user share <= 0 |" if per_user else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if per_user else "")]
+    for row in rows:
+        protocol = row["protocol"] if row["protocol"] == row["b_protocol"] else f"{row['protocol']} vs {row['b_protocol']}"
+        low, high = row["interval"]
+        line = f"| {row['a']} | {row['b']} | {protocol} | {row['n']} | {row['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] | {row['p_le_0']:.3f} |"
+        if per_user:
+            line += " [{:+.4f}, {:+.4f}] |".format(*row["user_interval"]) + f" {row['user_p_le_0']:.3f} |"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Running the `sdpo` command inside the test process, as a user runs it from a shell."""
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Ran:
+    """What a command left behind: its exit status and what it printed (as subprocess.CompletedProcess names them)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def _environment(extra: dict[str, str] | None):
+    saved = dict(os.environ)
+    os.environ.update(extra or {})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def sdpo(*args, cwd=None, env=None) -> Ran:
+    """`sdpo ARGS...` run in this process (no interpreter start-up, no second torch import).
+
+    The command's own entry point runs, so a user error ends in its one `error:` line and exit
+    status 2 exactly as in a shell; an unexpected exception propagates and fails the test. Tests
+    where a separate process is the point (SIGKILL, torchrun) start one themselves.
+    """
+    from sdpo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if cwd is not None:
+            stack.enter_context(contextlib.chdir(cwd))
+        stack.enter_context(_environment(env))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def assert_user_error(result: Ran, *fragments: str) -> None:
+    """Exit status 2, one `error:` line holding every fragment, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]

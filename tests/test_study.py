@@ -1,0 +1,85 @@
+"""A study folder in git: a fresh checkout holding only what git tracks continues the study to the same results."""
+
+import json
+import shutil
+import subprocess
+
+from sdpo.evaluation.journal import Journal
+from sdpo.pipeline.study import gitignore_text, kept_files
+from tests.helpers import sdpo
+
+
+def git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def interrupt_at_journal_batch(monkeypatch, number: int) -> None:
+    """Stop the process (as Ctrl-C does) right after the `number`-th evaluation batch reached the journal."""
+    real_add, calls = Journal.add, []
+
+    def add_then_stop(self, kind, outputs):
+        real_add(self, kind, outputs)
+        calls.append(kind)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Journal, "add", add_then_stop)
+
+
+def test_a_fresh_checkout_continues_the_study_to_the_same_results(tiny_study, tmp_path, monkeypatch):
+    first = tmp_path / "first-checkout"
+    first.mkdir()
+    shutil.copy(tiny_study.work / "tiny.yaml", first)
+    command = ("pipeline", "tiny.yaml", "--output_dir", str(tiny_study.out))
+    # zero-shot's ranking takes two batches of the three test records; stop after sft's first
+    interrupt_at_journal_batch(monkeypatch, 3)
+    stopped = sdpo(*command, cwd=first)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    monkeypatch.undo()
+    study = first / tiny_study.out
+    assert (study / "eval" / "sft-rank" / "progress.jsonl").is_file() and not (study / "results.json").exists()
+
+    # what git takes: the study's .gitignore decides, and sdpo's own list of kept files agrees with it
+    git("init", "-q", cwd=first)
+    git("add", "-A", cwd=first)
+    tracked = sorted(git("ls-files", cwd=first).split())
+    assert sorted(str(p.relative_to(first)) for p in kept_files(study)) == [t for t in tracked if t != "tiny.yaml"]
+    assert (study / ".gitignore").read_text() == gitignore_text()
+    out = str(tiny_study.out)
+    for needed in ("sft/adapter_model.safetensors", "sft/adapter_config.json", "sft/sdpo_config.yaml", "sft/log.jsonl",
+                   "dpo/adapter_model.safetensors", "eval/zero-shot-rank/metrics.json", "eval/zero-shot-rank/predictions.jsonl.gz",
+                   "eval/sft-rank/progress.jsonl", ".gitignore"):
+        assert f"{out}/{needed}" in tracked, needed
+    left_out = [p for p in study.rglob("*") if p.is_file() and str(p.relative_to(first)) not in tracked]
+    assert any("checkpoint-" in str(p) for p in left_out)  # checkpoints existed and stay out of git
+    assert not [t for t in tracked if "checkpoint-" in t or "trunk-cache" in t or t.endswith("reference-train.safetensors")]
+
+    # a fresh checkout: only the tracked files, elsewhere; the same command continues the study
+    fresh = tmp_path / "fresh-checkout"
+    for name in tracked:
+        (fresh / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(first / name, fresh / name)
+    continued = sdpo(*command, cwd=fresh)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    for reused in ("[sft] reusing", "[dpo] reusing", f"[evaluate] reusing {out}/eval/zero-shot-rank", "[evaluate] continuing: 2 outputs already in"):
+        assert reused in continued.stdout, reused
+
+    # ... and reaches what the uninterrupted run reached, file for file
+    done, whole = fresh / tiny_study.out, tiny_study.work / tiny_study.out
+    assert [str(p.relative_to(done)) for p in kept_files(done)] == [str(p.relative_to(whole)) for p in kept_files(whole)]
+    for path in kept_files(whole):
+        name = path.relative_to(whole)
+        if path.name in ("metrics.json", "results.json"):
+            assert without_seconds(json.loads((done / name).read_text())) == without_seconds(json.loads(path.read_text())), name
+        elif path.name != "log.jsonl":  # the log records wall times
+            assert (done / name).read_bytes() == path.read_bytes(), name
+    assert (done / "results.md").read_text().count("|") == (whole / "results.md").read_text().count("|")
+
+
+def without_seconds(value):
+    """A metrics or results value without its wall times (the only numbers a rerun may change)."""
+    if isinstance(value, list):
+        return [without_seconds(v) for v in value]
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k not in ("seconds", "l2_search_seconds")}
+    return value
