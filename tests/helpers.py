@@ -26,12 +26,26 @@ def _environment(extra: dict[str, str] | None):
         os.environ.update(saved)
 
 
-def sdpo(*args, cwd=None, env=None) -> Ran:
+@contextlib.contextmanager
+def _threads(number: int | None):
+    import torch
+
+    saved = torch.get_num_threads()
+    if number is not None:
+        torch.set_num_threads(number)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def sdpo(*args, cwd=None, env=None, threads: int | None = None) -> Ran:
     """`sdpo ARGS...` run in this process (no interpreter start-up, no second torch import).
 
     The command's own entry point runs, so a user error ends in its one `error:` line and exit
     status 2 exactly as in a shell; an unexpected exception propagates and fails the test. Tests
-    where a separate process is the point (SIGKILL, torchrun) start one themselves.
+    where a separate process is the point (SIGKILL, torchrun) start one themselves; `threads`
+    matches such a process's OMP_NUM_THREADS where numbers are compared with it.
     """
     from sdpo.cli import main
 
@@ -40,6 +54,7 @@ def sdpo(*args, cwd=None, env=None) -> Ran:
         if cwd is not None:
             stack.enter_context(contextlib.chdir(cwd))
         stack.enter_context(_environment(env))
+        stack.enter_context(_threads(threads))
         stack.enter_context(contextlib.redirect_stdout(out))
         stack.enter_context(contextlib.redirect_stderr(err))
         try:

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import sdpo
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -24,7 +26,8 @@ def start(*args) -> subprocess.Popen:
 
 
 def finish(*args) -> None:
-    result = subprocess.run([sys.executable, "-m", "sdpo.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
+    """Run to the end in this process, on one thread as the killed processes run: only the kill needs a process of its own."""
+    result = sdpo(*args, threads=1)
     assert result.returncode == 0, result.stderr[-4000:]
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import sdpo
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -19,15 +21,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, *args) -> subprocess.CompletedProcess:
+def launch(processes: int, *args) -> None:
+    """One process: this one (on one thread, as each torchrun process); several: torchrun, which is the point."""
     if processes == 1:
-        command = [sys.executable, "-m", "sdpo.cli", *map(str, args)]
+        result = sdpo(*args, threads=1)
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()),
                    "-m", "sdpo.cli", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
+        result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def train_logs(folder):

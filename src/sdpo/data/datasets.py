@@ -15,10 +15,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from sdpo.errors import UserError
-from sdpo.io import refuse_non_empty, write_folder_atomic
 from sdpo.data.prompts import DEFAULT_DOMAIN, DOMAINS
 from sdpo.data.records import Record, read_records, record_problem, write_records
+from sdpo.errors import UserError
+from sdpo.io import refuse_non_empty, write_folder_atomic
 
 SPLITS = ("train", "val", "test")
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from sdpo.data.candidates import record_rng, sample_candidates
-from sdpo.errors import UserError
 from sdpo.data.records import Record
+from sdpo.errors import UserError
 
 MIN_HISTORY, MAX_HISTORY, N_CANDIDATES = 3, 10, 20
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)

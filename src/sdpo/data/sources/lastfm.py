@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.data.candidates import record_rng, sample_candidates
-from sdpo.errors import UserError
 from sdpo.data.records import Record
 from sdpo.data.sources.fetch import DATASETS, verified_path
+from sdpo.errors import UserError
 
 MIN_HISTORY = 3
 N_CANDIDATES = 20

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.data.candidates import record_rng, sample_candidates
-from sdpo.errors import UserError
 from sdpo.data.records import Record
 from sdpo.data.sources.fetch import DATASETS, sha256_of
 from sdpo.data.sources.lastfm import MIN_HISTORY, N_CANDIDATES, read_id2name, read_llara_windows
+from sdpo.errors import UserError
 
 STEAM_PICKLES = {
     "2766b9faf90e3531a35207c01fbef2f655af97c21a6ba7d18581bbef2bc6ad59": "steam/Test_data.df",

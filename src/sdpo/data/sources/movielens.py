@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdpo.errors import UserError
 from sdpo.data.records import Record
 from sdpo.data.sources.fetch import verified_path
 from sdpo.data.sources.interactions import Interaction, build_records
+from sdpo.errors import UserError
 
 
 def read_movielens(raw_dir: Path, min_rating: float | None = None) -> tuple[list[Interaction], dict[str, str]]:
