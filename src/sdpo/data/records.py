@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from itertools import repeat
 from pathlib import Path
 
 from sdpo.errors import UserError
@@ -27,7 +28,8 @@ class Record:
     target: str
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        # the fields as they are: dataclasses.asdict would deep-copy every title list first (half of `data prepare`)
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, ensure_ascii=False)
 
     @property
     def negatives(self) -> list[str]:
@@ -42,11 +44,13 @@ def record_problem(record: Record) -> str | None:
     if not record.history:
         return "empty history"
     titles = [*record.history, *record.candidates, record.target]
-    if any(not isinstance(t, str) for t in titles):
+    # map/all over built-ins: a LastFM train file's 1.5 million titles are checked at C speed
+    if not all(map(isinstance, titles, repeat(str))):
         return "every title must be a string"
-    if any(not t.strip() for t in titles):
+    if not all(map(str.strip, titles)):
         return "empty title"
-    if any("\n" in t or "\r" in t for t in titles):
+    joined = "".join(titles)
+    if "\n" in joined or "\r" in joined:
         return "a title contains a line break"
     if len(record.candidates) < 2:
         return f"needs at least 2 candidates, has {len(record.candidates)}"

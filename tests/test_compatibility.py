@@ -1,0 +1,62 @@
+"""What users already have keeps working after the package moved: the public import, the configs, the committed outputs.
+
+(The shipped adapter folders are loaded and checked against the study in test_shipped_adapters.py,
+and run folders written before predictions were compressed in test_report.py.)
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdpo.config import build_config, read_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name != "sft-lastfm.yaml")
+
+
+def test_the_public_import_is_where_it_was_and_stays_light():
+    """`import sdpo` does not import torch; `from sdpo import Recommender, Retriever` gives the API (a fresh interpreter)."""
+    code = ("import sys, sdpo; assert 'torch' not in sys.modules, 'import sdpo pulled in torch'; "
+            "from sdpo import Recommender, Retriever; print(Recommender.load.__qualname__, Retriever.load.__qualname__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["Recommender.load", "Retriever.load"]
+
+
+@pytest.mark.parametrize("name", PIPELINE_CONFIGS)
+def test_every_committed_pipeline_config_still_reads(name):
+    """Each pipeline config in configs/ reads, and every stage's options build that stage's config."""
+    from sdpo.baselines.train import BaselineConfig
+    from sdpo.pipeline.config import read_pipeline
+    from sdpo.training.preference import AlignConfig
+    from sdpo.training.sft import SFTConfig
+
+    plan = read_pipeline(REPO / "configs" / name)
+    assert plan.sft_stages or plan.baselines, "a pipeline trains or runs baselines"
+    for stage, options in plan.sft_stages:
+        build_config(SFTConfig, options, where=f"{name}: {stage}")
+    for stage, options, start in plan.align_stages:
+        assert start in [s for s, _ in plan.sft_stages]
+        build_config(AlignConfig, options, where=f"{name}: {stage}")
+    for model, options in (plan.baselines or {}).get("models", []):
+        section = {k: v for k, v in plan.baselines.items() if k != "models"}
+        build_config(BaselineConfig, {**section, **options, "model": model}, where=f"{name}: baselines")
+
+
+def test_the_sft_config_still_reads():
+    from sdpo.training.sft import SFTConfig
+
+    config = build_config(SFTConfig, read_yaml(REPO / "configs" / "sft-lastfm.yaml"))
+    assert config.learning_rate > 0
+
+
+def test_the_committed_lastfm_study_report_rebuilds_from_its_records(tmp_path):
+    """docs/results/study-lastfm: its per-record CSV and the study config give the committed report, digit for digit."""
+    from sdpo.report import write_report
+
+    folder = REPO / "docs" / "results" / "study-lastfm"
+    write_report([folder / "study-lastfm-records.csv.gz"], tmp_path, REPO / "configs" / "study-lastfm.yaml")
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == (folder / "results.md").read_text(encoding="utf-8")
+    assert (tmp_path / "study-lastfm-records.csv.gz").read_bytes() == (folder / "study-lastfm-records.csv.gz").read_bytes()
