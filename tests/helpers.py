@@ -16,6 +16,17 @@ class Ran:
 
 
 @contextlib.contextmanager
+def _working_folder(folder):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    saved = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(saved)
+
+
+@contextlib.contextmanager
 def _environment(extra: dict[str, str] | None):
     saved = dict(os.environ)
     os.environ.update(extra or {})
@@ -46,13 +57,16 @@ def sdpo(*args, cwd=None, env=None, threads: int | None = None) -> Ran:
     status 2 exactly as in a shell; an unexpected exception propagates and fails the test. Tests
     where a separate process is the point (SIGKILL, torchrun) start one themselves; `threads`
     matches such a process's OMP_NUM_THREADS where numbers are compared with it.
+
+    Environment, working folder and torch threads are restored afterwards; what a process keeps
+    (seeded global RNGs, accelerate's state, glibc malloc settings a baseline run makes) is not.
     """
     from sdpo.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
         if cwd is not None:
-            stack.enter_context(contextlib.chdir(cwd))
+            stack.enter_context(_working_folder(cwd))
         stack.enter_context(_environment(env))
         stack.enter_context(_threads(threads))
         stack.enter_context(contextlib.redirect_stdout(out))
@@ -61,7 +75,11 @@ def sdpo(*args, cwd=None, env=None, threads: int | None = None) -> Ran:
             main([str(a) for a in args])
             code = 0
         except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = exit_.code or 0
+            else:  # sys.exit("message"): Python prints the message and exits with 1
+                print(exit_.code, file=err)
+                code = 1
     return Ran(code, out.getvalue(), err.getvalue())
 
 

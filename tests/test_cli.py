@@ -130,6 +130,17 @@ def test_pipeline_on_tiny(tiny_study, tmp_path):
     config["evaluate"] = {**config["evaluate"], "trunk_cache": "yes"}
     (work / "p.yaml").write_text(yaml.safe_dump(config))
     assert_user_error(pipeline("p.yaml"), "evaluate.trunk_cache must be true or false")
+    # names are checked before any stage runs, not after hours of training
+    for section, value, message in (("evaluate", {"stages": ["sft", "sdpo"]}, "evaluate.stages names sdpo"),
+                                    ("evaluate", {"protocols": ["rank", "beam"]}, "evaluate.protocols names beam"),
+                                    ("baselines", {"models": ["popularity", "bert4rec"]}, "baselines.models names bert4rec")):
+        (work / "typo.yaml").write_text(yaml.safe_dump({**tiny_study.config, section: {**tiny_study.config[section], **value}}))
+        assert_user_error(pipeline("typo.yaml", "typo-run"), message)
+        assert not (work / "typo-run").exists()
+    # a stage's reward is against its own reference stage's log-probs, or the pipeline stops: never another reference
+    shutil.rmtree(work / "run2" / "eval" / "dpo-rank")
+    (work / "run2" / "eval" / "sft-rank" / "predictions.jsonl.gz").unlink()
+    assert_user_error(pipeline("uncached.yaml", "run2"), "dpo's reward needs sft's rank predictions")
 
 
 def test_baseline_and_align_commands(small_data, tmp_path):
@@ -277,26 +288,28 @@ def test_the_gpu_study_differs_from_the_cpu_study_in_scale_only():
 
 def test_pipeline_stages_are_named_and_linked(tmp_path):
     from sdpo.errors import UserError
-    from sdpo.pipeline.config import training_stages
+    from sdpo.pipeline.config import parse_training_stages
 
     config = {
         "sft": [{"name": "sft-small", "train_limit": 8}, {"name": "sft-big", "train_limit": 16}],
         "align": [{"loss": "dpo", "negatives": 1}, {"name": "sdpo-k3", "from": "sft-big", "negatives": 3}],
     }
-    sft, align = training_stages(config, tmp_path / "p.yaml")
+    sft, align = parse_training_stages(config, tmp_path / "p.yaml")
     assert [name for name, _ in sft] == ["sft-small", "sft-big"]
     assert [(name, start) for name, _, start in align] == [("dpo", "sft-small"), ("sdpo-k3", "sft-big")]
     assert align[1][1] == {"negatives": 3}  # name and from are the pipeline's, not the stage's options
-    single = training_stages({"sft": {"train_limit": 8}, "align": {"negatives": 3}}, tmp_path / "p.yaml")
+    single = parse_training_stages({"sft": {"train_limit": 8}, "align": {"negatives": 3}}, tmp_path / "p.yaml")
     assert [n for n, _ in single[0]] == ["sft"] and [(n, s) for n, _, s in single[1]] == [("s-dpo", "sft")]
     for bad, message in (
         ({"sft": {}, "align": [{"name": "a"}, {"name": "a"}]}, "stage name 'a' is taken"),
         ({"sft": {}, "align": {"from": "nope"}}, "starts from 'nope', which is not an sft stage"),
         ({"align": {}}, "add an sft section"),
         ({"sft": {"name": "zero-shot"}}, "stage name 'zero-shot' is taken"),
+        ({"sft": {"name": "runs"}}, "stage name 'runs' is taken"),  # a study's .gitignore leaves these folders out
+        ({"sft": {"name": "checkpoint-2"}}, "stage name 'checkpoint-2' is taken"),
     ):
         with pytest.raises(UserError, match=message):
-            training_stages(bad, tmp_path / "p.yaml")
+            parse_training_stages(bad, tmp_path / "p.yaml")
 
 
 @pytest.mark.parametrize("name", ["study-lastfm.yaml", "study-ml100k.yaml"])

@@ -50,7 +50,8 @@ def assert_same_run(one, two):
 
 def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path):
     common = ["--model", "tiny", "--data", small_data, "--train_limit", 16, "--max_steps", 3, "--learning_rate", 5e-3,
-              "--lora_dropout", 0.0, "--logging_steps", 1, "--save_steps", 100, "--disable_tqdm", "true", "--no_bf16"]
+              "--lora_dropout", 0.0, "--logging_steps", 1, "--save_steps", 100, "--disable_tqdm", "true", "--no_bf16",
+              "--use_cpu", "true"]  # on a GPU host too: the one-process run shares this process, whose CUDA stays visible
     launch(1, "sft", *common, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--output_dir", tmp_path / "sft-1")
     launch(2, "sft", *common, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--output_dir", tmp_path / "sft-2")
     assert_same_run(tmp_path / "sft-1", tmp_path / "sft-2")
@@ -58,7 +59,7 @@ def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path
     assert len(train_logs(tmp_path / "sft-2")) == 3
 
     align = ["align", "--sft", tmp_path / "sft-1", "--negatives", 3, "--max_steps", 3, "--learning_rate", 5e-3, "--logging_steps", 1,
-             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 16, "--no_bf16"]
+             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 16, "--no_bf16", "--use_cpu", "true"]
     launch(1, *align, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "sdpo-1")
     launch(2, *align, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sdpo-2")
     assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")

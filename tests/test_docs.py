@@ -62,11 +62,13 @@ def accepted_flags(command) -> set[str]:
 
 
 def dataclass_flags(cls) -> set[str]:
-    """The flags of a config dataclass, and the --no_NAME form `sdpo.config` reads as --NAME false."""
+    """The flags of a config dataclass, and for its yes/no options the --no_NAME form `sdpo.config` reads as --NAME false."""
+    import dataclasses
+
     from transformers import HfArgumentParser
 
     flags = {name for name in HfArgumentParser(cls)._option_string_actions if name.startswith("--")}
-    return flags | {f"--no_{name[2:]}" for name in flags}
+    return flags | {f"--no_{f.name}" for f in dataclasses.fields(cls) if "bool" in str(f.type)}
 
 
 def resolve(words_: list[str]):

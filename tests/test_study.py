@@ -1,8 +1,11 @@
 """A study folder in git: a fresh checkout holding only what git tracks continues the study to the same results."""
 
 import json
+import os
 import shutil
 import subprocess
+
+import pytest
 
 from sdpo.evaluation.journal import Journal
 from sdpo.pipeline.study import gitignore_text, kept_files
@@ -10,7 +13,9 @@ from tests.helpers import sdpo
 
 
 def git(*args, cwd):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+    """git as a fresh clone has it: no global or system configuration (a global excludesFile would change what it tracks)."""
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout
 
 
 def interrupt_at_journal_batch(monkeypatch, number: int) -> None:
@@ -83,3 +88,30 @@ def without_seconds(value):
     if isinstance(value, dict):
         return {k: without_seconds(v) for k, v in value.items() if k not in ("seconds", "l2_search_seconds")}
     return value
+
+
+def test_a_folder_with_a_users_own_gitignore_is_refused_before_anything_is_written(tmp_path):
+    from sdpo.errors import UserError
+    from sdpo.pipeline.study import write_gitignore
+
+    write_gitignore(tmp_path / "study")
+    write_gitignore(tmp_path / "study")  # ours: kept as it is
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / ".gitignore").write_text("*.log\n")
+    with pytest.raises(UserError, match="not one sdpo wrote"):
+        write_gitignore(tmp_path / "mine")
+    assert (tmp_path / "mine" / ".gitignore").read_text() == "*.log\n"
+    (tmp_path / "study" / ".gitignore").write_text(gitignore_text().replace("!log.jsonl\n", ""))  # an older sdpo's
+    write_gitignore(tmp_path / "study")
+    assert (tmp_path / "study" / ".gitignore").read_text() == gitignore_text()
+
+
+def test_evaluation_files_hold_one_form_of_the_predictions(tmp_path):
+    """Saving again in the other form removes the first: the folder never offers stale predictions."""
+    from sdpo.evaluation.protocols import Evaluation, predictions_file
+
+    Evaluation({"hr@1": 1.0}, [{"id": "a"}]).save(tmp_path, compress=True)
+    assert predictions_file(tmp_path).name == "predictions.jsonl.gz"
+    Evaluation({"hr@1": 0.0}, [{"id": "b"}]).save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions.jsonl"]
+    assert predictions_file(tmp_path).read_text() == '{"id": "b"}\n'

@@ -1,4 +1,4 @@
-"""The ``sdpo`` command: data, sft, align, baseline, evaluate, benchmark, pipeline.
+"""The ``sdpo`` command: sft, align, baseline, export, evaluate, pipeline, report, recommend, data, benchmark.
 
 User mistakes (bad files, bad options) end with one ``error:`` line and exit status 2;
 no traceback.
@@ -12,7 +12,10 @@ import sys
 
 import typer
 
-from sdpo.cli import benchmark, data, evaluate, recommend, train  # noqa: F401  (each registers its commands)
+# isort: off
+# each module registers its commands; `sdpo --help` lists them in this order
+from sdpo.cli import train, evaluate, recommend, data, benchmark  # noqa: F401
+# isort: on
 from sdpo.cli.app import app
 from sdpo.errors import UserError
 

@@ -20,7 +20,7 @@ app.add_typer(bench_app, name="benchmark")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-def _config_from(ctx: typer.Context, config: Path | None, cls, name: str, aliases: dict[str, str] | None = None):
+def config_from(ctx: typer.Context, config: Path | None, cls, name: str, aliases: dict[str, str] | None = None):
     """`cls` from an optional YAML file plus the command's pass-through flags (which win)."""
     from transformers import HfArgumentParser
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sdpo.cli.app import CONFIG_ARGUMENT, PASS_THROUGH, _config_from, app
+from sdpo.cli.app import CONFIG_ARGUMENT, PASS_THROUGH, app, config_from
 
 
 @app.command("sft", context_settings=PASS_THROUGH)
@@ -14,7 +14,7 @@ def sft(ctx: typer.Context, config: Path | None = CONFIG_ARGUMENT) -> None:
     """Supervised fine-tuning with LoRA. Options: every field of SFTConfig (sdpo sft --help)."""
     from sdpo.training.sft import SFTConfig, run_sft
 
-    out = run_sft(_config_from(ctx, config, SFTConfig, "sft"))
+    out = run_sft(config_from(ctx, config, SFTConfig, "sft"))
     typer.echo(f"sft: adapter saved in {out}")
 
 
@@ -23,7 +23,7 @@ def align(ctx: typer.Context, config: Path | None = CONFIG_ARGUMENT) -> None:
     """S-DPO / DPO from an SFT run: --sft RUN_DIR --loss sdpo|dpo --negatives K --beta B (sdpo align --help)."""
     from sdpo.training.preference import AlignConfig, run_align
 
-    out = run_align(_config_from(ctx, config, AlignConfig, "align"))
+    out = run_align(config_from(ctx, config, AlignConfig, "align"))
     typer.echo(f"align: adapter saved in {out}")
 
 
@@ -32,7 +32,7 @@ def baseline(ctx: typer.Context, config: Path | None = CONFIG_ARGUMENT) -> None:
     """Classic recommenders on the same records: --model sasrec|gru4rec|caser|popularity --data DIR --output_dir DIR."""
     from sdpo.baselines.train import BaselineConfig, run_baseline
 
-    metrics = run_baseline(_config_from(ctx, config, BaselineConfig, "baseline", {"--output": "--output_dir"}))
+    metrics = run_baseline(config_from(ctx, config, BaselineConfig, "baseline", {"--output": "--output_dir"}))
     shown = {k: round(metrics[k], 4) for k in ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")}
     typer.echo(f"{metrics['model']} on {metrics['n_records']} {metrics['split']} records: {shown}")
 

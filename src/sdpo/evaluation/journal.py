@@ -7,7 +7,7 @@ and computes only the rest; the values are stored exactly, so the result is the 
 uninterrupted run gives. The first line holds the settings (model, adapter hash, data, record ids,
 prompts, precision, batch size): a journal written under other settings is started over. A line
 cut off by a killed process is dropped. `Evaluation.save` removes the journal once metrics.json
-and predictions.jsonl are written.
+and the predictions (predictions.jsonl, or .jsonl.gz in a pipeline) are written.
 """
 
 from __future__ import annotations

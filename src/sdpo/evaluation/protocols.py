@@ -55,7 +55,9 @@ class Evaluation:
     def save(self, out_dir: str | Path, compress: bool = False) -> None:
         """predictions.jsonl (predictions.jsonl.gz with `compress`), then metrics.json: metrics.json means both are whole."""
         out_dir = Path(out_dir)
-        write_jsonl(out_dir / (PREDICTIONS + ".gz" if compress else PREDICTIONS), self.predictions)
+        written, other = (PREDICTIONS + ".gz", PREDICTIONS) if compress else (PREDICTIONS, PREDICTIONS + ".gz")
+        write_jsonl(out_dir / written, self.predictions)
+        (out_dir / other).unlink(missing_ok=True)  # an earlier evaluation's, in the other form: never read in place of these
         write_json(out_dir / "metrics.json", self.metrics)
         (out_dir / JOURNAL_FILE).unlink(missing_ok=True)  # the raw outputs it held are in the files above
 

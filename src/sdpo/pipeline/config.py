@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdpo.config import read_yaml
 from sdpo.errors import UserError
-from sdpo.evaluation.protocols import PROTOCOLS
+from sdpo.evaluation.protocols import PROTOCOLS, SCORES
 
 SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
 PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", *SHARED_KEYS}
 EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages", "trunk_cache"}
-RESERVED_NAMES = ("zero-shot", "data", "eval", "baselines")
+RESERVED_NAMES = ("zero-shot", "data", "eval", "baselines", "runs", "reference-cache", "trunk-cache")  # and checkpoint-N
 
 
 @dataclass
@@ -51,6 +52,7 @@ def read_pipeline(path: str | Path, output_dir: str | Path | None = None) -> Pip
     unknown = sorted(set(config) - PIPELINE_KEYS)
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(PIPELINE_KEYS))}.")
+    seed = integer(config, "seed", path)
     shared = {"prompt_seed": integer(config, "prompt_seed", path), "subset_seed": integer(config, "subset_seed", path),
               "domain": config.get("domain"), "bf16": config.get("bf16")}
     if shared["bf16"] not in (None, True, False):
@@ -61,12 +63,21 @@ def read_pipeline(path: str | Path, output_dir: str | Path | None = None) -> Pip
         raise UserError(f"{path}: unknown evaluate option(s) {', '.join(unknown)}; known: {', '.join(sorted(EVALUATE_KEYS))}.")
     if evaluate.get("trunk_cache", True) not in (True, False):
         raise UserError(f"{path}: evaluate.trunk_cache must be true or false.")
-    sft_stages, align_stages = training_stages(config, path)
+    unknown = sorted(set(evaluate.get("protocols", PROTOCOLS)) - set(PROTOCOLS))
+    if unknown:
+        raise UserError(f"{path}: evaluate.protocols names {', '.join(unknown)}; a pipeline evaluates with {' and '.join(PROTOCOLS)}.")
+    if evaluate.get("score", "logp") not in SCORES:
+        raise UserError(f"{path}: evaluate.score must be one of {', '.join(SCORES)}.")
+    sft_stages, align_stages = parse_training_stages(config, path)
+    labels = ["zero-shot", *(name for name, _ in sft_stages), *(name for name, *_ in align_stages)]
+    unknown = sorted(set(evaluate.get("stages", labels)) - set(labels))
+    if unknown:
+        raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
     baselines = dict(config_section(config, "baselines", path)) if "baselines" in config else None
     if baselines is not None:
         baselines["models"] = baseline_models(baselines.get("models", ["popularity", "sasrec"]), path)
     out = Path(output_dir if output_dir is not None else config.get("output_dir", "runs/pipeline"))
-    return Pipeline(path, out, str(config.get("model", "smollm2-135m")), integer(config, "seed", path), shared,
+    return Pipeline(path, out, str(config.get("model", "smollm2-135m")), seed, shared,
                     config_section(config, "data", path), sft_stages, align_stages, evaluate, baselines)
 
 
@@ -81,28 +92,28 @@ def config_section(config: dict[str, Any], key: str, path: Path) -> dict[str, An
     return value
 
 
-def stages(config: dict[str, Any], key: str, path: Path, default_name) -> list[tuple[str, dict[str, Any]]]:
+def stage_sections(config: dict[str, Any], key: str, path: Path, default_name) -> list[tuple[str, dict[str, Any]]]:
     """(name, options) of every stage of section `key`: one mapping or a list of them, each with an optional `name`."""
     value = config.get(key)
     if value is None:
         return []
     sections = value if isinstance(value, list) else [value]
-    stages = []
+    found = []
     for number, section in enumerate(sections, start=1):
         if not isinstance(section, dict):
             raise UserError(f"{path}: {key} stage {number} must be a mapping of options.")
         options = dict(config_section({key: section}, key, path))
-        stages.append((str(options.pop("name", default_name(options))), options))
-    return stages
+        found.append((str(options.pop("name", default_name(options))), options))
+    return found
 
 
-def training_stages(config: dict[str, Any], path: Path) -> tuple[list, list]:
+def parse_training_stages(config: dict[str, Any], path: Path) -> tuple[list, list]:
     """The SFT stages and the align stages, each align stage with the SFT stage it starts from (`from`)."""
-    sft_stages = stages(config, "sft", path, lambda options: "sft")
-    align_stages = stages(config, "align", path, lambda options: "s-dpo" if options.get("loss", "sdpo") == "sdpo" else "dpo")
+    sft_stages = stage_sections(config, "sft", path, lambda options: "sft")
+    align_stages = stage_sections(config, "align", path, lambda options: "s-dpo" if options.get("loss", "sdpo") == "sdpo" else "dpo")
     names = [name for name, _ in sft_stages + align_stages]
     for name in names:
-        if names.count(name) > 1 or name in RESERVED_NAMES or "/" in name or not name:
+        if names.count(name) > 1 or name in RESERVED_NAMES or re.fullmatch(r"checkpoint-\d+", name) or "/" in name or not name:
             raise UserError(f"{path}: stage name {name!r} is taken or not a folder name; give each stage its own name.")
     if align_stages and not sft_stages:
         raise UserError(f"{path}: the align stage starts from the SFT model; add an sft section.")
@@ -130,6 +141,11 @@ def baseline_models(entries: Any, path: Path) -> list[tuple[str, dict[str, Any]]
         else:
             raise UserError(f"{path}: baselines.models entry {number} must be a model name or a mapping with 'model' "
                             f"(e.g. {{model: sasrec, l2: '1e-4'}}), got {entry!r}.")
+    from sdpo.baselines.train import MODELS
+
+    unknown = sorted({name for name, _ in models} - set(MODELS))
+    if unknown:
+        raise UserError(f"{path}: baselines.models names {', '.join(unknown)}; known: {', '.join(MODELS)}.")
     names = [name for name, _ in models]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

@@ -16,7 +16,7 @@ from sdpo.lm.adapters import shared_trunk_depth
 from sdpo.pipeline.config import Pipeline, read_pipeline
 from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
 from sdpo.pipeline.stages import run_baselines, run_training_stage
-from sdpo.pipeline.study import warn_about_large_files, write_gitignore
+from sdpo.pipeline.study import check_gitignore, warn_about_large_files, write_gitignore
 from sdpo.pipeline.table import results_table, reward_row
 
 TRUNK_CACHE = "trunk-cache"
@@ -29,10 +29,10 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
     git carry the study to a fresh checkout (`sdpo.pipeline.study`).
     """
     plan = read_pipeline(path, output_dir)
+    check_gitignore(plan.out)
     started = time.perf_counter()
-    plan.out.mkdir(parents=True, exist_ok=True)
-    write_gitignore(plan.out)
     data_dir = prepared_data(plan)
+    write_gitignore(plan.out)
     plan.shared["domain"] = resolve_domain(data_dir, plan.shared["domain"])
     models = train_stages(plan, data_dir)
     results = evaluate_stages(plan, data_dir, models)
@@ -88,10 +88,7 @@ def train_stages(plan: Pipeline, data_dir: Path) -> list[tuple[str, str | None, 
 
 def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, str], dict[str, Any]]:
     """Evaluate (or reuse) every stage, protocol by protocol; the metrics by (stage, protocol)."""
-    evaluated = plan.evaluate.get("stages", [label for label, _, _ in models])
-    unknown = sorted(set(evaluated) - {label for label, _, _ in models})
-    if unknown:
-        raise UserError(f"{plan.path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
+    evaluated = plan.evaluate.get("stages", [label for label, _, _ in models])  # names checked by read_pipeline
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.lm.trunk)
     trunk_dir, trunk_depth = plan.out / "eval" / TRUNK_CACHE, None
     if plan.evaluate.get("trunk_cache", True) and {"rank", "generate"} & set(plan.protocols):
@@ -114,7 +111,11 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
                 reference_scores = None
                 if reward:
                     records = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
-                    reference_scores = read_candidate_logps(plan.out / "eval" / f"{reference_label}-rank", records)
+                    reference_dir = plan.out / "eval" / f"{reference_label}-rank"
+                    reference_scores = read_candidate_logps(reference_dir, records)
+                    if reference_scores is None:  # never fall back to another reference than the stage's own
+                        raise UserError(f"{label}'s reward needs {reference_label}'s rank predictions for these records, and "
+                                        f"{reference_dir} has none that cover them. Remove {reference_dir} to evaluate {reference_label} again.")
                 metrics = evaluate_model(
                     data_dir, plan.split, plan.model, adapter, protocol, plan.limit, target, plan.evaluate.get("batch_size", 8),
                     plan.shared["domain"], plan.shared["prompt_seed"], subset_seed=plan.shared["subset_seed"], bf16=plan.shared["bf16"],

@@ -3,8 +3,10 @@
 `sdpo pipeline CONFIG --output_dir studies/NAME` writes ``studies/NAME/.gitignore``, which lets
 git keep exactly what a fresh checkout needs to continue the study with the same command:
 
-- each finished training stage's adapter, its resolved config and its training log;
-- each finished evaluation's metrics and its per-record predictions (gzip-compressed);
+- each finished training stage's adapter; every training stage's resolved config and training
+  log (an unfinished stage's are written again when it restarts);
+- each finished evaluation's metrics and its per-record predictions (gzip-compressed; plain in
+  folders an older sdpo wrote);
 - the journal of an unfinished evaluation (its finished batches);
 - each finished baseline's metrics, predictions, weights and item table;
 - the results table.
@@ -19,38 +21,50 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
+from sdpo.errors import UserError
 from sdpo.io import write_text_atomic
 
 GITIGNORE = ".gitignore"
 KEPT_FILES = (
     GITIGNORE, "results.json", "results.md",  # the pipeline's table
     "sdpo_config.yaml", "adapter_config.json", "adapter_model.safetensors", "log.jsonl",  # a finished training stage
-    "metrics.json", "predictions.jsonl.gz", "progress.jsonl",  # an evaluation, finished or under way
+    "metrics.json", "predictions.jsonl.gz", "predictions.jsonl", "progress.jsonl",  # an evaluation, finished or under way
     "model.safetensors", "items.json", "config.json",  # a finished baseline
 )
-REBUILT_FOLDERS = ("checkpoint-*", "reference-cache", "trunk-cache", "runs")  # checkpoints, caches, tensorboard
+REBUILT_FOLDERS = ("checkpoint-[0-9]*", "reference-cache", "trunk-cache", "runs")  # checkpoints, caches, tensorboard
 MAX_TRACKED_BYTES = 8 * 1024 * 1024
+
+
+HEADER = "# Written by sdpo pipeline (sdpo.pipeline.study): git keeps what a fresh checkout needs to continue"
 
 
 def gitignore_text() -> str:
     """The study folder's .gitignore: everything is ignored but the files a continuation reads."""
-    lines = ["# Written by sdpo pipeline (sdpo.pipeline.study): git keeps what a fresh checkout needs to continue",
-             "# this study with the same command; checkpoints, caches and the prepared data are rebuilt there.",
-             "*", "!*/"]
+    lines = [HEADER, "# this study with the same command; checkpoints, caches and the prepared data are rebuilt there.", "*", "!*/"]
     lines += [f"!{name}" for name in KEPT_FILES]
     lines += ["/data/"] + [f"{folder}/" for folder in REBUILT_FOLDERS]
     return "\n".join(lines) + "\n"
 
 
+def check_gitignore(out: Path) -> None:
+    """A user error if `out` holds a .gitignore that sdpo did not write (a pipeline's folder gets its own)."""
+    path = Path(out) / GITIGNORE
+    if path.is_file() and not path.read_text(encoding="utf-8", errors="replace").startswith(HEADER):
+        raise UserError(f"{path} is not one sdpo wrote; a pipeline's output folder gets its own .gitignore. "
+                        "Choose another --output_dir (e.g. studies/NAME), or move that file away.")
+
+
 def write_gitignore(out: Path) -> None:
-    """Give the output folder its .gitignore (rewritten if an older sdpo wrote another)."""
+    """Give the output folder its .gitignore (rewritten where an older sdpo wrote another; a user's own is refused)."""
+    check_gitignore(out)
     path = Path(out) / GITIGNORE
     if not path.is_file() or path.read_text(encoding="utf-8") != gitignore_text():
         write_text_atomic(path, gitignore_text())
 
 
 def kept_files(out: Path) -> list[Path]:
-    """The files under `out` that its .gitignore lets git track (what `git add` would take)."""
+    """The files under `out` that its .gitignore lets git track: what `git add` takes where no other ignore rule applies
+    (tests/test_study.py holds this to git itself)."""
     out = Path(out)
     kept = []
     for path in sorted(out.rglob("*")):

@@ -1,8 +1,9 @@
 """`sdpo report`: read pipeline run folders, write tables with intervals, paired comparisons, plots.
 
 For every pipeline output folder given (``sdpo pipeline`` writes ``results.json``, its stages'
-``eval/<stage>-<protocol>/predictions.jsonl``, ``baselines/<name>/predictions.jsonl`` and each
-training stage's ``log.jsonl`` and ``sdpo_config.yaml``), the report holds:
+``eval/<stage>-<protocol>/predictions.jsonl.gz``, ``baselines/<name>/predictions.jsonl.gz`` (plain
+``.jsonl`` in folders an older sdpo wrote) and each training stage's ``log.jsonl`` and
+``sdpo_config.yaml``), the report holds:
 
 - a table of every (stage, protocol) with every metric and its 95% bootstrap interval,
   recomputed from the per-record predictions;

@@ -74,9 +74,9 @@ def load_records_table(path: str | Path, config: str | Path | None = None, data:
     run = Run(name, path.parent, _results_from_table(path, rows), table=path)
     pipeline = read_yaml(config) if config is not None else {}
     if config is not None:
-        from sdpo.pipeline.config import training_stages
+        from sdpo.pipeline.config import parse_training_stages
 
-        sft_stages, align_stages = training_stages(pipeline, Path(config))
+        sft_stages, align_stages = parse_training_stages(pipeline, Path(config))
         evaluated_stages = {r.stage for r in run.results}
         for stage, options, start in [(stage, options, "zero-shot") for stage, options in sft_stages] + align_stages:
             if stage in evaluated_stages:
