@@ -130,27 +130,10 @@ class Retriever:
 
     @classmethod
     def load(cls, folder: str | Path) -> Retriever:
-        from safetensors.torch import load_file
+        from sdpo.baselines.collaborative import CollaborativeModel
 
-        from sdpo.baselines.items import ItemTable
-        from sdpo.baselines.train import BaselineConfig, build_model
-
-        folder = Path(folder)
-        needed = [folder / n for n in ("config.json", "items.json", "model.safetensors")]
-        missing = [p.name for p in needed if not p.is_file()]
-        if missing:
-            raise UserError(f"{folder}: not a trained retriever ({', '.join(missing)} missing). Give the output folder of "
-                            "sdpo baseline --model sasrec|gru4rec|caser.")
-        try:
-            values = json.loads(needed[0].read_text(encoding="utf-8"))
-            items = ItemTable.load(needed[1])
-            state = load_file(str(needed[2]))
-        except Exception as exc:  # damaged files of any kind
-            raise UserError(f"{folder}: unreadable retriever files ({type(exc).__name__}: {exc}). Train it again.") from None
-        config = BaselineConfig(**{k: v for k, v in values.items() if k in BaselineConfig.__dataclass_fields__})
-        model = build_model(config.model, len(items), config)
-        model.load_state_dict(state)
-        return cls(model, items, config.max_len, config.model)
+        source = CollaborativeModel.load(folder, role="retriever")
+        return cls(source.model, source.items, source.max_len, source.name)
 
     def ids(self, titles: Sequence[str], what: str, strict: bool = True) -> list[int]:
         """Catalogue ids of titles; an unknown title is refused, or kept as the UNKNOWN id when not `strict`.
