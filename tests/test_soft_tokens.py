@@ -1,0 +1,59 @@
+"""Soft tokens: the projector's scale and unknown vector, and prompts whose embeddings are swapped at given positions."""
+
+import torch
+
+from sdpo.lm.soft_tokens import Projector, embed_with_soft_tokens, token_embedding_norm
+
+
+def test_the_projector_outputs_the_token_embeddings_norm_and_a_learned_unknown_vector():
+    torch.manual_seed(0)
+    projector = Projector(in_dim=8, hidden_size=16, norm=3.5, width=12)
+    vectors = torch.randn(2, 5, 8) * torch.tensor([1e-3, 1.0, 1e3, 1.0, 1.0])[None, :, None]  # any scale in
+    known = torch.tensor([[True, True, True, False, True], [True, False, True, True, True]])
+    out = projector(vectors, known)
+    assert out.shape == (2, 5, 16)
+    assert torch.allclose(out.norm(dim=-1), torch.full((2, 5), 3.5), atol=1e-4)
+    assert torch.equal(out[0, 3], out[1, 1])  # both unknown: the one learned vector, whatever the input held
+    assert not torch.equal(out[0, 0], out[0, 1])
+    # the unknown vector and the MLP learn; what is known never passes through the unknown vector
+    out[known].sum().backward()
+    assert projector.unknown.grad is not None and projector.unknown.grad.abs().sum() == 0
+    assert projector.net[0].weight.grad.abs().sum() > 0
+    projector.zero_grad()
+    projector(vectors, known)[~known].sum().backward()
+    assert projector.unknown.grad.abs().sum() > 0
+
+
+def test_token_embedding_norm_is_the_mean_row_norm(tiny):
+    model, _ = tiny
+    weight = model.get_input_embeddings().weight
+    assert abs(token_embedding_norm(model) - weight.norm(dim=-1).mean().item()) < 1e-5
+
+
+def test_soft_tokens_replace_exactly_the_given_positions(tiny):
+    model, tokenizer = tiny
+    input_ids = torch.tensor(tokenizer(["a user listened to Radiohead and Muse", "then to Björk"], padding=True)["input_ids"])
+    plain = model.get_input_embeddings()(input_ids)
+    hidden = plain.shape[-1]
+    nothing = torch.full((2, 3), -1)
+    assert torch.equal(embed_with_soft_tokens(model, input_ids, nothing, torch.zeros(2, 3, hidden)), plain)
+    positions = torch.tensor([[1, 4, -1], [2, -1, -1]])
+    soft = torch.randn(2, 3, hidden, requires_grad=True)
+    mixed = embed_with_soft_tokens(model, input_ids, positions, soft)
+    swapped = {(0, 1): soft[0, 0], (0, 4): soft[0, 1], (1, 2): soft[1, 0]}
+    for b in range(2):
+        for p in range(input_ids.shape[1]):
+            expected = swapped.get((b, p), plain[b, p])
+            assert torch.equal(mixed[b, p], expected), (b, p)
+    mixed.sum().backward()
+    assert soft.grad[0, 2].abs().sum() == 0 and soft.grad[0, 0].abs().sum() > 0  # an unused slot takes no gradient
+    # soft tokens that are the placeholders' own embeddings give the plain model's output, to the bit
+    own = plain.detach()[torch.arange(2)[:, None], positions.clamp_min(0)]
+    with torch.no_grad():
+        logits = model(inputs_embeds=embed_with_soft_tokens(model, input_ids, positions, own)).logits
+        assert torch.equal(logits, model(input_ids=input_ids).logits)
+        # and other vectors change the prediction from their position on, never before it (a causal LM)
+        changed = model(inputs_embeds=embed_with_soft_tokens(model, input_ids, positions, soft.detach() * 10)).logits
+        reference = model(input_ids=input_ids).logits
+    assert torch.equal(changed[0, :1], reference[0, :1]) and not torch.allclose(changed[0, 1:], reference[0, 1:])
+    assert torch.equal(changed[1, :2], reference[1, :2])
