@@ -1,7 +1,9 @@
 """Soft tokens: the projector's scale and unknown vector, and prompts whose embeddings are swapped at given positions."""
 
+import pytest
 import torch
 
+from sdpo.lm.scoring import answer_logprobs, pack_answers, score_answers
 from sdpo.lm.soft_tokens import Projector, embed_with_soft_tokens, token_embedding_norm
 
 
@@ -57,3 +59,55 @@ def test_soft_tokens_replace_exactly_the_given_positions(tiny):
         reference = model(input_ids=input_ids).logits
     assert torch.equal(changed[0, :1], reference[0, :1]) and not torch.allclose(changed[0, 1:], reference[0, 1:])
     assert torch.equal(changed[1, :2], reference[1, :2])
+
+
+def plain_soft_logprob(model, prompt, answer, positions, vectors) -> float:
+    """Slow and obvious: prompt + answer as its own sequence, soft tokens swapped in, the answer's log-probs summed."""
+    embeds = embed_with_soft_tokens(model, torch.tensor([prompt + answer]), positions[None], vectors[None])
+    logps = torch.log_softmax(model(inputs_embeds=embeds).logits[0].float(), dim=-1)
+    return sum(logps[len(prompt) - 1 + j, token].item() for j, token in enumerate(answer))
+
+
+def soft_slots(prompts, hidden, seed=0):
+    """Up to three soft tokens per prompt at random prompt positions (-1 pads the unused slots), and their vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt in prompts:
+        chosen = torch.randperm(len(prompt), generator=generator)[:3].tolist()
+        rows.append(chosen + [-1] * (3 - len(chosen)))
+    return torch.tensor(rows), torch.randn(len(prompts), 3, hidden, generator=generator)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_packed_kernel_with_soft_tokens_equals_one_sequence_per_answer(attn, lora):
+    from tests.test_scoring import make_model, random_batch
+
+    model, tokenizer = make_model(attn, lora)
+    prompts, answers = random_batch(7, 4, 3)
+    positions, vectors = soft_slots(prompts, model.config.hidden_size)
+    with torch.no_grad():
+        packed = score_answers(model, prompts, answers, tokenizer.pad_token_id, soft=(positions, vectors))
+        without = score_answers(model, prompts, answers, tokenizer.pad_token_id)
+        for b, (prompt, record_answers) in enumerate(zip(prompts, answers, strict=True)):
+            for a, answer in enumerate(record_answers):
+                assert abs(packed[b, a].item() - plain_soft_logprob(model, prompt, answer, positions[b], vectors[b])) <= 1e-4
+    finite = torch.isfinite(without)
+    assert (packed[finite] - without[finite]).abs().max() > 1e-2  # the soft tokens count
+
+
+def test_gradients_reach_the_soft_vectors_through_the_kernel():
+    from tests.test_scoring import make_model, random_batch
+
+    model, tokenizer = make_model("sdpa", True)
+    prompts, answers = random_batch(3, 2, 2)
+    positions, vectors = soft_slots(prompts, model.config.hidden_size, seed=1)
+    positions[1, 1:] = -1  # a record with one soft token
+    vectors.requires_grad_(True)
+    packed = pack_answers(prompts, answers, tokenizer.pad_token_id)
+    logps, _ = answer_logprobs(model, packed, soft=(positions, vectors))
+    logps.sum().backward()
+    used = positions >= 0
+    assert (vectors.grad[used].abs().sum(dim=-1) > 0).all() and vectors.grad[~used].abs().sum() == 0
+    with pytest.raises(ValueError, match="trunk cache does not hold prompts with soft tokens"):
+        answer_logprobs(model, packed, trunk=object(), soft=(positions, vectors))

@@ -28,6 +28,7 @@ import torch
 
 from sdpo.lm.decoder import causal_lm_parts, final_hidden_states
 from sdpo.lm.precision import compute_context
+from sdpo.lm.soft_tokens import embed_with_soft_tokens
 
 if TYPE_CHECKING:
     from sdpo.lm.trunk import TrunkCache
@@ -129,7 +130,8 @@ def attention_mask_for(model, segment_ids: torch.Tensor, dtype: torch.dtype):
     return block_attention_mask(segment_ids, dtype)
 
 
-def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | None = None,
+                    soft: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob and token count of every packed answer.
 
     Returns (logps, n_tokens), both [B, A]; entries where ``answer_mask`` is False are 0.
@@ -137,6 +139,9 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
     weights the decoder and the LM head run under bf16 autocast; the logits are upcast, so
     the normalisation and the sums are fp32 either way. With a `trunk` cache (evaluation),
     the layers below its depth run only for batches it does not hold yet (`sdpo.lm.trunk`).
+    `soft` = (positions [B, S], vectors [B, S, H]) puts collaborative tokens at those prompt
+    positions (`sdpo.lm.soft_tokens`; -1: an unused slot): the prompt opens every packed row, so
+    its positions are the row's. Gradients reach the vectors (and the projector behind them).
     """
     decoder, lm_head = causal_lm_parts(model)
     input_ids = packed["input_ids"]
@@ -149,6 +154,10 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
             "attention_mask": attention_mask_for(decoder, packed["segment_ids"], lm_head.weight.dtype),
             "position_ids": packed["position_ids"],
         }
+        if soft is not None:
+            if trunk is not None:
+                raise ValueError("the trunk cache does not hold prompts with soft tokens")
+            inputs["inputs_embeds"] = embed_with_soft_tokens(decoder, inputs.pop("input_ids"), *soft)
         if trunk is None:
             hidden = final_hidden_states(model, decoder, **inputs)  # [B, L, H]
         else:
@@ -168,13 +177,14 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
 
 def score_answers(
     model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], pad_token_id: int,
-    trunk: TrunkCache | None = None,
+    trunk: TrunkCache | None = None, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed log-prob [B, A] of each answer given its record's prompt (token ids in, no grad needed).
 
-    Missing answers (records with fewer than A answers) score -inf.
+    Missing answers (records with fewer than A answers) score -inf. `soft`: as in `answer_logprobs`.
     """
     device = next(model.parameters()).device
     packed = {k: v.to(device) for k, v in pack_answers(prompts, answers, pad_token_id).items()}
-    logps, _ = answer_logprobs(model, packed, trunk)
+    soft = tuple(x.to(device) for x in soft) if soft is not None else None
+    logps, _ = answer_logprobs(model, packed, trunk, soft)
     return logps.masked_fill(~packed["answer_mask"], float("-inf"))
