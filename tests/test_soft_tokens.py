@@ -109,5 +109,39 @@ def test_gradients_reach_the_soft_vectors_through_the_kernel():
     logps.sum().backward()
     used = positions >= 0
     assert (vectors.grad[used].abs().sum(dim=-1) > 0).all() and vectors.grad[~used].abs().sum() == 0
-    with pytest.raises(ValueError, match="trunk cache does not hold prompts with soft tokens"):
-        answer_logprobs(model, packed, trunk=object(), soft=(positions, vectors))
+
+
+def test_the_trunk_cache_keys_prompts_with_soft_tokens_on_their_vectors(tmp_path):
+    """Soft tokens enter layer 0, so the cached trunk holds them: the same vectors reuse a file, bitwise; others get their own."""
+    from sdpo.lm.trunk import TrunkCache
+    from tests.test_trunk import adapted_model, count_calls
+
+    model, tokenizer = adapted_model(last_layers=1)
+    prompts, answers = random_batch_for_trunk()
+    positions, vectors = soft_slots(prompts, model.config.hidden_size, seed=2)
+    other = vectors + 1.0
+    with torch.no_grad():
+        expected = {name: score_answers(model, prompts, answers, tokenizer.pad_token_id, soft=(positions, v))
+                    for name, v in (("these", vectors), ("other", other))}
+        trunk = TrunkCache(tmp_path, model, depth=1)
+        filled = score_answers(model, prompts, answers, tokenizer.pad_token_id, trunk=trunk, soft=(positions, vectors))
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 1
+        layer0 = count_calls(model.get_base_model().model.layers[0])
+        again = score_answers(model, prompts, answers, tokenizer.pad_token_id, trunk=trunk, soft=(positions, vectors))
+        assert layer0 == [1] and trunk.usable  # loaded, checked once against the full forward, and it agreed
+        again_unchecked = score_answers(model, prompts, answers, tokenizer.pad_token_id, trunk=trunk, soft=(positions, vectors))
+        assert layer0 == [1]  # from the cache alone
+        moved = score_answers(model, prompts, answers, tokenizer.pad_token_id, trunk=trunk, soft=(positions, other))
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # other vectors: another file, not the first one's states
+        plain = score_answers(model, prompts, answers, tokenizer.pad_token_id, trunk=trunk)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 3
+    for got in (filled, again, again_unchecked):
+        assert torch.equal(got, expected["these"])
+    assert torch.equal(moved, expected["other"]) and not torch.equal(moved, filled)
+    assert not torch.equal(plain, filled)
+
+
+def random_batch_for_trunk():
+    from tests.test_scoring import random_batch
+
+    return random_batch(11, 3, 3)

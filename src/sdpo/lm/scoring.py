@@ -141,7 +141,8 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
     the layers below its depth run only for batches it does not hold yet (`sdpo.lm.trunk`).
     `soft` = (positions [B, S], vectors [B, S, H]) puts collaborative tokens at those prompt
     positions (`sdpo.lm.soft_tokens`; -1: an unused slot): the prompt opens every packed row, so
-    its positions are the row's. Gradients reach the vectors (and the projector behind them).
+    its positions are the row's. Gradients reach the vectors (and the projector behind them);
+    a `trunk` cache names its files by them too.
     """
     decoder, lm_head = causal_lm_parts(model)
     input_ids = packed["input_ids"]
@@ -155,13 +156,11 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
             "position_ids": packed["position_ids"],
         }
         if soft is not None:
-            if trunk is not None:
-                raise ValueError("the trunk cache does not hold prompts with soft tokens")
             inputs["inputs_embeds"] = embed_with_soft_tokens(decoder, inputs.pop("input_ids"), *soft)
         if trunk is None:
             hidden = final_hidden_states(model, decoder, **inputs)  # [B, L, H]
         else:
-            hidden = trunk.decoder_output(model, inputs, packed)
+            hidden = trunk.decoder_output(model, inputs, packed, soft)
         logits = lm_head(hidden.reshape(batch * length, -1)[unique_source])  # [U, V]
     logits = logits.float()
     log_norm = torch.logsumexp(logits, dim=-1)  # [U]

@@ -59,11 +59,13 @@ def trunk_fingerprint(model, decoder, depth: int) -> str:
 
 
 def _batch_key(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named integer tensors (a batch's tokens and layout): the name of its file."""
+    """SHA-256 of named tensors (a batch's tokens and layout, and any soft tokens' vectors): the name of its file."""
     digest = hashlib.sha256()
     for name, tensor in tensors.items():
         digest.update(f"{name} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        if tensor.is_floating_point():
+            digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -154,20 +156,26 @@ class TrunkCache:
         self.checked = False  # has a loaded batch been compared with the full forward?
         self.usable = True
 
-    def decoder_output(self, model, inputs: dict, packed: dict) -> torch.Tensor:
+    def decoder_output(self, model, inputs: dict, packed: dict, soft: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder's output [B, L, H] for `inputs` (as `sdpo.lm.scoring` passes them), the trunk from the cache when it holds the batch.
 
-        `packed` is the batch as `sdpo.lm.scoring.pack_answers` made it; it names the file.
+        `packed` is the batch as `sdpo.lm.scoring.pack_answers` made it; it names the file, with
+        the soft tokens' positions and vectors where the prompt has any (`inputs` then holds
+        ``inputs_embeds``): they enter layer 0, so the trunk's states depend on them, and on the
+        projector that made them.
         """
         decoder = self._decoder(model)
         if not self.usable:
             return final_hidden_states(model, decoder, **inputs)
-        path = self.folder / f"{_batch_key({name: packed[name] for name in ('input_ids', 'position_ids', 'segment_ids')})}.safetensors"
-        hidden = self._load_hidden(path, inputs["input_ids"].shape, decoder.config.hidden_size)
+        named = {name: packed[name] for name in ("input_ids", "position_ids", "segment_ids")}
+        if soft is not None:
+            named.update(soft_positions=soft[0], soft_vectors=soft[1])
+        path = self.folder / f"{_batch_key(named)}.safetensors"
+        hidden = self._load_hidden(path, packed["input_ids"].shape, decoder.config.hidden_size)
         if hidden is not None:
-            rest = {key: value for key, value in inputs.items() if key != "input_ids"}
+            rest = {key: value for key, value in inputs.items() if key not in ("input_ids", "inputs_embeds")}
             with _without_first_layers(decoder, self.depth):
-                cached = final_hidden_states(model, decoder, **rest, inputs_embeds=hidden.to(inputs["input_ids"].device))
+                cached = final_hidden_states(model, decoder, **rest, inputs_embeds=hidden.to(packed["input_ids"].device))
             if self.checked:
                 return cached
             full = final_hidden_states(model, decoder, **inputs)
