@@ -72,7 +72,7 @@ class CollaborativeModel:
         found = sha256_of(folder / WEIGHTS)
         if sha256 is not None and found != sha256:
             raise UserError(f"{folder / WEIGHTS}: SHA-256 {found[:12]}..., not the {sha256[:12]}... this run was trained with. "
-                            "Give the collaborative model the run used (its path and hash are in its sdpo_config.yaml).")
+                            "Give the collaborative model that run was trained with.")
         try:
             values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
             items = ItemTable.load(folder / "items.json")

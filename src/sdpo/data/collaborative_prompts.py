@@ -14,10 +14,9 @@ goes beside a title, ``before`` or ``after`` it, is a choice to make on val.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
-from sdpo.data.prompts import DOMAINS, TEMPLATES, encode_prompt, record_seed
+from sdpo.data.prompts import build_prompt, encode_prompt
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 
@@ -54,15 +53,9 @@ def _render(titles: list[str], marker: str, place: str) -> str:
 
 def build_collaborative_prompt(record: Record, domain: str, marker: str, seed: int = 0, place: str = "before") -> str:
     """The record's prompt text (its phrasing fixed by seed and record id) with `marker` beside every title and a user line."""
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     if place not in PLACES:
         raise UserError(f"the collaborative token goes before or after its title, not {place!r}.")
-    item, items, verb = DOMAINS[domain]
-    template = random.Random(record_seed(seed, record.id)).choice(TEMPLATES)
-    text = template.format(item=item, items=items, verb=verb, history=_render(record.history, marker, place),
-                           candidates=_render(record.candidates, marker, place))
-    return text + USER_LINE.format(marker=marker)
+    return build_prompt(record, domain, seed, render=lambda titles: _render(titles, marker, place)) + USER_LINE.format(marker=marker)
 
 
 def collaborative_prompt_ids(tokenizer, record: Record, domain: str, seed: int = 0, place: str = "before") -> tuple[list[int], SoftSlots]:

@@ -57,15 +57,16 @@ def record_seed(seed: int, record_id: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def build_prompt(record: Record, domain: str, seed: int = 0) -> str:
-    """The prompt text for `record`: one of the domain's phrasings, fixed by (seed, record id)."""
+def build_prompt(record: Record, domain: str, seed: int = 0, render=render_list) -> str:
+    """The prompt text for `record`: one of the domain's phrasings, fixed by (seed, record id).
+
+    `render` turns a list of titles into lines (`sdpo.data.collaborative_prompts` marks each title).
+    """
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     item, items, verb = DOMAINS[domain]
     template = random.Random(record_seed(seed, record.id)).choice(TEMPLATES)
-    return template.format(
-        item=item, items=items, verb=verb, history=render_list(record.history), candidates=render_list(record.candidates)
-    )
+    return template.format(item=item, items=items, verb=verb, history=render(record.history), candidates=render(record.candidates))
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
