@@ -10,6 +10,12 @@ from sdpo.cli.app import bench_app
 from sdpo.errors import UserError
 
 
+def _show(table: str, json_out: Path) -> None:
+    """Every benchmark ends the same way: its table, and where the result file went."""
+    typer.echo(table)
+    typer.echo(f"wrote {json_out}")
+
+
 def _parse_ks(negatives: str) -> list[int]:
     try:
         return [int(k) for k in negatives.split(",")]
@@ -46,8 +52,7 @@ def benchmark_step_cmd(
         raise UserError(f"--attn_implementation {attn_implementation!r}: choose sdpa, eager or flex_attention.")
     results = benchmark_step(model, chosen, read_manifest(data).get("domain", "music"), ks, repeats, device, bf16, attn_implementation)
     save_results(json_out, model, device, results, repeats, bf16)
-    typer.echo(format_table(results))
-    typer.echo(f"wrote {json_out}")
+    _show(format_table(results), json_out)
 
 
 @bench_app.command("precision")
@@ -69,8 +74,7 @@ def benchmark_precision_cmd(
     if min(records, repeats, rank_records, batch_size) < 1:
         raise UserError("--records, --repeats, --rank_records and --batch_size must be at least 1.")
     result = benchmark_precision(model, data, ks, records, repeats, rank_records, batch_size, json_out)
-    typer.echo(format_table(result))
-    typer.echo(f"wrote {json_out}")
+    _show(format_table(result), json_out)
 
 
 @bench_app.command("trunk")
@@ -90,8 +94,7 @@ def benchmark_trunk_cmd(
     if min(records, repeats, batch_size, lora_layers) < 1:
         raise UserError("--records, --repeats, --batch_size and --lora_layers must be at least 1.")
     result = benchmark_trunk(model, data, lora_layers, records, repeats, batch_size, json_out, protocol=protocol)
-    typer.echo(format_table(result))
-    typer.echo(f"wrote {json_out}")
+    _show(format_table(result), json_out)
 
 
 @bench_app.command("baseline")
@@ -114,5 +117,4 @@ def benchmark_baseline_cmd(
     load_split(data, "train", limit=1)  # a clear message for a wrong folder before any child starts
     results = benchmark_baselines(chosen, str(data), steps, repeats)
     save_results(json_out, str(data), steps, repeats, results)
-    typer.echo(format_table(results))
-    typer.echo(f"wrote {json_out}")
+    _show(format_table(results), json_out)

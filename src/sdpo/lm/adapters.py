@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from sdpo.data.sources.fetch import sha256_of
 from sdpo.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -17,11 +17,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def adapter_sha256(folder: str | Path) -> str:
     """SHA-256 of a LoRA adapter's weights file: which adapter a run or an evaluation used, beyond its path."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / ADAPTER_WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(Path(folder) / ADAPTER_WEIGHTS)
 
 
 def check_adapter_folder(folder: str | Path, what: str = "adapter") -> None:

@@ -9,9 +9,9 @@ from typing import Any
 from sdpo.data.datasets import load_split, resolve_domain
 from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.evaluation.protocols import PROTOCOLS, evaluate, predictions_file
+from sdpo.evaluation.protocols import PROTOCOLS, SCORES, evaluate, predictions_file
 from sdpo.io import read_jsonl
-from sdpo.lm.adapters import shared_trunk_depth
+from sdpo.lm.adapters import adapter_sha256, check_adapter_folder, shared_trunk_depth
 from sdpo.lm.trunk import TrunkCache
 
 
@@ -32,8 +32,6 @@ def evaluate_model(
     generate keep what the layers below `trunk_depth` (default: the adapter's first layer) compute
     there and reuse it (`sdpo.lm.trunk`). ``compress_predictions`` writes predictions.jsonl.gz.
     """
-    from sdpo.evaluation.protocols import SCORES
-    from sdpo.lm.adapters import adapter_sha256
     from sdpo.lm.models import load_model
     from sdpo.lm.precision import model_dtype, resolve_bf16
 
@@ -55,8 +53,6 @@ def evaluate_model(
     bf16 = resolve_bf16(bf16)
     model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16))
     if reference_adapter is not None:
-        from sdpo.lm.adapters import check_adapter_folder
-
         check_adapter_folder(reference_adapter, "reference adapter")
     reference = None
     if adapter is not None and protocol == "rank" and reward:

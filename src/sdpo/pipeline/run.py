@@ -12,7 +12,7 @@ from sdpo.data.datasets import load_split, read_manifest, resolve_domain
 from sdpo.data.prepare import prepare_dataset
 from sdpo.errors import UserError
 from sdpo.io import folder_bytes, write_json, write_text_atomic
-from sdpo.lm.adapters import shared_trunk_depth
+from sdpo.lm.adapters import adapter_sha256, shared_trunk_depth
 from sdpo.pipeline.config import Pipeline, read_pipeline
 from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
 from sdpo.pipeline.stages import run_baselines, run_training_stage
@@ -70,7 +70,6 @@ def prepared_data(plan: Pipeline) -> Path:
 
 def train_stages(plan: Pipeline, data_dir: Path) -> list[tuple[str, str | None, str | None]]:
     """Train (or reuse) every SFT and align stage; (label, adapter folder, label of its reference stage) per model, zero-shot first."""
-    from sdpo.lm.adapters import adapter_sha256
     from sdpo.training.preference import AlignConfig, run_align
     from sdpo.training.sft import SFTConfig, run_sft
 
@@ -137,7 +136,6 @@ def _remove_trunk_cache(folder: Path, why: str) -> None:
 
 def _finished_evaluation(target: Path, adapter: str | None) -> dict[str, Any] | None:
     """The metrics of a finished evaluation of this very adapter in `target` (None: evaluate it)."""
-    from sdpo.lm.adapters import adapter_sha256
 
     if not (target / "metrics.json").is_file():
         return None
