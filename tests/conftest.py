@@ -73,3 +73,14 @@ def tiny_study(small_data, tmp_path_factory):
     result = sdpo("pipeline", "tiny.yaml", "--output_dir", "studies/tiny", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return SimpleNamespace(config=config, work=work, out=Path("studies/tiny"), stdout=result.stdout)
+
+
+@pytest.fixture(scope="session")
+def sasrec_dir(small_data, tmp_path_factory) -> Path:
+    """A SASRec trained one epoch on the small data: the collaborative model of the collaborative-token tests."""
+    from sdpo.baselines.train import BaselineConfig, run_baseline
+
+    folder = tmp_path_factory.mktemp("collaborative-model") / "sasrec"
+    run_baseline(BaselineConfig(model="sasrec", data=str(small_data), output_dir=str(folder), l2="1e-4", max_epochs=1, max_len=6,
+                                progress=False))
+    return folder

@@ -8,8 +8,9 @@ import torch
 from sdpo.data.datasets import load_split
 from sdpo.data.prompts import encode_answer, record_prompt_ids
 from sdpo.errors import UserError
+from sdpo.evaluation.generation import generate_answers
 from sdpo.evaluation.metrics import target_ranks
-from sdpo.evaluation.protocols import candidate_logps, evaluate, generate_answers
+from sdpo.evaluation.protocols import candidate_logps, evaluate
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.pipeline import evaluate_model
 from tests.test_scoring import plain_logprob
@@ -123,10 +124,10 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_
     6 records in batches of 2: rank makes a log-prob pass and a reference pass (6 prompts each),
     generate one pass; stop_at is the prompt being encoded when the process is interrupted.
     """
-    import sdpo.evaluation.protocols as evaluation
+    from sdpo.data.prompts import TextPrompts
 
     random_adapter(tmp_path / "adapter", 0.5)
-    encode = evaluation.record_prompt_ids
+    encode = TextPrompts.ids
     calls = []
     interrupt = {"at": stop_at}  # the prompt (1-based, since the last run began) at which to interrupt
 
@@ -141,7 +142,7 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_
         return evaluate_model(small_data, "test", "tiny", tmp_path / "adapter", protocol, 6, out, 2, prompt_seed=prompt_seed, progress=False)
 
     full = run(tmp_path / "full")  # before the patch: uninterrupted, nothing counted
-    monkeypatch.setattr(evaluation, "record_prompt_ids", counting)
+    monkeypatch.setattr(TextPrompts, "ids", counting)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
     journal = tmp_path / "cut" / "progress.jsonl"

@@ -3,8 +3,9 @@ import math
 import pytest
 
 from sdpo.data.records import Record
+from sdpo.evaluation.generation import score_generations
 from sdpo.evaluation.metrics import longest_match, paper_match, rank_of, ranked_indices, ranking_metrics, target_ranks, tie_order
-from sdpo.evaluation.protocols import score_generations, score_rankings
+from sdpo.evaluation.protocols import score_rankings
 
 CANDIDATES = ["Beck", "Jeff Beck", "Crosby, Stills, Nash & Young", "Stills", "Adele"]
 

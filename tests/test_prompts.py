@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from sdpo.data.prompts import ANSWER_CUE, DOMAINS, TEMPLATES, build_prompt, encode_answer, encode_prompt, record_prompt_ids, render_list
+from sdpo.data.prompts import ANSWER_CUE, DOMAINS, TEMPLATES, TextPrompts, build_prompt, encode_answer, encode_prompt, record_prompt_ids, render_list
 from sdpo.data.records import Record
 from sdpo.training.sft import PromptAnswerDataset
 
@@ -64,6 +64,6 @@ def test_plain_prompt_answer_starts_with_its_natural_token(plain_tokenizer):
 
 def test_training_and_evaluation_use_the_same_ids(tiny):
     _, tokenizer = tiny
-    example = PromptAnswerDataset([RECORD], tokenizer, "music")[0]
+    example = PromptAnswerDataset([RECORD], tokenizer, TextPrompts(tokenizer, "music"))[0]
     assert example["prompt_ids"] == record_prompt_ids(tokenizer, RECORD, "music")
     assert example["answer_ids"] == [encode_answer(tokenizer, RECORD.target)]

@@ -108,7 +108,7 @@ def test_a_folder_with_a_users_own_gitignore_is_refused_before_anything_is_writt
 
 def test_evaluation_files_hold_one_form_of_the_predictions(tmp_path):
     """Saving again in the other form removes the first: the folder never offers stale predictions."""
-    from sdpo.evaluation.protocols import Evaluation, predictions_file
+    from sdpo.evaluation.results import Evaluation, predictions_file
 
     Evaluation({"hr@1": 1.0}, [{"id": "a"}]).save(tmp_path, compress=True)
     assert predictions_file(tmp_path).name == "predictions.jsonl.gz"

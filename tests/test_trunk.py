@@ -7,7 +7,8 @@ import torch
 
 from sdpo.data.datasets import load_split
 from sdpo.errors import UserError
-from sdpo.evaluation.protocols import candidate_logps, generate_answers, reference_logps
+from sdpo.evaluation.generation import generate_answers
+from sdpo.evaluation.protocols import candidate_logps, reference_logps
 from sdpo.lm.adapters import first_adapted_layer, shared_trunk_depth
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.trunk import TrunkCache

@@ -7,11 +7,12 @@ layers (``tests/test_architecture.py`` checks it, and that no imports close a cy
 1. ``data``: records, raw sources, prepared folders, candidates, negatives, prompts
 2. ``lm``: model loading with LoRA, precision, adapter folders, the packed scoring kernel, trunk cache
 3. ``evaluation``: generate and rank protocols, metrics, bootstrap intervals, journals
-4. ``training`` (SFT, S-DPO/DPO, runs, export) and ``baselines`` (SASRec, GRU4Rec, Caser, popularity)
-5. ``recommend`` (the `Recommender` API) and ``benchmarks``
-6. ``pipeline``: a study from one config, every stage reused or resumed
-7. ``report``: tables, paired comparisons, plots
-8. ``cli``: the ``sdpo`` command
+4. ``baselines``: SASRec, GRU4Rec, Caser, popularity; a trained one as the source of collaborative tokens
+5. ``training``: SFT, S-DPO/DPO, runs, export
+6. ``recommend`` (the `Recommender` API) and ``benchmarks``
+7. ``pipeline``: a study from one config, every stage reused or resumed
+8. ``report``: tables, paired comparisons, plots
+9. ``cli``: the ``sdpo`` command
 
 ``from sdpo import Recommender`` is the public entry point for applications.
 """

@@ -59,13 +59,19 @@ class Recommender:
     domain: str
     prompt_seed: int = 0
     reference_adapter: str | None = None  # None: the base model (adapter off) is the reward's reference
+    prompts: object | None = None  # None: text prompts; a run with collaborative tokens brings its CollaborativePrompts
 
     @classmethod
     def load(cls, run_dir: str | Path, *, bf16: bool | None = None) -> Recommender:
-        """Base model + adapter of an ``sdpo sft`` / ``sdpo align`` run folder, with its prompts."""
+        """Base model + adapter of an ``sdpo sft`` / ``sdpo align`` run folder, with its prompts.
+
+        A run with collaborative tokens loads the collaborative model it recorded (checked by SHA-256;
+        a relative folder is found from the working directory or inside the run folder).
+        """
         from sdpo.lm.adapters import check_adapter_folder
         from sdpo.lm.models import load_model
         from sdpo.lm.precision import model_dtype, resolve_bf16
+        from sdpo.training.collaborative import load_collaborative, run_prompts, soft_token_spec
         from sdpo.training.export import EXPORTED_FROM
         from sdpo.training.runs import CONFIG_FILE, read_run_config
 
@@ -74,11 +80,13 @@ class Recommender:
             raise UserError(f"{run_dir}: not a training run folder (no {CONFIG_FILE}). Give the output folder of sdpo sft or sdpo align.")
         check_adapter_folder(run_dir)
         config = read_run_config(run_dir)
-        model, tokenizer = load_model(config["model"], run_dir, dtype=model_dtype(resolve_bf16(bf16)))
+        source = load_collaborative(config, base=run_dir)
+        model, tokenizer = load_model(config["model"], run_dir, dtype=model_dtype(resolve_bf16(bf16)), soft_tokens=soft_token_spec(config, source))
         reference = str(config["sft"]) if config.get("sft") else None
         if reference is not None and config.get(EXPORTED_FROM) and not Path(reference).is_absolute():
             reference = str(run_dir / reference)  # an exported folder names its SFT export relative to itself
-        return cls(model, tokenizer, config["domain"], int(config.get("prompt_seed") or 0), reference)
+        seed = int(config.get("prompt_seed") or 0)
+        return cls(model, tokenizer, config["domain"], seed, reference, run_prompts(tokenizer, config["domain"], seed, config, source))
 
     def rank(self, history: Sequence[str], candidates: Sequence[str], score: str = "logp") -> list[tuple[str, float]]:
         """The candidates with their scores, best first (one packed forward pass; two for ``reward``)."""
@@ -91,13 +99,13 @@ class Recommender:
 
         if score not in SCORES:
             raise UserError(f"--score {score!r}: choose logp or reward.")
-        scores = candidate_logps(self.model, self.tokenizer, records, self.domain, batch_size, self.prompt_seed, progress)
+        scores = candidate_logps(self.model, self.tokenizer, records, self.domain, batch_size, self.prompt_seed, progress, prompts=self.prompts)
         if score == "reward":
             if self.reference_adapter is not None and not (Path(self.reference_adapter) / "adapter_config.json").is_file():
                 raise UserError(f"--score reward: the reference, the SFT run {self.reference_adapter}, is not there; "
                                 "rank by logp, or run from the folder the runs were trained in.")
             reference = reference_logps(self.model, self.tokenizer, records, self.domain, batch_size, self.prompt_seed, progress,
-                                        self.reference_adapter)
+                                        self.reference_adapter, prompts=self.prompts)
             scores = [a - b for a, b in zip(scores, reference, strict=True)]
         ranked = []
         for record, row in zip(records, scores, strict=True):
@@ -111,10 +119,10 @@ class Recommender:
 
     def generate_records(self, records: list[Record], batch_size: int = 8, progress: bool = False) -> list[dict]:
         """`generate` for many records, batched: per record, {"text", "choice"}."""
+        from sdpo.evaluation.generation import generate_answers
         from sdpo.evaluation.metrics import longest_match
-        from sdpo.evaluation.protocols import generate_answers
 
-        texts = generate_answers(self.model, self.tokenizer, records, self.domain, batch_size, self.prompt_seed, progress)
+        texts = generate_answers(self.model, self.tokenizer, records, self.domain, batch_size, self.prompt_seed, progress, prompts=self.prompts)
         answers = []
         for record, text in zip(records, texts, strict=True):
             match = longest_match(text, record.candidates, record.target)
@@ -201,7 +209,7 @@ def evaluate_rerank(recommender: Recommender, retriever: Retriever, records: lis
     retrieved). The LM's gain over the retriever is a paired difference on the same records.
     Returns an `Evaluation` (metrics with 95% intervals; one prediction per record).
     """
-    from sdpo.evaluation.protocols import Evaluation
+    from sdpo.evaluation.results import Evaluation
     from sdpo.evaluation.stats import bootstrap_cis, paired_difference
 
     retrieved = retriever.top([r.history for r in records], top)

@@ -6,9 +6,10 @@ score is the dot product of the user state and the candidate's vector):
 - ``user`` [B, D]: the model's state after the record's history (its last ``max_len`` items);
 - ``history`` [B, H, D]: the vector of each history title, H the batch's longest history;
 - ``candidates`` [B, C, D]: the vector of each candidate title;
-- ``scores`` [B, C]: each candidate's score, the model's own ranking (what ``sdpo baseline`` evaluates);
+- ``scores`` [B, C]: each candidate's score, the model's own ranking (what ``sdpo baseline`` evaluates;
+  -inf past a record's last candidate, where C pads to the batch's most);
 - ``history_known`` [B, H] and ``candidate_known`` [B, C]: False where a title has no id in the
-  model's item table (or at history padding): there the LM reads its learned unknown vector.
+  model's item table (or at padding): there the LM reads its learned unknown vector.
 
 A run names the model by its folder and the SHA-256 of its weights (`describe`);
 ``CollaborativeModel.load(folder, sha256=...)`` refuses a folder whose weights differ.
@@ -108,7 +109,8 @@ class CollaborativeModel:
         """The user states, item vectors and scores of a batch of records (no gradients: the model is frozen)."""
         longest = max(len(r.history) for r in records)
         history_ids = [[PAD] * (longest - len(r.history)) + self.ids(r.history) for r in records]  # left-padded, as the model reads
-        candidate_ids = torch.tensor([self.ids(r.candidates) for r in records])  # [B, C]
+        widest = max(len(r.candidates) for r in records)
+        candidate_ids = torch.tensor([self.ids(r.candidates) + [PAD] * (widest - len(r.candidates)) for r in records])  # [B, C]
         history_ids = torch.tensor(history_ids)  # [B, H]
         recent = history_ids[:, -self.max_len:]
         if recent.shape[1] < self.max_len:
@@ -122,5 +124,5 @@ class CollaborativeModel:
             history_known=history_ids > UNKNOWN,
             candidates=candidates,
             candidate_known=candidate_ids > UNKNOWN,
-            scores=torch.einsum("bd,bcd->bc", user, candidates),
+            scores=torch.einsum("bd,bcd->bc", user, candidates).masked_fill(candidate_ids == PAD, float("-inf")),
         )

@@ -31,7 +31,8 @@ from sdpo.data.datasets import load_split
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.evaluation.metrics import target_ranks
-from sdpo.evaluation.protocols import Evaluation, score_rankings
+from sdpo.evaluation.protocols import score_rankings
+from sdpo.evaluation.results import Evaluation
 from sdpo.io import refuse_non_empty, replace_atomic, write_json
 from sdpo.lm.allocator import keep_freed_memory
 

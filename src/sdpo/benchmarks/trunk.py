@@ -23,7 +23,8 @@ from transformers import set_seed
 
 from sdpo.data.datasets import load_split, read_manifest
 from sdpo.errors import UserError
-from sdpo.evaluation.protocols import candidate_logps, generate_answers
+from sdpo.evaluation.generation import generate_answers
+from sdpo.evaluation.protocols import candidate_logps
 from sdpo.io import folder_bytes, write_json
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import cpu_name

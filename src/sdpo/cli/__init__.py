@@ -3,7 +3,7 @@
 User mistakes (bad files, bad options) end with one ``error:`` line and exit status 2;
 no traceback.
 
-Layer 8, the top: each command imports what it runs when it runs, so ``sdpo --help`` stays fast.
+Layer 9, the top: each command imports what it runs when it runs, so ``sdpo --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -101,3 +101,22 @@ def encode_answer(tokenizer, title: str) -> list[int]:
 def record_prompt_ids(tokenizer, record: Record, domain: str, seed: int = 0) -> list[int]:
     """The prompt ids of `record` (phrasing fixed by seed and record id)."""
     return encode_prompt(tokenizer, build_prompt(record, domain, seed))
+
+
+class TextPrompts:
+    """How every stage turns records into prompts: here the text-only prompt, with no soft tokens.
+
+    `sdpo.baselines.prompts.CollaborativePrompts` is the other kind; SFT, align, evaluation and
+    the recommender take either, through these two methods.
+    """
+
+    def __init__(self, tokenizer, domain: str, seed: int = 0):
+        self.tokenizer, self.domain, self.seed = tokenizer, domain, seed
+
+    def ids(self, record: Record) -> list[int]:
+        """The prompt ids of `record`."""
+        return record_prompt_ids(self.tokenizer, record, self.domain, self.seed)
+
+    def soft_inputs(self, records: list[Record], prompt_ids: list[list[int]]) -> dict:
+        """The batch's soft-token inputs (`sdpo.lm.soft_tokens.SOFT_KEYS`): none for a text prompt."""
+        return {}

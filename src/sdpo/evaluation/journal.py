@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdpo.io import write_text_atomic
+
+if TYPE_CHECKING:
+    from sdpo.data.records import Record
 
 JOURNAL_FILE = "progress.jsonl"
 
@@ -68,3 +71,17 @@ class Journal:
 
     def __len__(self) -> int:
         return len(self.done)
+
+
+def batches(items: list, size: int):
+    """`items` in consecutive lists of `size` (the last one shorter)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def journaled(journal: Journal | None, kind: str, batch: list[Record]) -> list[Any] | None:
+    """The batch's outputs of `kind` from the journal, if it holds all of them."""
+    if journal is None:
+        return None
+    found = [journal.get(kind, r.id) for r in batch]
+    return None if any(value is None for value in found) else found

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from sdpo.data.prompts import encode_answer, record_prompt_ids
+from sdpo.data.prompts import TextPrompts, encode_answer
 from sdpo.data.records import Record
-from sdpo.evaluation.journal import JOURNAL_FILE, Journal
-from sdpo.evaluation.metrics import longest_match, paper_match, per_record_ranking, ranked_indices, ranking_metrics
+from sdpo.evaluation.generation import generate_answers, score_generations
+from sdpo.evaluation.journal import JOURNAL_FILE, Journal, batches, journaled
+from sdpo.evaluation.metrics import per_record_ranking, ranked_indices, ranking_metrics
+from sdpo.evaluation.results import Evaluation
 from sdpo.evaluation.stats import bootstrap_cis
-from sdpo.io import write_json, write_jsonl
-from sdpo.lm.precision import compute_context
 from sdpo.lm.scoring import score_answers
 
 if TYPE_CHECKING:
@@ -42,67 +41,32 @@ if TYPE_CHECKING:
 
 PROTOCOLS = ("generate", "rank")
 SCORES = ("logp", "reward")
-MAX_NEW_TOKENS = 20
 REFERENCE_ADAPTER = "reference"
-PREDICTIONS = "predictions.jsonl"
-
-
-@dataclass
-class Evaluation:
-    metrics: dict[str, Any]
-    predictions: list[dict[str, Any]]
-
-    def save(self, out_dir: str | Path, compress: bool = False) -> None:
-        """predictions.jsonl (predictions.jsonl.gz with `compress`), then metrics.json: metrics.json means both are whole."""
-        out_dir = Path(out_dir)
-        written, other = (PREDICTIONS + ".gz", PREDICTIONS) if compress else (PREDICTIONS, PREDICTIONS + ".gz")
-        write_jsonl(out_dir / written, self.predictions)
-        (out_dir / other).unlink(missing_ok=True)  # an earlier evaluation's, in the other form: never read in place of these
-        write_json(out_dir / "metrics.json", self.metrics)
-        (out_dir / JOURNAL_FILE).unlink(missing_ok=True)  # the raw outputs it held are in the files above
-
-
-def predictions_file(out_dir: str | Path) -> Path:
-    """The per-record predictions an evaluation wrote into `out_dir`: predictions.jsonl.gz, else predictions.jsonl."""
-    compressed = Path(out_dir) / (PREDICTIONS + ".gz")
-    return compressed if compressed.is_file() else Path(out_dir) / PREDICTIONS
-
-
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _weight(model) -> torch.Tensor:
-    return model.get_output_embeddings().weight
-
-
-def _journaled(journal: Journal | None, kind: str, batch: list[Record]) -> list[Any] | None:
-    """The batch's outputs of `kind` from the journal, if it holds all of them."""
-    if journal is None:
-        return None
-    found = [journal.get(kind, r.id) for r in batch]
-    return None if any(value is None for value in found) else found
 
 
 @torch.no_grad()
 def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                    journal: Journal | None = None, kind: str = "logp", *, trunk: TrunkCache | None = None) -> list[torch.Tensor]:
+                    journal: Journal | None = None, kind: str = "logp", *, trunk: TrunkCache | None = None,
+                    prompts=None) -> list[torch.Tensor]:
     """Per record, log pi(candidate | prompt) of each candidate in candidate order: a [C] tensor.
 
     With a `journal`, batches it holds (as `kind`) are read from it and new ones are added to it.
     With a `trunk` cache, the layers no adapter changes run once per batch across evaluations.
+    `prompts` builds the prompts (default: `TextPrompts`; `sdpo.baselines.prompts.CollaborativePrompts`
+    adds collaborative tokens, which the model's projectors read).
     """
+    prompts = prompts or TextPrompts(tokenizer, domain, seed)
     model.eval()
     scores = []
-    for batch in tqdm(list(_batches(records, batch_size)), desc="score candidates", disable=not progress):
-        done = _journaled(journal, kind, batch)
+    for batch in tqdm(list(batches(records, batch_size)), desc="score candidates", disable=not progress):
+        done = journaled(journal, kind, batch)
         if done is not None:
             scores.extend(torch.tensor(values, dtype=torch.float32) for values in done)
             continue
-        prompts = [record_prompt_ids(tokenizer, r, domain, seed) for r in batch]
+        prompt_ids = [prompts.ids(r) for r in batch]
         answers = [[encode_answer(tokenizer, c) for c in r.candidates] for r in batch]
-        rows = score_answers(model, prompts, answers, tokenizer.pad_token_id, trunk).float().cpu()
+        soft_inputs = prompts.soft_inputs(batch, prompt_ids)
+        rows = score_answers(model, prompt_ids, answers, tokenizer.pad_token_id, trunk, soft_inputs=soft_inputs).float().cpu()
         new = [row[: len(record.candidates)] for record, row in zip(batch, rows, strict=True)]
         if journal is not None:
             journal.add(kind, [(record.id, row.tolist()) for record, row in zip(batch, new, strict=True)])
@@ -113,10 +77,15 @@ def candidate_logps(model, tokenizer, records: list[Record], domain: str, batch_
 @torch.no_grad()
 def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0,
                     progress: bool = True, reference_adapter: str | Path | None = None, journal: Journal | None = None,
-                    *, trunk: TrunkCache | None = None) -> list[torch.Tensor]:
-    """`candidate_logps` under the reference of a PEFT model: its base (adapter off) or `reference_adapter`."""
-    score = partial(candidate_logps, model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference", trunk=trunk)
-    if journal is not None and _journaled(journal, "reference", records) is not None:
+                    *, trunk: TrunkCache | None = None, prompts=None) -> list[torch.Tensor]:
+    """`candidate_logps` under the reference of a PEFT model: its base (adapter off) or `reference_adapter`.
+
+    With collaborative tokens, the reference's projectors are its own: the initial ones with the
+    adapter off, the reference adapter's copy otherwise.
+    """
+    score = partial(candidate_logps, model, tokenizer, records, domain, batch_size, seed, progress, journal, "reference",
+                    trunk=trunk, prompts=prompts)
+    if journal is not None and journaled(journal, "reference", records) is not None:
         return score()
     if reference_adapter is None:
         with model.disable_adapter():
@@ -134,58 +103,15 @@ def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_
         model.delete_adapter(REFERENCE_ADAPTER)
 
 
-def rank_candidates(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True):
+def rank_candidates(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
+                    prompts=None):
     """Per record, its candidates with log-probs, best first (seeded tie order): list of [(title, logp), ...]."""
     ranked = []
-    for record, row in zip(records, candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress), strict=True):
+    scores_of = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, prompts=prompts)
+    for record, row in zip(records, scores_of, strict=True):
         scores = row.tolist()
         ranked.append([(record.candidates[i], scores[i]) for i in ranked_indices(scores, record.id)])
     return ranked
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                     journal: Journal | None = None, *, trunk: TrunkCache | None = None) -> list[str]:
-    """Greedy answers (at most 20 new tokens), decoded from the new tokens only (journaled as in `candidate_logps`).
-
-    With a `trunk` cache, the prompt's pass through the layers no adapter changes runs once per batch across evaluations.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    texts = []
-    for batch in tqdm(list(_batches(records, batch_size)), desc="generate", disable=not progress):
-        done = _journaled(journal, "text", batch)
-        if done is not None:
-            texts.extend(done)
-            continue
-        prompts = [record_prompt_ids(tokenizer, r, domain, seed) for r in batch]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        options = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False,
-                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-        with compute_context(_weight(model)):
-            output = trunk.generate(model, **options) if trunk is not None else model.generate(**options)
-        new = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        if journal is not None:
-            journal.add("text", [(record.id, text) for record, text in zip(batch, new, strict=True)])
-        texts.extend(new)
-    return texts
-
-
-def score_generations(records: list[Record], texts: list[str]) -> Evaluation:
-    """Paper and longest-match metrics for generated answers, with their bootstrap intervals."""
-    predictions, columns = [], {"hr@1": [], "valid_ratio": [], "strict_hr@1": [], "strict_valid_ratio": []}
-    for record, text in zip(records, texts, strict=True):
-        paper = paper_match(text, record.candidates, record.target)
-        strict = longest_match(text, record.candidates, record.target)
-        flags = {"hit": paper.hit, "valid": paper.valid, "strict_hit": strict.hit, "strict_valid": strict.valid}
-        for column, flag in zip(columns, flags.values(), strict=True):
-            columns[column].append(float(flag))
-        predictions.append({"id": record.id, "target": record.target, "generated": text, "matched": list(paper.matched), **flags})
-    metrics: dict[str, Any] = {name: sum(values) / len(values) for name, values in columns.items()}
-    metrics["ci95"] = bootstrap_cis(columns)
-    return Evaluation(metrics, predictions)
 
 
 def score_rankings(records: list[Record], logps: Sequence[Sequence[float]], reference: Sequence[Sequence[float]] | None = None,
@@ -244,6 +170,7 @@ def evaluate(
     reference: Sequence[Sequence[float]] | str | Path | bool | None = None,
     journal_dir: str | Path | None = None,
     trunk: TrunkCache | None = None,
+    prompts=None,
 ) -> Evaluation:
     """Run one protocol on `records`; metrics carry n_records, protocol, seconds and `info`.
 
@@ -252,7 +179,7 @@ def evaluate(
     of per-record scores is used as it is (e.g. the previous stage's log-probs). With
     `journal_dir`, raw outputs go to its journal as they come, and an interrupted evaluation
     with the same `info` continues from there (see `sdpo.evaluation.journal`). A `trunk` cache serves
-    both protocols (see `sdpo.lm.trunk`).
+    both protocols (see `sdpo.lm.trunk`). `prompts`: as in `candidate_logps` (default: text prompts).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
@@ -267,14 +194,16 @@ def evaluate(
         if len(journal):
             print(f"[evaluate] continuing: {len(journal)} outputs already in {journal.path}")
     if protocol == "rank":
-        logps = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, trunk=trunk)
+        logps = candidate_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal, trunk=trunk, prompts=prompts)
         if reference is True:
-            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal=journal, trunk=trunk)
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, journal=journal, trunk=trunk,
+                                        prompts=prompts)
         elif isinstance(reference, (str, Path)):
-            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference, journal, trunk=trunk)
+            reference = reference_logps(model, tokenizer, records, domain, batch_size, seed, progress, reference, journal, trunk=trunk,
+                                        prompts=prompts)
         result = score_rankings(records, logps, reference or None, score)
     else:
-        texts = generate_answers(model, tokenizer, records, domain, batch_size, seed, progress, journal, trunk=trunk)
+        texts = generate_answers(model, tokenizer, records, domain, batch_size, seed, progress, journal, trunk=trunk, prompts=prompts)
         result = score_generations(records, texts)
     result.metrics = {
         **result.metrics,

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from sdpo.data.sources.fetch import cache_home
 from sdpo.errors import UserError
 from sdpo.io import write_folder_atomic
+from sdpo.lm.soft_tokens import MODULE, SoftTokenSpec, attach_collaborative_tokens
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m", "tiny")
@@ -137,13 +138,16 @@ def load_model(
     trainable_adapter: bool = False,
     seed: int = 0,
     load_in_4bit: bool = False,
+    soft_tokens: SoftTokenSpec | None = None,
 ):
     """(model, tokenizer) for an alias, a local HF folder or a hub id cached locally.
 
     With `adapter` (a folder written by ``save_pretrained``) the LoRA weights are loaded on
     top, frozen unless `trainable_adapter`. `load_in_4bit` quantises the frozen base to 4-bit
     NF4 with bf16 compute (QLoRA, as the paper's authors trained Llama-2-7B); it needs a CUDA
-    GPU and bitsandbytes (``pip install 'sdpo[gpu]'``).
+    GPU and bitsandbytes (``pip install 'sdpo[gpu]'``). With `soft_tokens`, the base gets the
+    projectors of collaborative tokens (`sdpo.lm.soft_tokens`) before the adapter, whose saved
+    projectors then replace their initial weights.
     """
     quantization = four_bit_config() if load_in_4bit else None
     tokenizer = load_tokenizer(name)
@@ -166,6 +170,8 @@ def load_model(
             )
         except OSError as exc:
             raise UserError(f"cannot load model {name!r} from local files ({exc}). Give a local folder or an alias: {ALIASES}.") from None
+    if soft_tokens is not None:
+        attach_collaborative_tokens(model, soft_tokens)
     if adapter is not None:
         from peft import PeftModel
 
@@ -208,12 +214,19 @@ def linear_module_names(model) -> list[str]:
 
 
 def add_lora(model, settings: LoraSettings):
-    """Wrap `model` in a trainable PEFT LoRA model (adapter weights in fp32 even on a bf16 base)."""
+    """Wrap `model` in a trainable PEFT LoRA model (adapter weights in fp32 even on a bf16 base).
+
+    A model with collaborative tokens keeps its projectors beside the adapter (``modules_to_save``),
+    and "all-linear" then means the decoder's linear layers, never the projectors'.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets, layers = settings.target_modules, None
+    extra = [MODULE] if hasattr(model, MODULE) else None
+    if extra and targets == "all-linear":
+        targets = linear_module_names(model)
     if settings.last_layers is not None:
         n_layers = model.config.num_hidden_layers
         if not 1 <= settings.last_layers <= n_layers:
@@ -228,6 +241,7 @@ def add_lora(model, settings: LoraSettings):
         target_modules=targets,
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
+        modules_to_save=extra,
     )
     with quiet_peft():
         return get_peft_model(model, config, autocast_adapter_dtype=True)

@@ -28,7 +28,7 @@ import torch
 
 from sdpo.lm.decoder import causal_lm_parts, final_hidden_states
 from sdpo.lm.precision import compute_context
-from sdpo.lm.soft_tokens import embed_with_soft_tokens
+from sdpo.lm.soft_tokens import embed_with_soft_tokens, packed_soft_tokens
 
 if TYPE_CHECKING:
     from sdpo.lm.trunk import TrunkCache
@@ -142,7 +142,9 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
     `soft` = (positions [B, S], vectors [B, S, H]) puts collaborative tokens at those prompt
     positions (`sdpo.lm.soft_tokens`; -1: an unused slot): the prompt opens every packed row, so
     its positions are the row's. Gradients reach the vectors (and the projector behind them);
-    a `trunk` cache names its files by them too.
+    a `trunk` cache names its files by them too. Without `soft`, a batch that holds soft-token
+    inputs (``soft_positions`` and the rest of `SOFT_KEYS`) is projected by the model's own
+    projectors (`packed_soft_tokens`), inside the compute context as the decoder is.
     """
     decoder, lm_head = causal_lm_parts(model)
     input_ids = packed["input_ids"]
@@ -155,6 +157,8 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
             "attention_mask": attention_mask_for(decoder, packed["segment_ids"], lm_head.weight.dtype),
             "position_ids": packed["position_ids"],
         }
+        if soft is None:
+            soft = packed_soft_tokens(model, packed)
         if soft is not None:
             inputs["inputs_embeds"] = embed_with_soft_tokens(decoder, inputs.pop("input_ids"), *soft)
         if trunk is None:
@@ -177,13 +181,16 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
 def score_answers(
     model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], pad_token_id: int,
     trunk: TrunkCache | None = None, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+    soft_inputs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed log-prob [B, A] of each answer given its record's prompt (token ids in, no grad needed).
 
-    Missing answers (records with fewer than A answers) score -inf. `soft`: as in `answer_logprobs`.
+    Missing answers (records with fewer than A answers) score -inf. `soft`: as in `answer_logprobs`;
+    `soft_inputs`: the prompts' soft-token inputs (`SOFT_KEYS`), for the model's projectors.
     """
     device = next(model.parameters()).device
-    packed = {k: v.to(device) for k, v in pack_answers(prompts, answers, pad_token_id).items()}
+    packed = {**pack_answers(prompts, answers, pad_token_id), **(soft_inputs or {})}
+    packed = {k: v.to(device) for k, v in packed.items()}
     soft = tuple(x.to(device) for x in soft) if soft is not None else None
     logps, _ = answer_logprobs(model, packed, trunk, soft)
     return logps.masked_fill(~packed["answer_mask"], float("-inf"))

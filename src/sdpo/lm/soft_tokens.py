@@ -11,12 +11,26 @@ linear layers with a GELU between, each output rescaled to the mean norm of the 
 embeddings (`token_embedding_norm`), so a soft token enters the first decoder layer at the scale
 that layer was trained on. An item the collaborative model has no id for gets the projector's
 learned unknown vector.
+
+`CollaborativeTokens` holds the two projectors a run trains (items, and the user state) and is
+attached to the base model as its ``collaborative_tokens`` module (`attach_collaborative_tokens`);
+LoRA saves it beside the adapter (PEFT's ``modules_to_save``), so a checkpoint, a resumed run, a
+best-model reload and a frozen reference copy (a second adapter) each carry their own projectors.
+A batch that holds soft-token inputs (`SOFT_KEYS`, built by the prompts that place them) is
+projected by the model's active copy in `packed_soft_tokens`; the scoring kernel calls it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+# Soft-token inputs of a batch: positions [B, S] (-1: unused slot), raw vectors [B, S, D], whether a slot is the
+# user token [B, S], whether its item has a vector [B, S], and the collaborative score of its item [B, S] (optional).
+SOFT_KEYS = ("soft_positions", "soft_vectors", "soft_user", "soft_known", "soft_scores")
+MODULE = "collaborative_tokens"
 
 
 def token_embedding_norm(model) -> float:
@@ -54,3 +68,61 @@ def embed_with_soft_tokens(model, input_ids: torch.Tensor, positions: torch.Tens
     used = positions >= 0  # [B, S]
     rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
     return embeds.index_put((rows[used], positions[used]), soft[used].to(embeds.dtype))
+
+
+@dataclass(frozen=True)
+class SoftTokenSpec:
+    """The shape of a run's projectors: the collaborative model's vector size and whether items carry their score."""
+
+    dim: int
+    score_feature: bool = False
+    seed: int = 0  # the projectors' initial weights are a function of it: the untrained reference is reproducible
+
+
+class CollaborativeTokens(nn.Module):
+    """The item and user projectors of a run: raw collaborative inputs [B, S, ...] -> soft tokens [B, S, H]."""
+
+    def __init__(self, spec: SoftTokenSpec, hidden_size: int, norm: float):
+        super().__init__()
+        self.score_feature = spec.score_feature
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            self.items = Projector(spec.dim + int(spec.score_feature), hidden_size, norm)
+            self.user = Projector(spec.dim, hidden_size, norm)
+
+    def forward(self, vectors: torch.Tensor, is_user: torch.Tensor, known: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """`vectors` [B, S, D], `is_user` and `known` [B, S] bool, `scores` [B, S] (with the score feature) -> [B, S, H]."""
+        items = vectors
+        if self.score_feature:
+            if scores is None:
+                raise ValueError("these projectors read each item's collaborative score; the batch has none")
+            items = torch.cat([vectors, scores[..., None].to(vectors.dtype)], dim=-1)
+        return torch.where(is_user[..., None], self.user(vectors), self.items(items, known))
+
+
+def attach_collaborative_tokens(model, spec: SoftTokenSpec) -> CollaborativeTokens:
+    """Give a base causal LM (not yet wrapped by PEFT) its fp32 projectors, as ``model.collaborative_tokens``."""
+    device = model.get_input_embeddings().weight.device
+    tokens = CollaborativeTokens(spec, model.config.hidden_size, token_embedding_norm(model)).to(device)
+    setattr(model, MODULE, tokens)
+    return tokens
+
+
+def collaborative_tokens_of(model) -> nn.Module | None:
+    """The model's projectors (through DDP and PEFT wrappers: PEFT's copy for the active adapter), or None."""
+    from accelerate.utils import extract_model_from_parallel
+
+    base = extract_model_from_parallel(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return getattr(base, MODULE, None)
+
+
+def packed_soft_tokens(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(positions [B, S], soft tokens [B, S, H]) of a batch holding soft-token inputs; None for a text-only batch."""
+    if "soft_positions" not in packed:
+        return None
+    tokens = collaborative_tokens_of(model)
+    if tokens is None:
+        raise ValueError("the batch holds collaborative tokens, but the model has no projectors for them")
+    vectors = tokens(packed["soft_vectors"], packed["soft_user"], packed["soft_known"], packed.get("soft_scores"))
+    return packed["soft_positions"], vectors

@@ -37,7 +37,7 @@ evaluations' per-record predictions are written gzip-compressed (predictions.jso
 Modules: config (the config read and checked), run (`run_pipeline`), stages (training stages
 and baselines), evaluate (`evaluate_model`, also `sdpo evaluate`), study, table.
 
-Layer 6: imports `sdpo.recommend` (the rerank protocol), `sdpo.training`, `sdpo.baselines` and everything below them.
+Layer 7: imports `sdpo.recommend` (the rerank protocol), `sdpo.training`, `sdpo.baselines` and everything below them.
 """
 
 from sdpo.pipeline.evaluate import evaluate_model

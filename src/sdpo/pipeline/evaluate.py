@@ -9,10 +9,12 @@ from typing import Any
 from sdpo.data.datasets import load_split, resolve_domain
 from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.evaluation.protocols import PROTOCOLS, SCORES, evaluate, predictions_file
+from sdpo.evaluation.protocols import PROTOCOLS, SCORES, evaluate
+from sdpo.evaluation.results import predictions_file
 from sdpo.io import read_jsonl
 from sdpo.lm.adapters import adapter_sha256, check_adapter_folder, shared_trunk_depth
 from sdpo.lm.trunk import TrunkCache
+from sdpo.training.collaborative import load_collaborative, run_prompts, soft_token_spec
 
 
 def evaluate_model(
@@ -51,9 +53,13 @@ def evaluate_model(
     domain = resolve_domain(data, domain)
     records = load_split(data, split, limit, subset_seed)
     bf16 = resolve_bf16(bf16)
-    model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16))
+    trained = _run_settings(adapter)
+    source = load_collaborative(trained, base=adapter)
+    model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16), soft_tokens=soft_token_spec(trained, source))
+    prompts = run_prompts(tokenizer, domain, prompt_seed, trained, source)
     if reference_adapter is not None:
         check_adapter_folder(reference_adapter, "reference adapter")
+        _check_same_collaborative(trained, _run_settings(reference_adapter), reference_adapter)
     reference = None
     if adapter is not None and protocol == "rank" and reward:
         reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
@@ -62,8 +68,10 @@ def evaluate_model(
             "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
             "adapter_sha256": adapter_sha256(adapter) if adapter else None,
             "reference_sha256": adapter_sha256(reference_adapter) if reference_adapter and reward else None}
+    if source is not None:
+        info["collaborative"] = source.describe()
     if protocol == "rerank":
-        return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress,
+        return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, prompts, retriever, top, score, batch_size, progress,
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter,
                                 compress_predictions)
     trunk = None
@@ -75,17 +83,17 @@ def evaluate_model(
                                 "layers only (--lora_layers N), and a --reference_adapter of the same kind if any.")
         trunk = TrunkCache(trunk_cache, model, trunk_depth)
     result = evaluate(model, tokenizer, records, domain, protocol, batch_size, prompt_seed, progress, info,
-                      score=score, reference=reference, journal_dir=output, trunk=trunk)
+                      score=score, reference=reference, journal_dir=output, trunk=trunk, prompts=prompts)
     result.save(output, compress=compress_predictions)
     return result.metrics
 
 
-def _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, retriever, top, score, batch_size, progress, info, output,
+def _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, prompts, retriever, top, score, batch_size, progress, info, output,
                      reference_adapter, compress_predictions) -> dict[str, Any]:
     from sdpo.recommend import Recommender, Retriever, evaluate_rerank
 
     start = time.perf_counter()
-    recommender = Recommender(model, tokenizer, domain, prompt_seed, str(reference_adapter) if reference_adapter else None)
+    recommender = Recommender(model, tokenizer, domain, prompt_seed, str(reference_adapter) if reference_adapter else None, prompts)
     result = evaluate_rerank(recommender, Retriever.load(retriever), records, top, score, batch_size, progress)
     result.metrics = {**result.metrics, "n_records": len(records), "protocol": "rerank", "retriever_dir": str(retriever),
                       "seconds": round(time.perf_counter() - start, 2), **info}
@@ -99,6 +107,21 @@ def _reference_label(adapter, reference_adapter, reference_scores) -> str | None
     if reference_adapter is not None:
         return str(reference_adapter)
     return "given scores" if reference_scores is not None else "base model"
+
+
+def _run_settings(adapter) -> dict[str, Any]:
+    """The resolved config of the training run that wrote `adapter` ({} for none, or an adapter without one)."""
+    from sdpo.training.runs import CONFIG_FILE, read_run_config
+
+    return read_run_config(adapter) if adapter is not None and (Path(adapter) / CONFIG_FILE).is_file() else {}
+
+
+def _check_same_collaborative(policy: dict[str, Any], reference: dict[str, Any], reference_adapter) -> None:
+    """A reward compares two models on the same prompts: the reference must read the policy's collaborative tokens."""
+    mine, theirs = policy.get("collaborative_sha256"), reference.get("collaborative_sha256")
+    if reference and (mine or theirs) and mine != theirs:
+        raise UserError(f"--reference_adapter {reference_adapter} was trained with other collaborative tokens than the adapter "
+                        "(collaborative_sha256 differs); give the SFT run the adapter was aligned from.")
 
 
 def _settings_of_adapter(adapter, model_name, domain, prompt_seed):

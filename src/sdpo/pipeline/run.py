@@ -34,6 +34,7 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
     data_dir = prepared_data(plan)
     write_gitignore(plan.out)
     plan.shared["domain"] = resolve_domain(data_dir, plan.shared["domain"])
+    baseline_rows = run_baselines(plan, data_dir)  # first: a stage may read one as its collaborative model
     models = train_stages(plan, data_dir)
     results = evaluate_stages(plan, data_dir, models)
     rows = []
@@ -43,7 +44,7 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
                 rows.append({**results[label, protocol], "stage": label})
                 if "reward_hr@1" in results[label, protocol]:
                     rows.append({**reward_row(results[label, protocol]), "stage": label})
-    rows.extend(run_baselines(plan, data_dir))
+    rows.extend(baseline_rows)
     table = results_table(rows)
     write_json(plan.out / "results.json", rows)
     write_text_atomic(plan.out / "results.md", table + "\n")
@@ -76,13 +77,23 @@ def train_stages(plan: Pipeline, data_dir: Path) -> list[tuple[str, str | None, 
     models: list[tuple[str, str | None, str | None]] = [("zero-shot", None, None)]
     common = {"model": plan.model, "data": str(data_dir), "seed": plan.seed, **plan.shared}
     for name, options in plan.sft_stages:
+        options = collaborative_folder(plan, options)
         adapter = run_training_stage(name, SFTConfig, run_sft, {**common, **options}, plan.out / name, plan.path)
         models.append((name, str(adapter), "zero-shot"))
     for name, options, start in plan.align_stages:
+        options = collaborative_folder(plan, options)
         # the SFT adapter's hash: a stage trained from an SFT run that was trained again since is not reused
         section = {**common, "sft": str(plan.out / start), "sft_sha256": adapter_sha256(plan.out / start), **options}
         models.append((name, str(run_training_stage(name, AlignConfig, run_align, section, plan.out / name, plan.path)), start))
     return models
+
+
+def collaborative_folder(plan: Pipeline, options: dict[str, Any]) -> dict[str, Any]:
+    """A stage's options with ``collaborative: NAME`` (a model of the baselines section) as that baseline's folder."""
+    name = options.get("collaborative")
+    if plan.baselines is not None and name in [model for model, _ in plan.baselines["models"]]:
+        return {**options, "collaborative": str(plan.out / "baselines" / name)}
+    return options
 
 
 def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, str], dict[str, Any]]:

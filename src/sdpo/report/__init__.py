@@ -25,7 +25,7 @@ For every pipeline output folder given (``sdpo pipeline`` writes ``results.json`
 A records CSV can stand in for its run folder (`load_records_table`): with the pipeline config
 that produced it, every table, interval and paired comparison comes out the same.
 
-Layer 7: reads what `sdpo.pipeline` writes (it imports `sdpo.pipeline.config` for the stages' relations) and uses
+Layer 8: reads what `sdpo.pipeline` writes (it imports `sdpo.pipeline.config` for the stages' relations) and uses
 `sdpo.evaluation` for the metrics and intervals.
 """
 

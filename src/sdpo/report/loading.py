@@ -11,7 +11,7 @@ import yaml
 
 from sdpo.errors import UserError
 from sdpo.evaluation.metrics import per_record_ranking
-from sdpo.evaluation.protocols import predictions_file
+from sdpo.evaluation.results import predictions_file
 from sdpo.io import read_jsonl
 
 RANK_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")

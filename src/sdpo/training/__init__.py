@@ -1,4 +1,4 @@
 """Training runs: SFT, S-DPO/DPO with its reference table and losses, run folders, logs, exported adapters.
 
-Layer 4: imports `sdpo.evaluation` (candidate log-probs), `sdpo.lm`, `sdpo.data` and the foundation; not `sdpo.baselines`.
+Layer 5: imports `sdpo.baselines` (collaborative models), `sdpo.evaluation` (candidate log-probs), `sdpo.lm`, `sdpo.data` and the foundation.
 """

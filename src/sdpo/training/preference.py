@@ -16,7 +16,6 @@ to tensorboard when ``report_to`` asks and always to ``log.jsonl`` in the run fo
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,90 +23,44 @@ from accelerate import PartialState
 from transformers import Trainer, set_seed
 
 from sdpo.data.datasets import load_split, resolve_domain
-from sdpo.data.negatives import STRATEGIES, check_k
+from sdpo.data.negatives import check_k
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.evaluation.metrics import target_ranks
 from sdpo.evaluation.protocols import candidate_logps
-from sdpo.lm.adapters import adapter_sha256, check_adapter_folder
+from sdpo.lm.adapters import adapter_sha256
 from sdpo.lm.models import load_model
 from sdpo.lm.precision import model_dtype
 from sdpo.lm.scoring import answer_logprobs
+from sdpo.training.align_config import LOSSES, AlignConfig, inherit_from_sft, read_sft_run
+from sdpo.training.collaborative import (
+    ProjectorLearningRate,
+    freeze_projectors,
+    load_collaborative,
+    record_collaborative,
+    report_unknown,
+    run_prompts,
+    soft_token_spec,
+)
 from sdpo.training.logs import LOG_FILE, JsonlLogger
 from sdpo.training.losses import dpo_loss, softmax_dpo_loss
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
-from sdpo.training.runs import read_run_config, resume_point, start_run, write_run_config
-from sdpo.training.sft import SFTConfig
+from sdpo.training.runs import resume_point, start_run, write_run_config
 
-LOSSES = ("sdpo", "dpo")
 REFERENCE_ADAPTER = "reference"
 REFERENCE_CACHE = "reference-cache"  # inside the SFT run folder, shared by the align runs that start from it
-# Settings an align run takes from its SFT run unless given, and may not contradict.
-INHERITED = ("model", "data", "domain", "prompt_seed", "subset_seed")
 
-__all__ = ["LOG_FILE", "AlignConfig", "run_align"]
-
-
-@dataclass
-class AlignConfig(SFTConfig):
-    """Preference-stage options: SFTConfig's plus the S-DPO ones.
-
-    The LoRA shape (r, alpha, dropout, modules) is the SFT adapter's; the lora_* options
-    here are not used.
-    """
-
-    sft: str = field(default="", metadata={"help": "SFT run folder (adapter + sdpo_config.yaml) to start from"})
-    sft_sha256: str | None = field(default=None, metadata={
-        "help": "SHA-256 of the SFT adapter's weights; recorded from --sft (a different one is refused)"})
-    model: str | None = field(default=None, metadata={"help": "base model; default: the SFT run's (a different one is refused)"})
-    prompt_seed: int | None = field(default=None, metadata={"help": "prompt phrasing seed; default: the SFT run's (a different one is refused)"})
-    subset_seed: int | None = field(default=None, metadata={
-        "help": "seed of the train_limit / eval_limit draws; default: the SFT run's, so a smaller train_limit takes records the SFT run trained on"})
-    loss: str = field(default="sdpo", metadata={"help": "sdpo (softmax over K negatives) or dpo (pairwise, averaged over K)"})
-    negatives: int = field(default=3, metadata={"help": "K, negatives per record (1..19)"})
-    negative_sampling: str = field(default="random", metadata={"help": "random (drawn once), resample (each epoch) or hard"})
-    beta: float = field(default=1.0, metadata={"help": "reward temperature"})
-    sft_weight: float = field(default=0.0, metadata={"help": "weight of an extra NLL term on the positive (0 = off)"})
-    reference: str = field(default="precomputed", metadata={
-        "help": "precomputed (scores cached once) or adapter (a frozen copy of the SFT adapter, run each step)"})
-    select_by: str = field(default="loss", metadata={"help": "keep the best checkpoint by validation loss or hr@1"})
-    hr_limit: int = field(default=100, metadata={"help": "validation records ranked for eval hr@1"})
-    output_dir: str = "runs/align"
-    learning_rate: float = 1e-5
-
-    def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"--beta must be above 0, got {self.beta}")
-        if self.negatives < 1:
-            raise ValueError(f"--negatives must be at least 1, got {self.negatives}")
-        if self.hr_limit < 1:
-            raise ValueError(f"--hr_limit must be at least 1, got {self.hr_limit}")
-        if self.sft_weight < 0:
-            raise ValueError(f"--sft_weight must be 0 or more, got {self.sft_weight}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.negative_sampling not in STRATEGIES:
-            raise ValueError(f"--negative_sampling must be one of {', '.join(STRATEGIES)}, got {self.negative_sampling!r}")
-        if self.reference not in ("precomputed", "adapter"):
-            raise ValueError(f"--reference must be precomputed or adapter, got {self.reference!r}")
-        if self.reference == "adapter" and self.negative_sampling == "hard":
-            raise ValueError("--negative_sampling hard picks negatives by reference scores: use --reference precomputed")
-        if self.select_by not in ("loss", "hr@1"):
-            raise ValueError(f"--select_by must be loss or hr@1, got {self.select_by!r}")
-        if self.eval_strategy != "no":  # validate as we go and keep the best checkpoint
-            self.load_best_model_at_end = True
-            self.metric_for_best_model = "loss" if self.select_by == "loss" else "hr@1"
-            self.greater_is_better = self.select_by == "hr@1"
-        super().__post_init__()
+__all__ = ["LOG_FILE", "LOSSES", "AlignConfig", "run_align"]
 
 
 @torch.no_grad()
-def frozen_adapter_logps(model, packed: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, A] log-probs of the packed answers under the frozen reference adapter.
+def frozen_adapter_logps(model, packed: dict[str, torch.Tensor], train_projector: bool = True) -> torch.Tensor:
+    """[B, A] log-probs of the packed answers under the frozen reference adapter (and its own projectors' copy).
 
     Run in eval mode (no LoRA dropout), as the precomputed table is: the reference is one
-    fixed function, whatever mode the policy is in. The policy's mode and adapter are restored.
+    fixed function, whatever mode the policy is in. The policy's mode and adapter are restored,
+    and its projectors stay frozen without `train_projector` (PEFT unfreezes an active adapter's copy).
     """
     was_training = model.training
     model.set_adapter(REFERENCE_ADAPTER)
@@ -116,23 +69,25 @@ def frozen_adapter_logps(model, packed: dict[str, torch.Tensor]) -> torch.Tensor
         logps, _ = answer_logprobs(model, packed)
     finally:
         model.set_adapter("default")  # PEFT makes the active adapter the trainable one
+        if not train_projector:
+            freeze_projectors(model)
         model.train(was_training)
     return logps
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(ProjectorLearningRate, Trainer):
     """Trainer with the S-DPO / DPO loss on packed answers and TRL-style reward metrics."""
 
-    def __init__(self, *args, align: AlignConfig, hr_records: list[Record], domain: str, **kwargs):
+    def __init__(self, *args, align: AlignConfig, hr_records: list[Record], prompts, **kwargs):
         super().__init__(*args, **kwargs)
-        self.align, self.hr_records, self.domain = align, hr_records, domain
+        self.align, self.hr_records, self.prompts = align, hr_records, prompts
         self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def reference_logps(self, model, inputs) -> torch.Tensor:
         """[B, 1+K] reference log-probs: precomputed, or from the frozen SFT adapter copy."""
         if "reference_logps" in inputs:
             return inputs["reference_logps"]
-        return frozen_adapter_logps(model, inputs)
+        return frozen_adapter_logps(model, inputs, self.align.train_projector)
 
     def preference_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
         reference = self.reference_logps(model, inputs)
@@ -174,8 +129,8 @@ class PreferenceTrainer(Trainer):
         return loss.detach(), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        scores = candidate_logps(self.model, self.processing_class, self.hr_records, self.domain,
-                                 self.args.per_device_eval_batch_size, self.align.prompt_seed, progress=False)
+        scores = candidate_logps(self.model, self.processing_class, self.hr_records, self.align.domain,
+                                 self.args.per_device_eval_batch_size, self.align.prompt_seed, progress=False, prompts=self.prompts)
         ranks = target_ranks(self.hr_records, scores)
         self._stored["eval"]["hr@1"].append(sum(r == 1 for r in ranks) / len(ranks))
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -189,39 +144,18 @@ class PreferenceTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def read_sft_run(sft_dir: str) -> dict:
-    """The resolved config of an SFT run folder (its base model, data, prompts), checked."""
-    if not sft_dir:
-        raise UserError("align: no SFT run given. Pass --sft DIR (the output folder of sdpo sft).")
-    values = read_run_config(sft_dir, "an SFT run folder")
-    check_adapter_folder(sft_dir, "adapter of an SFT run")
-    return values
-
-
-def inherit_from_sft(config: AlignConfig, sft_run: dict) -> None:
-    """Take the base model, data, prompts and record draws from the SFT run; refuse contradictions."""
-    for key in INHERITED:
-        mine, theirs = getattr(config, key), sft_run.get(key)
-        if mine is None or mine == "":
-            setattr(config, key, theirs)
-        elif theirs is not None and key != "data" and mine != theirs:
-            raise UserError(f"--{key} {mine!r} differs from the SFT run's {theirs!r} ({config.sft}). "
-                            f"The policy and its reference must see the same {key}: leave --{key} out.")
-    if config.prompt_seed is None:
-        config.prompt_seed = 0
-    if config.subset_seed is None:
-        config.subset_seed = 0
-
-
-def reference_table(model, tokenizer, records, config: AlignConfig, name: str) -> torch.Tensor:
+def reference_table(model, tokenizer, records, config: AlignConfig, name: str, prompts=None) -> torch.Tensor:
     """[N, C] reference log-probs of `records`, from the shared cache in the SFT run folder when another run made them."""
-    key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, str(model_dtype(config.bf16)))
+    collaborative = {key: getattr(config, key) for key in ("collaborative_sha256", "collaborative_place", "collaborative_score")}
+    key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, str(model_dtype(config.bf16)),
+                      collaborative if config.collaborative else None)
     paths = [Path(config.sft) / REFERENCE_CACHE / f"{key}.safetensors", Path(config.output_dir) / f"reference-{name}.safetensors"]
     # Under accelerate/torchrun the main process computes and saves the table while the others
     # wait; they then read it from the cache: one pass over the data, one writer.
     with PartialState().main_process_first():
         return cached_reference_logps(
-            paths, key, lambda: compute_reference_logps(model, tokenizer, records, config.domain, config.prompt_seed, config.per_device_eval_batch_size)
+            paths, key, lambda: compute_reference_logps(model, tokenizer, records, config.domain, config.prompt_seed,
+                                                        config.per_device_eval_batch_size, prompts)
         )
 
 
@@ -242,9 +176,14 @@ def run_align(config: AlignConfig) -> Path:
         check_k(train, config.negatives)
     except ValueError as exc:
         raise UserError(f"--negatives: {exc}.") from None
+    source = load_collaborative(config)
+    record_collaborative(config, source)
     set_seed(config.seed)
-    model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation,
-                                  trainable_adapter=True, dtype=model_dtype(config.bf16), load_in_4bit=config.load_in_4bit)
+    model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True,
+                                  dtype=model_dtype(config.bf16), load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
+    if not config.train_projector:
+        freeze_projectors(model)
+    prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, source)
     out = Path(config.output_dir)
     start_run(config, resume_from)
 
@@ -252,34 +191,37 @@ def run_align(config: AlignConfig) -> Path:
         if config.reference == "adapter":
             return None
         # The policy starts equal to the SFT model, so its scores now are the frozen reference's.
-        return reference_table(model, tokenizer, records, config, name)
+        return reference_table(model, tokenizer, records, config, name, prompts)
 
-    train_dataset = PreferenceDataset(train, reference_for(train, "train"), tokenizer, config, config.domain)
+    train_dataset = PreferenceDataset(train, reference_for(train, "train"), tokenizer, config, prompts)
     eval_dataset, hr_records = None, []
     if config.eval_strategy != "no":
         val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
-        eval_dataset = PreferenceDataset(val, reference_for(val, "val"), tokenizer, config, config.domain)
+        eval_dataset = PreferenceDataset(val, reference_for(val, "val"), tokenizer, config, prompts)
         hr_records = load_split(config.data, "val", config.hr_limit, config.subset_seed)
     if config.reference == "adapter":
         model.load_adapter(config.sft, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter("default")
+        if not config.train_projector:
+            freeze_projectors(model)
     model.train()
     trainer = PreferenceTrainer(
         model=model,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=PreferenceCollator(tokenizer.pad_token_id),
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, prompts),
         processing_class=tokenizer,
         callbacks=[EpochSetter(train_dataset), JsonlLogger()],
         align=config,
         hr_records=hr_records,
-        domain=config.domain,
+        prompts=prompts,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     if config.reference == "adapter":
         trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
     trainer.save_model(config.output_dir)
     trainer.save_state()
+    report_unknown(source, out)
     write_run_config(config, out)
     return out

@@ -11,16 +11,16 @@ import torch
 from transformers import TrainerCallback
 
 from sdpo.data.negatives import hard_negatives, random_negatives
-from sdpo.data.prompts import encode_answer, record_prompt_ids
+from sdpo.data.prompts import encode_answer
 from sdpo.data.records import Record
 from sdpo.lm.scoring import pack_answers
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Records with their positive + K chosen negatives and the reference log-probs of those."""
+    """Records with their positive + K chosen negatives and the reference log-probs of those. `prompts`: text or collaborative."""
 
-    def __init__(self, records: list[Record], reference: torch.Tensor, tokenizer, config, domain: str):
-        self.records, self.reference, self.tokenizer, self.config, self.domain = records, reference, tokenizer, config, domain
+    def __init__(self, records: list[Record], reference: torch.Tensor, tokenizer, config, prompts):
+        self.records, self.reference, self.tokenizer, self.config, self.prompts = records, reference, tokenizer, config, prompts
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -37,7 +37,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         record = self.records[index]
         chosen = [record.candidates.index(record.target), *self.negatives_of(index)]
         example = {
-            "prompt_ids": record_prompt_ids(self.tokenizer, record, self.domain, self.config.prompt_seed),
+            "record": record,
+            "prompt_ids": self.prompts.ids(record),
             "answer_ids": [encode_answer(self.tokenizer, record.candidates[i]) for i in chosen],
         }
         if self.reference is not None:  # else the reference adapter scores them during the step
@@ -46,11 +47,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 
 class PreferenceCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    """Packs a batch for the scoring kernel, with the reference's log-probs and any soft-token inputs of the prompts."""
+
+    def __init__(self, pad_token_id: int, prompts):
+        self.pad_token_id, self.prompts = pad_token_id, prompts
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        packed = pack_answers([e["prompt_ids"] for e in examples], [e["answer_ids"] for e in examples], self.pad_token_id)
+        prompt_ids = [e["prompt_ids"] for e in examples]
+        packed = pack_answers(prompt_ids, [e["answer_ids"] for e in examples], self.pad_token_id)
+        packed.update(self.prompts.soft_inputs([e["record"] for e in examples], prompt_ids))
         if "reference_logps" in examples[0]:
             packed["reference_logps"] = torch.stack([e["reference_logps"] for e in examples])  # [B, 1+K]
         return packed

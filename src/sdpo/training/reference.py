@@ -26,22 +26,25 @@ from sdpo.evaluation.protocols import candidate_logps
 from sdpo.io import remove_temporaries, replace_atomic
 
 
-def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path, domain: str, prompt_seed: int, dtype: str) -> str:
-    """A hash of everything the reference scores depend on (records, weights, prompts, precision)."""
+def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path, domain: str, prompt_seed: int, dtype: str,
+                collaborative: dict | None = None) -> str:
+    """A hash of everything the reference scores depend on (records, weights, prompts, precision, collaborative tokens)."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(record.to_json().encode())
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         path = Path(adapter_dir) / name
         digest.update(path.read_bytes() if path.is_file() else b"-")
-    digest.update(json.dumps([model_name, domain, prompt_seed, dtype]).encode())
+    extra = [collaborative] if collaborative else []  # text-only runs keep the names their tables had
+    digest.update(json.dumps([model_name, domain, prompt_seed, dtype, *extra], sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def compute_reference_logps(model, tokenizer, records: list[Record], domain: str, prompt_seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+def compute_reference_logps(model, tokenizer, records: list[Record], domain: str, prompt_seed: int = 0, batch_size: int = 8,
+                            prompts=None) -> torch.Tensor:
     """[N, C]: log pi_ref(candidate c | prompt of record n), in each record's candidate order
-    (rows of records with fewer candidates padded with -inf)."""
-    rows = candidate_logps(model, tokenizer, records, domain, batch_size, prompt_seed, progress=True)
+    (rows of records with fewer candidates padded with -inf). `prompts`: as in `candidate_logps`."""
+    rows = candidate_logps(model, tokenizer, records, domain, batch_size, prompt_seed, progress=True, prompts=prompts)
     width = max(len(r) for r in rows)
     return torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=float("-inf")) for r in rows])
 

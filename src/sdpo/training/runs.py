@@ -31,7 +31,10 @@ TRAINING_KEYS = (
     "lora_target_modules", "lora_layers", "bf16", "load_in_4bit", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "sft", "sft_sha256", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
+    "collaborative", "collaborative_place", "collaborative_score", "train_projector", "projector_learning_rate",
 )
+# Options an align run takes from its SFT run when left out: compared only where given.
+INHERITABLE = ("collaborative", "collaborative_place", "collaborative_score")
 
 
 def write_run_config(config: Any, out: str | Path) -> None:
@@ -85,6 +88,8 @@ def changed_training_options(saved: dict[str, Any], config: Any) -> list[str]:
     An option the saved run did not record (written before sdpo had it) is not compared.
     """
     now = config_to_dict(config)
+    if now.get("sft"):  # an align run
+        now = {k: v for k, v in now.items() if k not in INHERITABLE or v not in (None, "")}
     return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and k in saved and saved[k] != now[k]]
 
 

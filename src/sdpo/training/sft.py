@@ -17,12 +17,21 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from sdpo.data.datasets import load_split, resolve_domain
-from sdpo.data.prompts import encode_answer, record_prompt_ids
+from sdpo.data.prompts import encode_answer
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import model_dtype, resolve_bf16
 from sdpo.lm.scoring import answer_logprobs, pack_answers
+from sdpo.training.collaborative import (
+    ProjectorLearningRate,
+    freeze_projectors,
+    load_collaborative,
+    record_collaborative,
+    report_unknown,
+    run_prompts,
+    soft_token_spec,
+)
 from sdpo.training.logs import JsonlLogger
 from sdpo.training.runs import CONFIG_FILE, resume_point, start_run, write_run_config
 
@@ -48,6 +57,15 @@ class ModelArguments:
     attn_implementation: str | None = field(default=None, metadata={
         "help": "sdpa, eager, or flex_attention (CUDA only for training: a FlexAttention block mask; flash kernels cannot take block masks)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit NF4 (CUDA + bitsandbytes, pip install 'sdpo[gpu]')"})
+    collaborative: str = field(default="", metadata={
+        "help": "a trained sdpo baseline (sasrec, gru4rec, caser) whose item vectors and user state the prompts carry as soft tokens"})
+    collaborative_sha256: str | None = field(default=None, metadata={
+        "help": "SHA-256 of the collaborative model's weights; recorded from --collaborative (a different one is refused)"})
+    collaborative_place: str | None = field(default=None, metadata={"help": "each item's soft token goes before (default) or after its title"})
+    collaborative_score: bool = field(default=False, metadata={
+        "help": "each item's soft token also reads the collaborative model's score of the item"})
+    train_projector: bool = field(default=True, metadata={"help": "train the projectors of the collaborative tokens (else keep them as they are)"})
+    projector_learning_rate: float | None = field(default=None, metadata={"help": "the projectors' learning rate (default: the learning rate)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
 
@@ -59,6 +77,10 @@ class ModelArguments:
                 raise ValueError(f"--{name} must be at least 1 (or left out for all), got {value}")
         if self.lora_r < 1 or self.lora_alpha <= 0:
             raise ValueError(f"--lora_r must be at least 1 and --lora_alpha above 0, got {self.lora_r} and {self.lora_alpha}")
+        if not self.collaborative and (self.collaborative_place is not None or self.collaborative_score):
+            raise ValueError("--collaborative_place and --collaborative_score shape collaborative tokens: give --collaborative DIR too")
+        if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
+            raise ValueError(f"--projector_learning_rate must be above 0, got {self.projector_learning_rate}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -103,10 +125,10 @@ class SFTConfig(ModelArguments, TrainingArguments):
 
 
 class PromptAnswerDataset(torch.utils.data.Dataset):
-    """Records as (prompt ids, [answer ids, ...]); SFT uses the target as the one answer."""
+    """Records as (prompt ids, [answer ids, ...]); SFT uses the target as the one answer. `prompts`: text or collaborative."""
 
-    def __init__(self, records: list[Record], tokenizer, domain: str, seed: int = 0):
-        self.records, self.tokenizer, self.domain, self.seed = records, tokenizer, domain, seed
+    def __init__(self, records: list[Record], tokenizer, prompts):
+        self.records, self.tokenizer, self.prompts = records, tokenizer, prompts
 
     def __len__(self) -> int:
         return len(self.records)
@@ -114,7 +136,8 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         return {
-            "prompt_ids": record_prompt_ids(self.tokenizer, record, self.domain, self.seed),
+            "record": record,
+            "prompt_ids": self.prompts.ids(record),
             "answer_ids": [encode_answer(self.tokenizer, record.target)],
         }
 
@@ -125,18 +148,21 @@ class PackingCollator:
     ``labels`` / ``shift_labels`` (the predicted answer tokens, flat) are there for the Trainer to
     count: it sums the answer tokens of every micro-batch of an optimizer step, over every
     process, and passes that count to `SFTTrainer.compute_loss` as ``num_items_in_batch``.
+    With collaborative prompts, the batch also holds the inputs of their soft tokens.
     """
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, prompts):
+        self.pad_token_id, self.prompts = pad_token_id, prompts
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        packed = pack_answers([e["prompt_ids"] for e in examples], [e["answer_ids"] for e in examples], self.pad_token_id)
+        prompt_ids = [e["prompt_ids"] for e in examples]
+        packed = pack_answers(prompt_ids, [e["answer_ids"] for e in examples], self.pad_token_id)
+        packed.update(self.prompts.soft_inputs([e["record"] for e in examples], prompt_ids))
         packed["labels"] = packed["shift_labels"] = packed["token_target"]
         return packed
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(ProjectorLearningRate, Trainer):
     """Trainer whose loss is the NLL of the packed answer tokens, averaged over every token of the optimizer step.
 
     So gradient accumulation and several processes (each with its share of the step) train
@@ -169,27 +195,33 @@ def run_sft(config: SFTConfig) -> Path:
     config.domain = resolve_domain(config.data, config.domain)
     resume_from = resume_point(config)
     train = load_split(config.data, "train", config.train_limit, config.subset_seed)
+    source = load_collaborative(config)
+    record_collaborative(config, source)
     set_seed(config.seed)  # before LoRA's random init, which Trainer's own seeding comes too late for
     model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, dtype=model_dtype(config.bf16),
-                                  load_in_4bit=config.load_in_4bit)
+                                  load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
     model = add_lora(model, config.lora_settings())
+    if not config.train_projector:
+        freeze_projectors(model)
+    prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, source)
     eval_dataset = None
     if config.eval_strategy != "no":
         val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
-        eval_dataset = PromptAnswerDataset(val, tokenizer, config.domain, config.prompt_seed)
+        eval_dataset = PromptAnswerDataset(val, tokenizer, prompts)
     out = Path(config.output_dir)
     start_run(config, resume_from)
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=PromptAnswerDataset(train, tokenizer, config.domain, config.prompt_seed),
+        train_dataset=PromptAnswerDataset(train, tokenizer, prompts),
         eval_dataset=eval_dataset,
-        data_collator=PackingCollator(tokenizer.pad_token_id),
+        data_collator=PackingCollator(tokenizer.pad_token_id, prompts),
         processing_class=tokenizer,
         callbacks=[JsonlLogger()],
     )
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(config.output_dir)
     trainer.save_state()
+    report_unknown(source, out)
     write_run_config(config, out)
     return out

@@ -1,0 +1,91 @@
+"""The generate protocol (the paper's): greedy answers, scored by the paper's substring rule and a stricter one.
+
+Greedy decoding of at most 20 new tokens; only the new tokens are decoded. HitRatio@1 and
+ValidRatio by the paper's substring rule, and beside them by the stricter longest-match rule
+(``strict_hr@1``, ``strict_valid_ratio``), each with its 95% bootstrap interval.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sdpo.data.prompts import TextPrompts
+from sdpo.data.records import Record
+from sdpo.evaluation.journal import Journal, batches, journaled
+from sdpo.evaluation.metrics import longest_match, paper_match
+from sdpo.evaluation.results import Evaluation
+from sdpo.evaluation.stats import bootstrap_cis
+from sdpo.lm.decoder import causal_lm_parts
+from sdpo.lm.precision import compute_context
+from sdpo.lm.soft_tokens import embed_with_soft_tokens, packed_soft_tokens
+
+if TYPE_CHECKING:
+    from sdpo.lm.trunk import TrunkCache
+
+MAX_NEW_TOKENS = 20
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, records: list[Record], domain: str, batch_size: int = 8, seed: int = 0, progress: bool = True,
+                     journal: Journal | None = None, *, trunk: TrunkCache | None = None, prompts=None) -> list[str]:
+    """Greedy answers (at most 20 new tokens), decoded from the new tokens only (journaled as in `candidate_logps`).
+
+    With a `trunk` cache, the prompt's pass through the layers no adapter changes runs once per batch across evaluations.
+    With collaborative tokens (`prompts`), the prompt enters as embeddings with the soft tokens in place, and the
+    whole prompt runs every layer (the trunk cache holds text prompts' passes only).
+    """
+    prompts = prompts or TextPrompts(tokenizer, domain, seed)
+    model.eval()
+    device = next(model.parameters()).device
+    texts = []
+    for batch in tqdm(list(batches(records, batch_size)), desc="generate", disable=not progress):
+        done = journaled(journal, "text", batch)
+        if done is not None:
+            texts.extend(done)
+            continue
+        prompt_ids = [prompts.ids(r) for r in batch]
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        options = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False,
+                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        soft_inputs = prompts.soft_inputs(batch, prompt_ids)
+        with compute_context(model.get_output_embeddings().weight):
+            if soft_inputs:
+                options["inputs_embeds"] = _left_padded_embeds(model, input_ids, soft_inputs, [width - len(p) for p in prompt_ids])
+                output = model.generate(**options)
+            else:
+                output = trunk.generate(model, **options) if trunk is not None else model.generate(**options)
+        new = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        if journal is not None:
+            journal.add("text", [(record.id, text) for record, text in zip(batch, new, strict=True)])
+        texts.extend(new)
+    return texts
+
+
+def _left_padded_embeds(model, input_ids: torch.Tensor, soft_inputs: dict[str, torch.Tensor], shifts: list[int]) -> torch.Tensor:
+    """[B, L, H] input embeddings of left-padded prompts with their soft tokens in place (positions moved by each row's padding)."""
+    inputs = {k: v.to(input_ids.device) for k, v in soft_inputs.items()}
+    positions = inputs["soft_positions"]
+    shift = torch.tensor(shifts, device=positions.device)[:, None]
+    inputs["soft_positions"] = torch.where(positions >= 0, positions + shift, positions)
+    decoder, _ = causal_lm_parts(model)
+    return embed_with_soft_tokens(decoder, input_ids, *packed_soft_tokens(model, inputs))
+
+
+def score_generations(records: list[Record], texts: list[str]) -> Evaluation:
+    """Paper and longest-match metrics for generated answers, with their bootstrap intervals."""
+    predictions, columns = [], {"hr@1": [], "valid_ratio": [], "strict_hr@1": [], "strict_valid_ratio": []}
+    for record, text in zip(records, texts, strict=True):
+        paper = paper_match(text, record.candidates, record.target)
+        strict = longest_match(text, record.candidates, record.target)
+        flags = {"hit": paper.hit, "valid": paper.valid, "strict_hit": strict.hit, "strict_valid": strict.valid}
+        for column, flag in zip(columns, flags.values(), strict=True):
+            columns[column].append(float(flag))
+        predictions.append({"id": record.id, "target": record.target, "generated": text, "matched": list(paper.matched), **flags})
+    metrics: dict[str, Any] = {name: sum(values) / len(values) for name, values in columns.items()}
+    metrics["ci95"] = bootstrap_cis(columns)
+    return Evaluation(metrics, predictions)

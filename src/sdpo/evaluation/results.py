@@ -1,0 +1,33 @@
+"""What an evaluation leaves: its metrics and per-record predictions, and where they lie in its folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdpo.evaluation.journal import JOURNAL_FILE
+from sdpo.io import write_json, write_jsonl
+
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+
+    def save(self, out_dir: str | Path, compress: bool = False) -> None:
+        """predictions.jsonl (predictions.jsonl.gz with `compress`), then metrics.json: metrics.json means both are whole."""
+        out_dir = Path(out_dir)
+        written, other = (PREDICTIONS + ".gz", PREDICTIONS) if compress else (PREDICTIONS, PREDICTIONS + ".gz")
+        write_jsonl(out_dir / written, self.predictions)
+        (out_dir / other).unlink(missing_ok=True)  # an earlier evaluation's, in the other form: never read in place of these
+        write_json(out_dir / "metrics.json", self.metrics)
+        (out_dir / JOURNAL_FILE).unlink(missing_ok=True)  # the raw outputs it held are in the files above
+
+
+def predictions_file(out_dir: str | Path) -> Path:
+    """The per-record predictions an evaluation wrote into `out_dir`: predictions.jsonl.gz, else predictions.jsonl."""
+    compressed = Path(out_dir) / (PREDICTIONS + ".gz")
+    return compressed if compressed.is_file() else Path(out_dir) / PREDICTIONS
