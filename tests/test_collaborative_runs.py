@@ -153,3 +153,51 @@ def test_a_changed_collaborative_model_is_refused_in_one_line(runs, sasrec_dir, 
 def test_collaborative_options_without_a_model_are_refused():
     with pytest.raises(UserError, match="give --collaborative DIR too"):
         build_config(SFTConfig, {"data": "x", "collaborative_score": True})
+
+
+def test_an_export_carries_its_collaborative_model_and_ranks_as_the_run(runs, small_data, tmp_path):
+    from sdpo.training.export import export_adapter
+
+    sft = export_adapter(runs["sft"], tmp_path / "export" / "sft", dtype="fp32")
+    sdpo = export_adapter(runs["sdpo"], tmp_path / "export" / "sdpo", reference=sft, dtype="fp32")
+    assert sorted(p.name for p in (sdpo / "collaborative").iterdir()) == ["config.json", "items.json", "model.safetensors"]
+    records = load_split(small_data, "test", 4)
+    expected = Recommender.load(runs["sdpo"], bf16=False).rank_records(records, "reward")
+    exported = Recommender.load(sdpo, bf16=False)
+    assert exported.prompts.model.folder == sdpo / "collaborative"  # its own copy, not the run's SASRec
+    got = exported.rank_records(records, "reward")
+    for mine, theirs in zip(got, expected, strict=True):
+        assert [t for t, _ in mine] == [t for t, _ in theirs]
+        assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(mine, theirs, strict=True))
+
+
+def test_a_pipeline_trains_its_sasrec_first_reads_it_in_the_lm_stages_and_fuses(small_data, tmp_path):
+    import yaml
+
+    from sdpo.evaluation.fusion import WEIGHTS
+    from tests.helpers import sdpo
+
+    config = {
+        "model": "tiny", "prompt_seed": 1, "data": {"path": str(small_data)}, "bf16": False,
+        "baselines": {"models": [{"model": "sasrec", "l2": "1e-4", "max_epochs": 1, "max_len": 6}]},
+        "sft": {"collaborative": "sasrec", "collaborative_score": True, "train_limit": 8, "max_steps": 2, "disable_tqdm": True},
+        "align": [{"name": "s-dpo", "negatives": 3, "train_limit": 4, "max_steps": 1, "disable_tqdm": True}],
+        "evaluate": {"split": "test", "limit": 3, "protocols": ["rank"], "stages": ["zero-shot", "sft", "s-dpo"], "batch_size": 2},
+        "fusion": {"collaborative": "sasrec", "stages": ["s-dpo"], "val_limit": 4},
+    }
+    (tmp_path / "collab.yaml").write_text(yaml.safe_dump(config))
+    result = sdpo("pipeline", "collab.yaml", "--output_dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert "collaborative: out/baselines/sasrec" in (out / "sft" / "sdpo_config.yaml").read_text()
+    rows = {(row["stage"], row["protocol"]): row for row in json.loads((out / "results.json").read_text())}
+    fusion = rows["fusion-s-dpo", "rank"]
+    assert fusion["weight"] in WEIGHTS and fusion["lm_score"] == "reward" and len(fusion["val_tried"]) == len(WEIGHTS)
+    assert fusion["val_records"] == 4 and fusion["n_records"] == 3
+    assert (out / "eval" / "s-dpo-rank-val" / "metrics.json").is_file() and (out / "eval" / "sft-rank-val" / "metrics.json").is_file()
+    assert ("sasrec", "rank") in rows and ("s-dpo", "rank-reward") in rows
+    # the SFT stage's reward is against the base model with its initial projectors, on the same collaborative prompts
+    assert json.loads((out / "eval" / "sft-rank" / "metrics.json").read_text())["reference"] == "base model"
+    report = sdpo("report", "out", "--out", "report", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "fusion-s-dpo" in (tmp_path / "report" / "results.md").read_text()

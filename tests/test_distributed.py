@@ -65,3 +65,20 @@ def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path
     assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")
     # the reference table was computed once, by the first run; the second read it from the SFT run's cache
     assert len(list((tmp_path / "sft-1" / "reference-cache").glob("*.safetensors"))) == 1
+
+
+def test_two_processes_match_one_with_collaborative_tokens(small_data, sasrec_dir, tmp_path):
+    """The projectors train outside the model's forward call; DDP still averages their gradients as one process sums them."""
+    common = ["--model", "tiny", "--data", small_data, "--train_limit", 8, "--max_steps", 2, "--learning_rate", 5e-3,
+              "--projector_learning_rate", 1e-2, "--collaborative", sasrec_dir, "--collaborative_score", "--lora_dropout", 0.0,
+              "--logging_steps", 1, "--save_steps", 100, "--disable_tqdm", "true", "--no_bf16", "--use_cpu", "true"]
+    launch(1, "sft", *common, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "sft-1")
+    launch(2, "sft", *common, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sft-2")
+    assert_same_run(tmp_path / "sft-1", tmp_path / "sft-2")
+    assert any("collaborative_tokens" in name for name in load_file(str(tmp_path / "sft-2" / "adapter_model.safetensors")))
+
+    align = ["align", "--sft", tmp_path / "sft-1", "--negatives", 3, "--max_steps", 2, "--learning_rate", 5e-3, "--logging_steps", 1,
+             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 8, "--no_bf16", "--use_cpu", "true"]
+    launch(1, *align, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "sdpo-1")
+    launch(2, *align, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sdpo-2")
+    assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")

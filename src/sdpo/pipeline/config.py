@@ -12,7 +12,8 @@ from sdpo.errors import UserError
 from sdpo.evaluation.protocols import PROTOCOLS, SCORES
 
 SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
-PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", *SHARED_KEYS}
+PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", "fusion", *SHARED_KEYS}
+FUSION_KEYS = {"collaborative", "stages", "val_limit"}
 EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages", "trunk_cache"}
 RESERVED_NAMES = ("zero-shot", "data", "eval", "baselines", "runs", "reference-cache", "trunk-cache")  # and checkpoint-N
 
@@ -31,6 +32,7 @@ class Pipeline:
     align_stages: list[tuple[str, dict[str, Any], str]]  # (name, options, the SFT stage it starts from)
     evaluate: dict[str, Any]
     baselines: dict[str, Any] | None  # the baselines section, None where there is none
+    fusion: dict[str, Any] | None = None  # late fusion: {collaborative: a baseline, stages: [...], val_limit: N}
 
     @property
     def protocols(self) -> list[str]:
@@ -76,9 +78,31 @@ def read_pipeline(path: str | Path, output_dir: str | Path | None = None) -> Pip
     baselines = dict(config_section(config, "baselines", path)) if "baselines" in config else None
     if baselines is not None:
         baselines["models"] = baseline_models(baselines.get("models", ["popularity", "sasrec"]), path)
+    fusion = fusion_section(config, path, evaluate.get("stages", labels), evaluate.get("protocols", PROTOCOLS), baselines)
     out = Path(output_dir if output_dir is not None else config.get("output_dir", "runs/pipeline"))
     return Pipeline(path, out, str(config.get("model", "smollm2-135m")), seed, shared,
-                    config_section(config, "data", path), sft_stages, align_stages, evaluate, baselines)
+                    config_section(config, "data", path), sft_stages, align_stages, evaluate, baselines, fusion)
+
+
+def fusion_section(config: dict[str, Any], path: Path, evaluated: list[str], protocols, baselines) -> dict[str, Any] | None:
+    """The late-fusion section, checked: evaluated stages (rank protocol) fused with a trained baseline of the pipeline."""
+    if "fusion" not in config:
+        return None
+    fusion = dict(config_section(config, "fusion", path))
+    unknown = sorted(set(fusion) - FUSION_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown fusion option(s) {', '.join(unknown)}; known: {', '.join(sorted(FUSION_KEYS))}.")
+    models = [name for name, _ in (baselines or {}).get("models", [])]
+    if fusion.get("collaborative") not in models or fusion.get("collaborative") == "popularity":
+        raise UserError(f"{path}: fusion.collaborative must name a model of the baselines section with item vectors "
+                        f"(sasrec, gru4rec or caser), got {fusion.get('collaborative')!r}.")
+    stages = fusion.get("stages")
+    if not isinstance(stages, list) or not stages or not set(stages) <= set(evaluated) or "rank" not in protocols:
+        raise UserError(f"{path}: fusion.stages must list stages the pipeline evaluates with the rank protocol, got {stages!r}.")
+    fusion["val_limit"] = fusion.get("val_limit", 200)
+    if isinstance(fusion["val_limit"], bool) or not isinstance(fusion["val_limit"], int) or fusion["val_limit"] < 1:
+        raise UserError(f"{path}: fusion.val_limit must be a positive integer (validation records the weight is chosen on).")
+    return fusion
 
 
 def config_section(config: dict[str, Any], key: str, path: Path) -> dict[str, Any]:

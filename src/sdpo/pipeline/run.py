@@ -15,6 +15,7 @@ from sdpo.io import folder_bytes, write_json, write_text_atomic
 from sdpo.lm.adapters import adapter_sha256, shared_trunk_depth
 from sdpo.pipeline.config import Pipeline, read_pipeline
 from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
+from sdpo.pipeline.fusion import run_fusion
 from sdpo.pipeline.stages import run_baselines, run_training_stage
 from sdpo.pipeline.study import check_gitignore, warn_about_large_files, write_gitignore
 from sdpo.pipeline.table import results_table, reward_row
@@ -44,6 +45,7 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
                 rows.append({**results[label, protocol], "stage": label})
                 if "reward_hr@1" in results[label, protocol]:
                     rows.append({**reward_row(results[label, protocol]), "stage": label})
+    rows.extend(run_fusion(plan, data_dir, models))
     rows.extend(baseline_rows)
     table = results_table(rows)
     write_json(plan.out / "results.json", rows)
@@ -119,7 +121,9 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
                 # a stage's reward needs its reference stage's log-probs: free when that stage is evaluated too
                 reward = reference_label in evaluated and protocol == "rank"
                 reference_scores = None
-                if reward:
+                if reward and reference_label == "zero-shot" and _reads_collaborative(adapter):
+                    pass  # its reference is the base model with the initial projectors, on its own prompts: computed
+                elif reward:
                     records = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
                     reference_dir = plan.out / "eval" / f"{reference_label}-rank"
                     reference_scores = read_candidate_logps(reference_dir, records)
@@ -136,6 +140,13 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
         _remove_trunk_cache(trunk_dir / protocol, f"every stage is evaluated with {protocol}")
     _remove_trunk_cache(trunk_dir, "every stage is evaluated")
     return results
+
+
+def _reads_collaborative(adapter: str | None) -> bool:
+    """Whether the run that wrote `adapter` reads collaborative tokens (then zero-shot's text prompts are not its reference)."""
+    from sdpo.training.runs import CONFIG_FILE, read_run_config
+
+    return adapter is not None and (Path(adapter) / CONFIG_FILE).is_file() and bool(read_run_config(adapter).get("collaborative"))
 
 
 def _remove_trunk_cache(folder: Path, why: str) -> None:

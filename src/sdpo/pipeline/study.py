@@ -27,7 +27,7 @@ from sdpo.io import write_text_atomic
 GITIGNORE = ".gitignore"
 KEPT_FILES = (
     GITIGNORE, "results.json", "results.md",  # the pipeline's table
-    "sdpo_config.yaml", "adapter_config.json", "adapter_model.safetensors", "log.jsonl",  # a finished training stage
+    "sdpo_config.yaml", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "collaborative.json",  # a finished training stage
     "metrics.json", "predictions.jsonl.gz", "predictions.jsonl", "progress.jsonl",  # an evaluation, finished or under way
     "model.safetensors", "items.json", "config.json",  # a finished baseline
 )

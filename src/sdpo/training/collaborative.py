@@ -33,7 +33,7 @@ def load_collaborative(settings: Any, base: str | Path | None = None) -> Collabo
     """The collaborative model a run names (None for a text-only run), checked against its recorded SHA-256.
 
     A relative folder is looked up from the working directory, then from `base` (the run folder that
-    recorded it: a shipped model carries its collaborative model inside).
+    recorded it); an exported folder's from the folder itself, which carries the model inside.
     """
     folder = _get(settings, "collaborative")
     if not folder:
@@ -42,8 +42,10 @@ def load_collaborative(settings: Any, base: str | Path | None = None) -> Collabo
     if place not in PLACES:
         raise UserError(f"--collaborative_place must be before or after, got {place!r}.")
     path = Path(folder)
-    if not path.exists() and base is not None and not path.is_absolute() and (Path(base) / path).exists():
-        path = Path(base) / path
+    if base is not None and not path.is_absolute():
+        inside = Path(base) / path
+        if _get(settings, "exported_from") or (not path.exists() and inside.exists()):  # sdpo.training.export.EXPORTED_FROM
+            path = inside
     return CollaborativeModel.load(path, _get(settings, "collaborative_sha256") or None)
 
 

@@ -6,7 +6,9 @@ read: ``adapter_config.json``, ``adapter_model.safetensors`` (in bf16 by default
 state and tokenizer files stay behind: the tokenizer comes with the base model. An S-DPO/DPO run's
 reference is its SFT run; its export names the exported SFT folder instead (``reference``, checked
 by the hash of the SFT weights it was trained from, and written relative to the export), so reward
-ranking works wherever the two folders travel together.
+ranking works wherever the two folders travel together. A run with collaborative tokens carries
+its collaborative model inside (``collaborative/``: config, item table, weights; named relative to
+the export and checked by the SHA-256 the run recorded), so the folder is whole on its own.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sdpo.training.runs import CONFIG_FILE, read_run_config
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EXPORTED_FROM = "exported_from"  # keys added to the exported sdpo_config.yaml: the run folder it came from,
 EXPORTED_SHA256 = "exported_sha256"  # and the SHA-256 of that run's adapter weights (before any cast)
+COLLABORATIVE_DIR = "collaborative"  # inside an export: the collaborative model its prompts read
 
 
 def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path | None = None, dtype: str = "bf16") -> Path:
@@ -43,6 +46,9 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
         config["sft"] = os.path.relpath(_checked_reference(run_dir, config, reference).resolve(), out.resolve())
     elif reference is not None:
         raise UserError(f"--reference: {run_dir} is an SFT run; its reference is the base model. Leave --reference out.")
+    collaborative = _collaborative_files(run_dir, config)
+    if collaborative:
+        config["collaborative"] = COLLABORATIVE_DIR
     config[EXPORTED_FROM] = str(run_dir)  # as given: no machine's absolute path travels with the folder
     config[EXPORTED_SHA256] = adapter_sha256(run_dir)
     config["output_dir"] = str(out)
@@ -55,8 +61,21 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
         if (run_dir / "log.jsonl").is_file():
             shutil.copy2(run_dir / "log.jsonl", staging / "log.jsonl")
+        if collaborative:
+            (staging / COLLABORATIVE_DIR).mkdir()
+            for file in collaborative:
+                shutil.copy2(file, staging / COLLABORATIVE_DIR / file.name)
 
     return write_folder_atomic(out, fill)
+
+
+def _collaborative_files(run_dir: Path, config: dict) -> list[Path]:
+    """The files of the run's collaborative model (none for a text-only run), checked against the SHA-256 it recorded."""
+    from sdpo.baselines.collaborative import FILES
+    from sdpo.training.collaborative import load_collaborative
+
+    source = load_collaborative(config, base=run_dir)
+    return [] if source is None else [source.folder / name for name in FILES]
 
 
 def _checked_reference(run_dir: Path, config: dict, reference: str | Path | None) -> Path:

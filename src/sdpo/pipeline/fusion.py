@@ -1,0 +1,98 @@
+"""Late fusion rows: an evaluated LM stage's scores plus w times a trained baseline's, w chosen on val.
+
+For each stage in the ``fusion`` section, the stage is ranked on ``val_limit`` validation records
+as well (``eval/<stage>-rank-val``; an align stage by reward, against its SFT stage ranked there
+too, an SFT stage by log-prob). The weight with the best val HR@1 (`sdpo.evaluation.fusion`) then
+ranks the test records once, from the stage's test scores and the baseline's; the row is
+``fusion-<stage>`` and its folder ``eval/fusion-<stage>-rank`` (metrics with the weight and every
+weight's val HR@1, per-record predictions), read by `sdpo report` as any other rank row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sdpo.baselines.collaborative import CollaborativeModel
+from sdpo.data.datasets import load_split
+from sdpo.data.records import Record
+from sdpo.evaluation.fusion import choose_weight, fused_scores
+from sdpo.evaluation.protocols import score_rankings
+from sdpo.evaluation.results import predictions_file
+from sdpo.io import read_jsonl
+from sdpo.lm.adapters import adapter_sha256
+from sdpo.pipeline.config import Pipeline
+from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
+
+
+def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | None, str | None]]) -> list[dict[str, Any]]:
+    """The fusion rows of the pipeline (none without a fusion section); evaluations already finished are reused."""
+    if plan.fusion is None:
+        return []
+    name = plan.fusion["collaborative"]
+    source = CollaborativeModel.load(plan.out / "baselines" / name)
+    val = load_split(data_dir, "val", plan.fusion["val_limit"], plan.shared["subset_seed"])
+    test = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
+    by_label = {label: (adapter, reference) for label, adapter, reference in models}
+    rows = []
+    for stage in plan.fusion["stages"]:
+        adapter, reference = by_label[stage]
+        target = plan.out / "eval" / f"fusion-{stage}-rank"
+        metrics_path = target / "metrics.json"
+        if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("adapter_sha256") == (adapter_sha256(adapter) if adapter else None):
+            print(f"[fusion] reusing {target}")
+            metrics = json.loads(metrics_path.read_text())
+        else:
+            aligned = reference not in (None, "zero-shot")
+            score = "reward" if aligned else "logp"
+            val_scores = _stage_scores(plan, data_dir, stage, adapter, val, "val", score, by_label[reference][0] if aligned else None)
+            test_scores = _stage_scores(plan, data_dir, stage, adapter, test, plan.split, score, by_label[reference][0] if aligned else None)
+            weight, tried = choose_weight(val, val_scores, _baseline_scores(source, val))
+            print(f"[fusion] {stage} + {weight:g} x {name} (chosen on {len(val)} val records)")
+            result = score_rankings(test, fused_scores(test_scores, _baseline_scores(source, test), weight), label="fused")
+            result.metrics.update({"n_records": len(test), "protocol": "rank", "split": plan.split, "stage": stage, "lm_score": score,
+                                   "collaborative": source.describe(), "weight": weight, "val_records": len(val), "val_tried": tried,
+                                   "adapter_sha256": adapter_sha256(adapter) if adapter else None})
+            result.save(target, compress=True)
+            metrics = result.metrics
+        rows.append({**metrics, "stage": f"fusion-{stage}", "protocol": "rank"})
+    return rows
+
+
+def _stage_scores(plan: Pipeline, data_dir: Path, stage: str, adapter: str | None, records: list[Record], split: str, score: str,
+                  reference_adapter: str | None = None) -> list[list[float]]:
+    """Per record, the stage's score of each candidate (candidate order): from its evaluation of `split`, run here if missing."""
+    folder = plan.out / "eval" / (f"{stage}-rank" if split == plan.split else f"{stage}-rank-{split}")
+    if not _covers(folder, records, score):
+        reference_scores = None
+        if score == "reward":
+            reference_stage = Path(reference_adapter).name
+            reference_scores = _stage_scores(plan, data_dir, reference_stage, reference_adapter, records, split, "logp")
+        print(f"[fusion] ranking {len(records)} {split} records with {stage}")
+        evaluate_model(data_dir, split, plan.model, adapter, "rank", len(records) if split != plan.split else plan.limit, folder,
+                       plan.evaluate.get("batch_size", 8), plan.shared["domain"], plan.shared["prompt_seed"],
+                       subset_seed=plan.shared["subset_seed"], bf16=plan.shared["bf16"], reference_scores=reference_scores,
+                       reward=score == "reward", compress_predictions=True)
+    if score == "logp":
+        return read_candidate_logps(folder, records)
+    by_id = {row["id"]: {e["title"]: e["reward"] for e in row["ranking"]} for row in read_jsonl(predictions_file(folder))}
+    return [[by_id[r.id][c] for c in r.candidates] for r in records]
+
+
+def _covers(folder: Path, records: list[Record], score: str) -> bool:
+    path = predictions_file(folder)
+    if not path.is_file():
+        return False
+    rows = {row["id"]: row for row in read_jsonl(path)}
+    return all(r.id in rows and (score == "logp" or "reward" in rows[r.id]["ranking"][0]) for r in records)
+
+
+def _baseline_scores(source: CollaborativeModel, records: list[Record], batch: int = 256) -> list[list[float]]:
+    """Per record, the baseline's score of each candidate (candidate order)."""
+    scores = []
+    for start in range(0, len(records), batch):
+        chunk = records[start : start + batch]
+        rows = source.encode(chunk).scores
+        scores.extend(row[: len(r.candidates)].tolist() for r, row in zip(chunk, rows, strict=True))
+    return scores
