@@ -41,3 +41,17 @@ def test_benchmark_trunk_on_tiny(small_data, tmp_path):
                              protocol="generate")
     assert result["protocol"] == "generate" and result["answers_differing"] == 0 and result["cache_used"]
     assert result["cache_mb_per_record"] > 0 and "0 answers differ" in trunk_table(result)
+
+
+def test_benchmark_collaborative_on_tiny(small_data, sasrec_dir, tmp_path):
+    from tests.helpers import sdpo
+
+    result = sdpo("benchmark", "collaborative", "--model", "tiny", "--collaborative", sasrec_dir, "--data", small_data,
+                  "--records", 2, "--negatives", "3", "--repeats", 1, "--json", tmp_path / "c.json", "--no_bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert [r["step"] for r in rows] == ["sft", "s-dpo K=3"]
+    for row in rows:
+        assert row["text_seconds"] > 0 and row["collaborative_seconds"] > 0
+        assert row["collaborative_tokens"] > row["text_tokens"]  # the placeholders and the user line
+        assert abs(row["ratio"] - row["collaborative_seconds"] / row["text_seconds"]) < 0.01 * row["ratio"]

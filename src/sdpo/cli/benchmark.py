@@ -55,6 +55,38 @@ def benchmark_step_cmd(
     _show(format_table(results), json_out)
 
 
+@bench_app.command("collaborative")
+def benchmark_collaborative_cmd(
+    collaborative: Path = typer.Option(..., help="a trained sdpo baseline (sasrec, gru4rec, caser): the collaborative model"),
+    data: Path = typer.Option(..., help="prepared dataset folder whose train records are used"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    negatives: str = typer.Option("19", help="comma-separated K values for the S-DPO steps (an SFT step is always timed)"),
+    records: int = typer.Option(4, help="records per step"),
+    repeats: int = typer.Option(5, help="timed repeats per way after one warm-up, the two ways alternating (medians reported)"),
+    lora_layers: int | None = typer.Option(None, "--lora_layers", "--lora-layers", help="LoRA on the last N layers (default: all)"),
+    bf16: bool | None = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
+) -> None:
+    """Time a training step on text prompts and on collaborative prompts (soft tokens), side by side."""
+    from sdpo.benchmarks.collaborative import benchmark_collaborative, format_table
+    from sdpo.data.datasets import load_split, read_manifest
+    from sdpo.io import write_json
+    from sdpo.lm.precision import cpu_name, resolve_bf16
+
+    ks = _parse_ks(negatives)
+    if records < 1 or repeats < 1:
+        raise UserError("--records and --repeats must be at least 1.")
+    chosen = load_split(data, "train", limit=records)
+    bf16 = resolve_bf16(bf16)
+    results = benchmark_collaborative(model, chosen, read_manifest(data).get("domain", "music"), str(collaborative), ks, repeats, bf16,
+                                      lora_layers)
+    import torch
+
+    write_json(json_out, {"model": model, "collaborative": str(collaborative), "precision": "bf16" if bf16 else "fp32", "cpu": cpu_name(),
+                          "repeats": repeats, "torch_threads": torch.get_num_threads(), "results": results})
+    _show(format_table(results), json_out)
+
+
 @bench_app.command("precision")
 def benchmark_precision_cmd(
     data: Path = typer.Option(..., help="prepared dataset folder (train records for the steps, test records for ranking)"),
