@@ -103,8 +103,12 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
     evaluated = plan.evaluate.get("stages", [label for label, _, _ in models])  # names checked by read_pipeline
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.lm.trunk)
     trunk_dir, trunk_depth = plan.out / "eval" / TRUNK_CACHE, None
-    if plan.evaluate.get("trunk_cache", True) and {"rank", "generate"} & set(plan.protocols):
-        trunk_depth = shared_trunk_depth([a for label, a, _ in models if label in evaluated and a])
+    adapters = [a for label, a, _ in models if label in evaluated and a]
+    if any(_reads_collaborative(a) for a in adapters):
+        print("[evaluate] no trunk cache: collaborative tokens enter at layer 0 through each stage's own projectors, "
+              "so no two stages share a layer's states")
+    elif plan.evaluate.get("trunk_cache", True) and {"rank", "generate"} & set(plan.protocols):
+        trunk_depth = shared_trunk_depth(adapters)
         print(f"[evaluate] layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
               else "[evaluate] no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
     results: dict[tuple[str, str], dict[str, Any]] = {}
