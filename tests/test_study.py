@@ -123,3 +123,41 @@ def test_evaluation_files_hold_one_form_of_the_predictions(tmp_path):
     Evaluation({"hr@1": 0.0}, [{"id": "b"}]).save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions.jsonl"]
     assert predictions_file(tmp_path).read_text() == '{"id": "b"}\n'
+
+
+def test_a_study_imports_stages_trained_elsewhere_and_generates_with_the_stages_it_names(tiny_study, small_data, tmp_path):
+    import yaml
+
+    trained = tiny_study.work / tiny_study.out
+    config = {
+        "model": "tiny", "prompt_seed": 3, "data": {"path": str(small_data)},
+        "sft": [{"name": "text-sft", "adapter": str(trained / "sft")}],
+        "align": [{"name": "text-dpo", "from": "text-sft", "adapter": str(trained / "dpo")}],
+        "evaluate": {"split": "test", "limit": 3, "protocols": ["rank", "generate"], "stages": ["text-sft", "text-dpo"],
+                     "generate_stages": ["text-sft"], "batch_size": 2},
+    }
+    (tmp_path / "imported.yaml").write_text(yaml.safe_dump(config))
+    result = sdpo("pipeline", "imported.yaml", "--output_dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert "[text-sft] importing" in result.stdout and "training into" not in result.stdout
+    assert (out / "text-dpo" / "adapter_model.safetensors").read_bytes() == (trained / "dpo" / "adapter_model.safetensors").read_bytes()
+    assert yaml.safe_load((out / "text-dpo" / "sdpo_config.yaml").read_text())["sft"] == "../text-sft"
+    rows = {(row["stage"], row["protocol"]) for row in json.loads((out / "results.json").read_text())}
+    assert {("text-sft", "generate"), ("text-dpo", "rank-reward")} <= rows and ("text-dpo", "generate") not in rows
+    # the imported stages score as they did where they were trained (same records, prompts and weights)
+    here = json.loads((out / "eval" / "text-dpo-rank" / "metrics.json").read_text())
+    there = json.loads((trained / "eval" / "dpo-rank" / "metrics.json").read_text())
+    assert here["reward_hr@1"] == there["reward_hr@1"] and here["mrr"] == there["mrr"]
+
+    # an align stage imported onto an SFT stage it was not trained from is refused
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-sft"
+    shutil.copytree(trained / "sft", other)
+    weights = load_file(str(other / "adapter_model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(other / "adapter_model.safetensors"))
+    config["sft"] = [{"name": "text-sft", "adapter": str(other)}]
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(config))
+    wrong = sdpo("pipeline", "wrong.yaml", "--output_dir", "wrong", cwd=tmp_path)
+    assert wrong.returncode == 2 and "was not trained from the weights of stage text-sft" in wrong.stderr + wrong.stdout

@@ -14,7 +14,7 @@ from sdpo.evaluation.protocols import PROTOCOLS, SCORES
 SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at the top, for every stage
 PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", "fusion", *SHARED_KEYS}
 FUSION_KEYS = {"collaborative", "stages", "val_limit"}
-EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages", "trunk_cache"}
+EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages", "generate_stages", "trunk_cache"}
 RESERVED_NAMES = ("zero-shot", "data", "eval", "baselines", "runs", "reference-cache", "trunk-cache")  # and checkpoint-N
 
 
@@ -72,9 +72,10 @@ def read_pipeline(path: str | Path, output_dir: str | Path | None = None) -> Pip
         raise UserError(f"{path}: evaluate.score must be one of {', '.join(SCORES)}.")
     sft_stages, align_stages = parse_training_stages(config, path)
     labels = ["zero-shot", *(name for name, _ in sft_stages), *(name for name, *_ in align_stages)]
-    unknown = sorted(set(evaluate.get("stages", labels)) - set(labels))
-    if unknown:
-        raise UserError(f"{path}: evaluate.stages names {', '.join(unknown)}, which the pipeline has no stage of.")
+    for key in ("stages", "generate_stages"):
+        unknown = sorted(set(evaluate.get(key, labels)) - set(labels))
+        if unknown:
+            raise UserError(f"{path}: evaluate.{key} names {', '.join(unknown)}, which the pipeline has no stage of.")
     baselines = dict(config_section(config, "baselines", path)) if "baselines" in config else None
     if baselines is not None:
         baselines["models"] = baseline_models(baselines.get("models", ["popularity", "sasrec"]), path)
@@ -141,6 +142,10 @@ def parse_training_stages(config: dict[str, Any], path: Path) -> tuple[list, lis
             raise UserError(f"{path}: stage name {name!r} is taken or not a folder name; give each stage its own name.")
     if align_stages and not sft_stages:
         raise UserError(f"{path}: the align stage starts from the SFT model; add an sft section.")
+    for name, options in sft_stages + align_stages:
+        if "adapter" in options and set(options) - {"adapter", "from"}:
+            raise UserError(f"{path}: stage {name!r} imports a trained adapter (adapter: DIR); it takes no training options "
+                            f"({', '.join(sorted(set(options) - {'adapter', 'from'}))}).")
     sft_names = [name for name, _ in sft_stages]
     linked = []
     for name, options in align_stages:

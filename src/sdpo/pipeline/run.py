@@ -16,7 +16,7 @@ from sdpo.lm.adapters import adapter_sha256, shared_trunk_depth
 from sdpo.pipeline.config import Pipeline, read_pipeline
 from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
 from sdpo.pipeline.fusion import run_fusion
-from sdpo.pipeline.stages import run_baselines, run_training_stage
+from sdpo.pipeline.stages import import_stage, run_baselines, run_training_stage
 from sdpo.pipeline.study import check_gitignore, warn_about_large_files, write_gitignore
 from sdpo.pipeline.table import results_table, reward_row
 
@@ -80,9 +80,15 @@ def train_stages(plan: Pipeline, data_dir: Path) -> list[tuple[str, str | None, 
     common = {"model": plan.model, "data": str(data_dir), "seed": plan.seed, **plan.shared}
     for name, options in plan.sft_stages:
         options = collaborative_folder(plan, options)
-        adapter = run_training_stage(name, SFTConfig, run_sft, {**common, **options}, plan.out / name, plan.path)
+        if "adapter" in options:
+            adapter = import_stage(name, options["adapter"], plan.out / name)
+        else:
+            adapter = run_training_stage(name, SFTConfig, run_sft, {**common, **options}, plan.out / name, plan.path)
         models.append((name, str(adapter), "zero-shot"))
     for name, options, start in plan.align_stages:
+        if "adapter" in options:
+            models.append((name, str(import_stage(name, options["adapter"], plan.out / name, plan.out / start)), start))
+            continue
         options = collaborative_folder(plan, options)
         # the SFT adapter's hash: a stage trained from an SFT run that was trained again since is not reused
         section = {**common, "sft": str(plan.out / start), "sft_sha256": adapter_sha256(plan.out / start), **options}
@@ -103,18 +109,19 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
     evaluated = plan.evaluate.get("stages", [label for label, _, _ in models])  # names checked by read_pipeline
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.lm.trunk)
     trunk_dir, trunk_depth = plan.out / "eval" / TRUNK_CACHE, None
-    adapters = [a for label, a, _ in models if label in evaluated and a]
-    if any(_reads_collaborative(a) for a in adapters):
-        print("[evaluate] no trunk cache: collaborative tokens enter at layer 0 through each stage's own projectors, "
-              "so no two stages share a layer's states")
-    elif plan.evaluate.get("trunk_cache", True) and {"rank", "generate"} & set(plan.protocols):
+    generated = plan.evaluate.get("generate_stages", evaluated)
+    collaborative = {label for label, a, _ in models if _reads_collaborative(a)}
+    adapters = [a for label, a, _ in models if label in evaluated and a and label not in collaborative]
+    if collaborative & set(evaluated):  # their soft tokens enter layer 0 through each stage's own projectors
+        print(f"[evaluate] {', '.join(sorted(collaborative & set(evaluated)))}: no trunk cache (collaborative tokens)")
+    if plan.evaluate.get("trunk_cache", True) and {"rank", "generate"} & set(plan.protocols):
         trunk_depth = shared_trunk_depth(adapters)
         print(f"[evaluate] layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
               else "[evaluate] no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for protocol in plan.protocols:
         for label, adapter, reference_label in models:
-            if label not in evaluated:
+            if label not in (generated if protocol == "generate" else evaluated):
                 continue
             target = plan.out / "eval" / f"{label}-{protocol}"
             metrics = _finished_evaluation(target, adapter)
@@ -138,7 +145,8 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
                     data_dir, plan.split, plan.model, adapter, protocol, plan.limit, target, plan.evaluate.get("batch_size", 8),
                     plan.shared["domain"], plan.shared["prompt_seed"], subset_seed=plan.shared["subset_seed"], bf16=plan.shared["bf16"],
                     score=plan.evaluate.get("score", "logp"), reference_scores=reference_scores, reward=reward,
-                    trunk_cache=trunk_dir / protocol if trunk_depth else None, trunk_depth=trunk_depth, compress_predictions=True,
+                    trunk_cache=trunk_dir / protocol if trunk_depth and label not in collaborative else None, trunk_depth=trunk_depth,
+                    compress_predictions=True,
                 )
             results[label, protocol] = metrics
         _remove_trunk_cache(trunk_dir / protocol, f"every stage is evaluated with {protocol}")

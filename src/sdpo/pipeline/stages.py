@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from sdpo.config import build_config
 from sdpo.errors import UserError
+from sdpo.io import write_folder_atomic
 from sdpo.pipeline.config import Pipeline
 
 
@@ -27,6 +29,49 @@ def run_training_stage(name: str, config_cls, runner, values: dict[str, Any], ou
     values["overwrite"] = True  # the pipeline owns this folder (e.g. a reference table left by a crash)
     print(f"[{name}] training into {out}" + (" (resuming)" if values["resume"] else ""))
     return runner(build_config(config_cls, values, where=f"{path}: {name}"))
+
+
+def import_stage(name: str, source: str | Path, out: Path, start: Path | None = None) -> Path:
+    """A stage that a run elsewhere trained (``adapter: DIR``, e.g. a shipped model): copied into `out` once, not trained.
+
+    An align stage's copy names its SFT stage `start` as its reference (relative, as an export does), and
+    must have been trained from that stage's weights (their SHA-256 as recorded) or is refused.
+    """
+    import os
+
+    import yaml
+
+    from sdpo.lm.adapters import ADAPTER_WEIGHTS, adapter_sha256, check_adapter_folder
+    from sdpo.training.export import EXPORTED_FROM, EXPORTED_SHA256
+    from sdpo.training.runs import CONFIG_FILE, read_run_config
+
+    source = Path(source)
+    check_adapter_folder(source, f"adapter of stage {name}")
+    config = read_run_config(source, f"a training run folder (stage {name})")
+    if start is not None:
+        trained_from = config.get("sft_sha256")
+        started = read_run_config(start)
+        if not trained_from or trained_from not in (started.get(EXPORTED_SHA256), adapter_sha256(start)):
+            raise UserError(f"stage {name}: {source} was not trained from the weights of stage {start.name}; "
+                            "import the SFT run it was aligned from as that stage.")
+        config["sft"] = os.path.relpath(start.resolve(), out.resolve())
+        config.setdefault(EXPORTED_FROM, str(source))
+    if (out / ADAPTER_WEIGHTS).is_file() and adapter_sha256(out) == adapter_sha256(source):
+        print(f"[{name}] reusing {out} (imported from {source})")
+        return out
+    print(f"[{name}] importing {source} into {out} (trained elsewhere, not here)")
+
+    def fill(staging: Path) -> None:
+        for item in source.iterdir():
+            if item.is_file() and item.name != CONFIG_FILE:
+                shutil.copy2(item, staging / item.name)
+            elif item.is_dir() and item.name == "collaborative":
+                shutil.copytree(item, staging / item.name)
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
+
+    if out.exists():
+        shutil.rmtree(out)
+    return write_folder_atomic(out, fill)
 
 
 def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
