@@ -150,6 +150,15 @@ def test_a_changed_collaborative_model_is_refused_in_one_line(runs, sasrec_dir, 
         align_run(runs["sft"], tmp_path / "align", collaborative=str(other))
 
 
+def test_an_aligned_model_is_not_compared_with_a_reference_of_other_tokens(runs, small_data, tmp_path, sasrec_dir):
+    text_sft = run_sft(build_config(SFTConfig, {"model": "tiny", "data": str(small_data), "output_dir": str(tmp_path / "text"),
+                                                "max_steps": 1, "disable_tqdm": True, "train_limit": 4, "bf16": False}))
+    with pytest.raises(UserError, match="trained with other collaborative tokens"):
+        evaluate_model(small_data, "test", None, runs["sdpo"], "rank", 2, tmp_path / "e", 2, progress=False, reference_adapter=text_sft)
+    with pytest.raises(UserError, match="evaluate it without --trunk_cache"):
+        evaluate_model(small_data, "test", None, runs["sdpo"], "rank", 2, tmp_path / "e", 2, progress=False, trunk_cache=tmp_path / "t")
+
+
 def test_collaborative_options_without_a_model_are_refused():
     with pytest.raises(UserError, match="give --collaborative DIR too"):
         build_config(SFTConfig, {"data": "x", "collaborative_score": True})
@@ -165,6 +174,9 @@ def test_an_export_carries_its_collaborative_model_and_ranks_as_the_run(runs, sm
     expected = Recommender.load(runs["sdpo"], bf16=False).rank_records(records, "reward")
     exported = Recommender.load(sdpo, bf16=False)
     assert exported.prompts.model.folder == sdpo / "collaborative"  # its own copy, not the run's SASRec
+    # an exported SFT run is a start for align too: it reads the model the export carries
+    aligned = align_run(sft, tmp_path / "from-export", max_steps=1)
+    assert f"collaborative: {sft / 'collaborative'}" in (aligned / "sdpo_config.yaml").read_text()
     got = exported.rank_records(records, "reward")
     for mine, theirs in zip(got, expected, strict=True):
         assert [t for t, _ in mine] == [t for t, _ in theirs]
@@ -199,6 +211,9 @@ def test_a_pipeline_trains_its_sasrec_first_reads_it_in_the_lm_stages_and_fuses(
     assert ("sasrec", "rank") in rows and ("s-dpo", "rank-reward") in rows
     # the SFT stage's reward is against the base model with its initial projectors, on the same collaborative prompts
     assert json.loads((out / "eval" / "sft-rank" / "metrics.json").read_text())["reference"] == "base model"
+    again = sdpo("pipeline", "collab.yaml", "--output_dir", "out", cwd=tmp_path)  # a rerun reuses every stage and row
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[sft] reusing" in again.stdout and "[s-dpo] reusing" in again.stdout and "[fusion] reusing" in again.stdout
     report = sdpo("report", "out", "--out", "report", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "fusion-s-dpo" in (tmp_path / "report" / "results.md").read_text()

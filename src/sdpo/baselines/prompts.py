@@ -10,7 +10,7 @@ soft tokens (`sdpo.lm.soft_tokens.SOFT_KEYS`):
 - ``soft_vectors`` [B, S, D]: the item vector of each history and candidate title, then the user state;
 - ``soft_user`` [B, S]: True at the user slot; ``soft_known`` [B, S]: False where a title has no id;
 - ``soft_scores`` [B, S] (with the score feature): the model's score of the slot's item, the dot product
-  of the user state and its vector, minus the record's best candidate score (0 for the model's top pick).
+  of the user state and its vector, minus the record's best score of a known candidate (0 for the model's top pick).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class CollaborativePrompts:
             known[b, :n] = torch.cat([batch.history_known[b, start:], batch.candidate_known[b, :n_candidates], torch.ones(1, dtype=torch.bool)])
         inputs = {"soft_positions": positions, "soft_vectors": vectors, "soft_user": is_user, "soft_known": known}
         if self.score:
-            best = batch.scores.max(dim=-1).values  # [B]
+            best = batch.scores.masked_fill(~batch.candidate_known, float("-inf")).max(dim=-1).values  # [B], over known candidates
+            best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
             scores = torch.einsum("bd,bsd->bs", batch.user, vectors) - best[:, None]
             inputs["soft_scores"] = scores.masked_fill(is_user | (positions < 0), 0.0)
         return inputs

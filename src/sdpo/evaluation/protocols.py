@@ -32,12 +32,16 @@ from sdpo.data.records import Record
 from sdpo.evaluation.generation import generate_answers, score_generations
 from sdpo.evaluation.journal import JOURNAL_FILE, Journal, batches, journaled
 from sdpo.evaluation.metrics import per_record_ranking, ranked_indices, ranking_metrics
-from sdpo.evaluation.results import Evaluation
+from sdpo.evaluation.results import PREDICTIONS, Evaluation, predictions_file
 from sdpo.evaluation.stats import bootstrap_cis
 from sdpo.lm.scoring import score_answers
 
 if TYPE_CHECKING:
     from sdpo.lm.trunk import TrunkCache
+
+# what callers imported from here before generation.py and results.py were split off
+__all__ = ["PREDICTIONS", "PROTOCOLS", "SCORES", "Evaluation", "candidate_logps", "evaluate", "generate_answers", "predictions_file",
+           "rank_candidates", "reference_logps", "score_generations", "score_rankings"]
 
 PROTOCOLS = ("generate", "rank")
 SCORES = ("logp", "reward")

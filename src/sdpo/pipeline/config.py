@@ -100,6 +100,8 @@ def fusion_section(config: dict[str, Any], path: Path, evaluated: list[str], pro
     stages = fusion.get("stages")
     if not isinstance(stages, list) or not stages or not set(stages) <= set(evaluated) or "rank" not in protocols:
         raise UserError(f"{path}: fusion.stages must list stages the pipeline evaluates with the rank protocol, got {stages!r}.")
+    if config.get("evaluate", {}).get("split", "test") == "val":
+        raise UserError(f"{path}: fusion chooses its weight on val records; it needs evaluate.split test, not val.")
     fusion["val_limit"] = fusion.get("val_limit", 200)
     if isinstance(fusion["val_limit"], bool) or not isinstance(fusion["val_limit"], int) or fusion["val_limit"] < 1:
         raise UserError(f"{path}: fusion.val_limit must be a positive integer (validation records the weight is chosen on).")

@@ -75,6 +75,9 @@ def evaluate_model(
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter,
                                 compress_predictions)
     trunk = None
+    if trunk_cache is not None and source is not None:
+        raise UserError("--trunk_cache: this adapter's collaborative tokens enter at layer 0 through its own projectors, so no "
+                        "layer's states are shared with another adapter; evaluate it without --trunk_cache.")
     if trunk_cache is not None:
         if trunk_depth is None:
             trunk_depth = shared_trunk_depth([a for a in (adapter, reference_adapter) if a is not None]) if adapter else None
@@ -118,10 +121,11 @@ def _run_settings(adapter) -> dict[str, Any]:
 
 def _check_same_collaborative(policy: dict[str, Any], reference: dict[str, Any], reference_adapter) -> None:
     """A reward compares two models on the same prompts: the reference must read the policy's collaborative tokens."""
-    mine, theirs = policy.get("collaborative_sha256"), reference.get("collaborative_sha256")
-    if reference and (mine or theirs) and mine != theirs:
+    keys = ("collaborative_sha256", "collaborative_place", "collaborative_score")
+    mine, theirs = ([settings.get(k) for k in keys] if settings.get("collaborative") else None for settings in (policy, reference))
+    if reference and mine != theirs:
         raise UserError(f"--reference_adapter {reference_adapter} was trained with other collaborative tokens than the adapter "
-                        "(collaborative_sha256 differs); give the SFT run the adapter was aligned from.")
+                        f"({', '.join(keys)}: {theirs} against {mine}); give the SFT run the adapter was aligned from.")
 
 
 def _settings_of_adapter(adapter, model_name, domain, prompt_seed):

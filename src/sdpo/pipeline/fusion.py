@@ -40,7 +40,9 @@ def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | Non
         adapter, reference = by_label[stage]
         target = plan.out / "eval" / f"fusion-{stage}-rank"
         metrics_path = target / "metrics.json"
-        if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("adapter_sha256") == (adapter_sha256(adapter) if adapter else None):
+        key = {"adapter_sha256": adapter_sha256(adapter) if adapter else None, "collaborative": source.describe(),
+               "val_records": len(val), "n_records": len(test)}
+        if metrics_path.is_file() and all(json.loads(metrics_path.read_text()).get(k) == v for k, v in key.items()):
             print(f"[fusion] reusing {target}")
             metrics = json.loads(metrics_path.read_text())
         else:
@@ -64,7 +66,7 @@ def _stage_scores(plan: Pipeline, data_dir: Path, stage: str, adapter: str | Non
                   reference_adapter: str | None = None) -> list[list[float]]:
     """Per record, the stage's score of each candidate (candidate order): from its evaluation of `split`, run here if missing."""
     folder = plan.out / "eval" / (f"{stage}-rank" if split == plan.split else f"{stage}-rank-{split}")
-    if not _covers(folder, records, score):
+    if not _covers(folder, records, score, adapter):
         reference_scores = None
         if score == "reward":
             reference_stage = Path(reference_adapter).name
@@ -80,10 +82,13 @@ def _stage_scores(plan: Pipeline, data_dir: Path, stage: str, adapter: str | Non
     return [[by_id[r.id][c] for c in r.candidates] for r in records]
 
 
-def _covers(folder: Path, records: list[Record], score: str) -> bool:
-    path = predictions_file(folder)
-    if not path.is_file():
+def _covers(folder: Path, records: list[Record], score: str, adapter: str | None) -> bool:
+    """Whether `folder` holds a finished ranking of `records` by this very adapter (with rewards, for `score` reward)."""
+    path, metrics = predictions_file(folder), folder / "metrics.json"
+    if not path.is_file() or not metrics.is_file():
         return False
+    if json.loads(metrics.read_text()).get("adapter_sha256") != (adapter_sha256(adapter) if adapter else None):
+        return False  # the stage was trained again since
     rows = {row["id"]: row for row in read_jsonl(path)}
     return all(r.id in rows and (score == "logp" or "reward" in rows[r.id]["ranking"][0]) for r in records)
 

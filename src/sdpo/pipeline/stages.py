@@ -41,13 +41,21 @@ def import_stage(name: str, source: str | Path, out: Path, start: Path | None = 
 
     import yaml
 
+    from sdpo.baselines.collaborative import FILES
     from sdpo.lm.adapters import ADAPTER_WEIGHTS, adapter_sha256, check_adapter_folder
+    from sdpo.training.collaborative import load_collaborative
     from sdpo.training.export import EXPORTED_FROM, EXPORTED_SHA256
     from sdpo.training.runs import CONFIG_FILE, read_run_config
 
     source = Path(source)
+    if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
+        raise UserError(f"stage {name}: adapter {source} lies inside the stage's own folder {out}; import a run from elsewhere.")
     check_adapter_folder(source, f"adapter of stage {name}")
     config = read_run_config(source, f"a training run folder (stage {name})")
+    collaborative = load_collaborative(config, base=source)  # checked by its SHA-256; the copy carries it inside
+    if collaborative is not None:
+        config["collaborative"] = "collaborative"
+        config.setdefault(EXPORTED_FROM, str(source))
     if start is not None:
         trained_from = config.get("sft_sha256")
         started = read_run_config(start)
@@ -65,13 +73,13 @@ def import_stage(name: str, source: str | Path, out: Path, start: Path | None = 
         for item in source.iterdir():
             if item.is_file() and item.name != CONFIG_FILE:
                 shutil.copy2(item, staging / item.name)
-            elif item.is_dir() and item.name == "collaborative":
-                shutil.copytree(item, staging / item.name)
+        if collaborative is not None:
+            (staging / "collaborative").mkdir()
+            for file in FILES:
+                shutil.copy2(collaborative.folder / file, staging / "collaborative" / file)
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
 
-    if out.exists():
-        shutil.rmtree(out)
-    return write_folder_atomic(out, fill)
+    return write_folder_atomic(out, fill)  # the old folder is replaced only once the copy is whole
 
 
 def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:

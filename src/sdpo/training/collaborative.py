@@ -65,6 +65,7 @@ def run_prompts(tokenizer, domain: str, seed: int, settings: Any, source: Collab
 def record_collaborative(config: Any, source: CollaborativeModel | None) -> None:
     """Fill in the run's collaborative settings as they resolved (the model's SHA-256, the token place)."""
     if source is not None:
+        config.collaborative = str(source.folder)  # as found: inside an exported SFT folder, say
         config.collaborative_sha256 = source.sha256
         config.collaborative_place = config.collaborative_place or "before"
         config.collaborative_score = bool(config.collaborative_score)
@@ -79,7 +80,9 @@ def freeze_projectors(model) -> None:
 
 def report_unknown(source: CollaborativeModel | None, out: str | Path) -> None:
     """Say how many titles the collaborative model had no id for, and write it to the run folder's collaborative.json."""
-    if source is None:
+    from accelerate import PartialState
+
+    if source is None or not PartialState().is_main_process:  # each process counted its own share: one writer
         return
     unknown = source.unknown_titles
     print(f"[collaborative] {sum(unknown.values())} title occurrences ({len(unknown)} distinct titles) had no id in "
@@ -95,6 +98,8 @@ class ProjectorLearningRate:
     """
 
     def create_optimizer(self, model=None):
+        if not getattr(self.args, "train_projector", True):
+            freeze_projectors(model if model is not None else self.model)  # PEFT's set_adapter (a resume) unfreezes them
         rate = getattr(self.args, "projector_learning_rate", None)
         if rate is None or self.optimizer is not None:
             return super().create_optimizer(model)
@@ -103,6 +108,6 @@ class ProjectorLearningRate:
         projectors = [p for name, p in trained if ".collaborative_tokens." in f".{name}"]
         others = [p for name, p in trained if ".collaborative_tokens." not in f".{name}"]
         optimizer_class, options = self.get_optimizer_cls_and_kwargs(self.args, model)
-        groups = [{"params": others, "weight_decay": self.args.weight_decay}, {"params": projectors, "lr": rate, "weight_decay": 0.0}]
+        groups = [{"params": others, "weight_decay": self.args.weight_decay}, {"params": projectors, "lr": rate, "weight_decay": self.args.weight_decay}]
         self.optimizer = optimizer_class([g for g in groups if g["params"]], **options)
         return self.optimizer

@@ -176,7 +176,7 @@ def run_align(config: AlignConfig) -> Path:
         check_k(train, config.negatives)
     except ValueError as exc:
         raise UserError(f"--negatives: {exc}.") from None
-    source = load_collaborative(config)
+    source = load_collaborative(config, base=config.sft)  # an exported SFT run carries its model inside
     record_collaborative(config, source)
     set_seed(config.seed)
     model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True,

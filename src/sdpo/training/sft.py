@@ -61,7 +61,7 @@ class ModelArguments:
         "help": "a trained sdpo baseline (sasrec, gru4rec, caser) whose item vectors and user state the prompts carry as soft tokens"})
     collaborative_sha256: str | None = field(default=None, metadata={
         "help": "SHA-256 of the collaborative model's weights; recorded from --collaborative (a different one is refused)"})
-    collaborative_place: str | None = field(default=None, metadata={"help": "each item's soft token goes before (default) or after its title"})
+    collaborative_place: str | None = field(default="before", metadata={"help": "each item's soft token goes before or after its title"})
     collaborative_score: bool = field(default=False, metadata={
         "help": "each item's soft token also reads the collaborative model's score of the item"})
     train_projector: bool = field(default=True, metadata={"help": "train the projectors of the collaborative tokens (else keep them as they are)"})
@@ -77,7 +77,8 @@ class ModelArguments:
                 raise ValueError(f"--{name} must be at least 1 (or left out for all), got {value}")
         if self.lora_r < 1 or self.lora_alpha <= 0:
             raise ValueError(f"--lora_r must be at least 1 and --lora_alpha above 0, got {self.lora_r} and {self.lora_alpha}")
-        if not self.collaborative and (self.collaborative_place is not None or self.collaborative_score):
+        is_align = bool(getattr(self, "sft", None))  # an align run takes these from its SFT run
+        if not is_align and not self.collaborative and (self.collaborative_place != "before" or self.collaborative_score):
             raise ValueError("--collaborative_place and --collaborative_score shape collaborative tokens: give --collaborative DIR too")
         if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
             raise ValueError(f"--projector_learning_rate must be above 0, got {self.projector_learning_rate}")
