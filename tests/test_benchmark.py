@@ -55,3 +55,14 @@ def test_benchmark_collaborative_on_tiny(small_data, sasrec_dir, tmp_path):
         assert row["text_seconds"] > 0 and row["collaborative_seconds"] > 0
         assert row["collaborative_tokens"] > row["text_tokens"]  # the placeholders and the user line
         assert abs(row["ratio"] - row["collaborative_seconds"] / row["text_seconds"]) < 0.01 * row["ratio"]
+
+
+def test_benchmark_train_trunk_on_tiny(small_data, tmp_path):
+    from sdpo.benchmarks.train_trunk import benchmark_train_trunk, format_table
+
+    result = benchmark_train_trunk("tiny", small_data, lora_layers=1, n_records=3, k=3, repeats=2, json_out=tmp_path / "t.json", bf16=False)
+    assert json.loads((tmp_path / "t.json").read_text()) == result
+    assert result["trunk_depth"] == 1 and result["records"] == 3 and result["negatives"] == 3
+    assert result["max_abs_logp_diff"] < 1e-5 and result["max_abs_grad_diff"] < 1e-5  # the same step, from the shared states
+    assert len(result["full_seconds"]) == len(result["shared_seconds"]) == 2 and result["speedup"] > 0
+    assert "shared trunk" in format_table(result)

@@ -103,7 +103,7 @@ def test_the_extractor_finds_what_a_page_quotes():
                                      "pipeline c.yaml --output_dir studies/x &", "evaluate --data DIR"]
     assert words("align --sft DIR [--seed 0] --negatives 3 > log.txt") == ["align", "--sft", "DIR", "--seed", "0", "--negatives", "3"]
     path, _, flags = resolve(["benchmark", "trunk", "--data", "d"])
-    assert path == ["benchmark", "trunk"] and "--protocol" in flags and "--negatives" not in flags
+    assert path == ["benchmark", "trunk"] and "--protocol" in flags and "--beta" not in flags
     with pytest.raises(AssertionError, match="no such command"):
         resolve(["trian", "--data", "d"])
 

@@ -114,17 +114,26 @@ def benchmark_trunk_cmd(
     data: Path = typer.Option(..., help="prepared dataset folder whose test records are ranked"),
     json_out: Path = typer.Option(..., "--json", help="result file to write"),
     model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
-    protocol: str = typer.Option("rank", help="rank (score the candidates) or generate (greedy answers)"),
+    protocol: str = typer.Option("rank", help="rank (score the candidates), generate (greedy answers) or train (S-DPO steps of an align run)"),
+    negatives: int = typer.Option(19, help="train: K, negatives per record in each step"),
+    bf16: bool | None = typer.Option(None, "--bf16/--no_bf16", help="train: bf16 weights and matmuls (default: on where the hardware "
+                                     "computes bf16 natively); the exactness of the shared trunk is to fp32's 1e-5 in fp32"),
     lora_layers: int = typer.Option(8, "--lora_layers", "--lora-layers", help="the adapter's layers: the last N (the trunk is the rest)"),
-    records: int = typer.Option(32, help="test records ranked (answered) in each way"),
+    records: int = typer.Option(32, help="test records ranked (answered) in each way; train: train records per step"),
     repeats: int = typer.Option(3, help="timed repeats of each way, alternating which goes first (medians reported)"),
     batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass"),
 ) -> None:
-    """Ranking or generating with the shared-trunk cache against the full computation: s/record, speedup, exactness, disk per record."""
+    """Ranking, generating or training with the shared trunk against the full computation: time, speedup, exactness, size."""
     from sdpo.benchmarks.trunk import benchmark_trunk, format_table
 
     if min(records, repeats, batch_size, lora_layers) < 1:
         raise UserError("--records, --repeats, --batch_size and --lora_layers must be at least 1.")
+    if protocol == "train":
+        from sdpo.benchmarks import train_trunk
+
+        result = train_trunk.benchmark_train_trunk(model, data, lora_layers, records, negatives, repeats, json_out, bf16)
+        _show(train_trunk.format_table(result), json_out)
+        return
     result = benchmark_trunk(model, data, lora_layers, records, repeats, batch_size, json_out, protocol=protocol)
     _show(format_table(result), json_out)
 

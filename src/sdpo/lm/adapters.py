@@ -44,7 +44,7 @@ def check_safetensors(path: Path) -> None:
         raise UserError(f"{path}: damaged ({type(exc).__name__}: {exc}). Retrain, or restore the file.") from None
 
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _AFTER_THE_TRUNK = ("lm_head", "norm")  # modules an adapter may change without touching the trunk
 _PLAIN_NAME = re.compile(r"^\w+$")
 
@@ -65,7 +65,7 @@ def first_adapted_layer(model) -> int | None:
     for name, module in model.named_modules():
         if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
             continue
-        match = _LAYER_INDEX.search(f".{name}.")
+        match = LAYER_INDEX.search(f".{name}.")
         if match is None:
             if name.rsplit(".", 1)[-1] in _AFTER_THE_TRUNK:
                 continue

@@ -1,11 +1,15 @@
 """The two pieces of a causal LM that the scoring kernel and the trunk cache share.
 
 `causal_lm_parts` finds the decoder and the LM head through every wrapper;
-`final_hidden_states` runs the model itself and keeps the decoder's output. Both live
+`final_hidden_states` runs the model itself and keeps the decoder's output; `only_layers`
+lets the decoder run a slice of its layers (the trunk caches skip the ones they hold), and
+`states_entering` keeps what enters a layer. They live
 here, below `sdpo.lm.scoring` and `sdpo.lm.trunk`, so that neither has to import the other.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -35,3 +39,26 @@ def final_hidden_states(model, decoder, **inputs) -> torch.Tensor:
     finally:
         hook.remove()
     return kept[-1]
+
+
+@contextmanager
+def only_layers(decoder, start: int = 0, stop: int | None = None):
+    """Let `decoder` run only ``layers[start:stop]`` while in the block (from `start` on, its input is the states entering that layer)."""
+    layers = decoder.layers
+    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+
+
+@contextmanager
+def states_entering(layer):
+    """A list that collects the hidden states [B, L, H] of every call into `layer`, while in the block."""
+    kept = []
+    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: kept.append(args[0] if args else kwargs["hidden_states"]),
+                                           with_kwargs=True)
+    try:
+        yield kept
+    finally:
+        hook.remove()

@@ -35,7 +35,7 @@ import torch
 from sdpo.errors import UserError
 from sdpo.io import replace_atomic
 from sdpo.lm.adapters import first_adapted_layer
-from sdpo.lm.decoder import causal_lm_parts, final_hidden_states
+from sdpo.lm.decoder import causal_lm_parts, final_hidden_states, only_layers, states_entering
 
 
 def trunk_fingerprint(model, decoder, depth: int) -> str:
@@ -114,29 +114,6 @@ def _prompt_trunk_from(decoder, saved: dict[str, torch.Tensor]):
             restore(index)
 
 
-@contextmanager
-def _states_entering(layer):
-    """A list that collects the hidden states [B, L, H] of every call into `layer`, while in the block."""
-    kept = []
-    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: kept.append(args[0] if args else kwargs["hidden_states"]),
-                                           with_kwargs=True)
-    try:
-        yield kept
-    finally:
-        hook.remove()
-
-
-@contextmanager
-def _without_first_layers(decoder, depth: int):
-    """Let `decoder` run only its layers from `depth` on (its input then being the hidden states entering that layer)."""
-    layers = decoder.layers
-    decoder.layers = torch.nn.ModuleList(list(layers)[depth:])
-    try:
-        yield
-    finally:
-        decoder.layers = layers
-
-
 class TrunkCache:
     """What the first `depth` decoder layers of `model` compute, one file per batch under `folder`.
 
@@ -174,14 +151,14 @@ class TrunkCache:
         hidden = self._load_hidden(path, packed["input_ids"].shape, decoder.config.hidden_size)
         if hidden is not None:
             rest = {key: value for key, value in inputs.items() if key not in ("input_ids", "inputs_embeds")}
-            with _without_first_layers(decoder, self.depth):
+            with only_layers(decoder, self.depth):
                 cached = final_hidden_states(model, decoder, **rest, inputs_embeds=hidden.to(packed["input_ids"].device))
             if self.checked:
                 return cached
             full = final_hidden_states(model, decoder, **inputs)
             self._check(torch.equal(full, cached), f"largest gap {float((full - cached).abs().max()):.3g}")
             return full
-        with _states_entering(decoder.layers[self.depth]) as kept:
+        with states_entering(decoder.layers[self.depth]) as kept:
             output = final_hidden_states(model, decoder, **inputs)
         self._save(path, {"hidden": kept[-1]})
         return output
@@ -212,7 +189,7 @@ class TrunkCache:
                 torch.equal(a, b) for a, b in zip(full.logits, cached.logits, strict=True))
             self._check(same, "other generated tokens or logits")
             return full.sequences
-        with _states_entering(decoder.layers[self.depth]) as kept:
+        with states_entering(decoder.layers[self.depth]) as kept:
             output = model.generate(**prompts, **options, return_dict_in_generate=True)
         if not _holds_every_position(output.cache, output.sequences.shape[1] - 1):
             return output.sequences  # no cache, or one that drops or compresses positions: nothing to keep

@@ -47,6 +47,9 @@ class AlignConfig(SFTConfig):
     sft_weight: float = field(default=0.0, metadata={"help": "weight of an extra NLL term on the positive (0 = off)"})
     reference: str = field(default="precomputed", metadata={
         "help": "precomputed (scores cached once) or adapter (a frozen copy of the SFT adapter, run each step)"})
+    share_trunk: bool = field(default=False, metadata={
+        "help": "compute the layers below the first LoRA layer once per record, not in every step (an SFT run with --lora_layers N; "
+                "with collaborative tokens, --no_train_projector)"})
     select_by: str = field(default="loss", metadata={"help": "keep the best checkpoint by validation loss or hr@1"})
     hr_limit: int = field(default=100, metadata={"help": "validation records ranked for eval hr@1"})
     output_dir: str = "runs/align"

@@ -47,6 +47,7 @@ from sdpo.training.losses import dpo_loss, softmax_dpo_loss
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
 from sdpo.training.runs import resume_point, start_run, write_run_config
+from sdpo.training.trunk_states import RecordTrunk, lora_depth
 
 REFERENCE_ADAPTER = "reference"
 REFERENCE_CACHE = "reference-cache"  # inside the SFT run folder, shared by the align runs that start from it
@@ -55,7 +56,7 @@ __all__ = ["LOG_FILE", "LOSSES", "AlignConfig", "run_align"]
 
 
 @torch.no_grad()
-def frozen_adapter_logps(model, packed: dict[str, torch.Tensor], train_projector: bool = True) -> torch.Tensor:
+def frozen_adapter_logps(model, packed: dict[str, torch.Tensor], train_projector: bool = True, trunk=None) -> torch.Tensor:
     """[B, A] log-probs of the packed answers under the frozen reference adapter (and its own projectors' copy).
 
     Run in eval mode (no LoRA dropout), as the precomputed table is: the reference is one
@@ -66,7 +67,7 @@ def frozen_adapter_logps(model, packed: dict[str, torch.Tensor], train_projector
     model.set_adapter(REFERENCE_ADAPTER)
     model.eval()
     try:
-        logps, _ = answer_logprobs(model, packed)
+        logps, _ = answer_logprobs(model, packed, trunk)
     finally:
         model.set_adapter("default")  # PEFT makes the active adapter the trainable one
         if not train_projector:
@@ -78,20 +79,24 @@ def frozen_adapter_logps(model, packed: dict[str, torch.Tensor], train_projector
 class PreferenceTrainer(ProjectorLearningRate, Trainer):
     """Trainer with the S-DPO / DPO loss on packed answers and TRL-style reward metrics."""
 
-    def __init__(self, *args, align: AlignConfig, hr_records: list[Record], prompts, **kwargs):
+    def __init__(self, *args, align: AlignConfig, hr_records: list[Record], prompts, trunks=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.align, self.hr_records, self.prompts = align, hr_records, prompts
+        self.trunks = trunks or {}  # "train" / "eval": a RecordTrunk of that dataset's records (--share_trunk)
         self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def reference_logps(self, model, inputs) -> torch.Tensor:
         """[B, 1+K] reference log-probs: precomputed, or from the frozen SFT adapter copy."""
         if "reference_logps" in inputs:
             return inputs["reference_logps"]
-        return frozen_adapter_logps(model, inputs, self.align.train_projector)
+        return frozen_adapter_logps(model, inputs, self.align.train_projector, self._trunk(model))
+
+    def _trunk(self, model):
+        return self.trunks.get("train" if model.training else "eval")
 
     def preference_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
         reference = self.reference_logps(model, inputs)
-        logps, n_tokens = answer_logprobs(model, inputs)  # [B, 1+K]
+        logps, n_tokens = answer_logprobs(model, inputs, self._trunk(model))  # [B, 1+K]
         reference = reference.to(logps.dtype)
         chosen, rejected = logps[:, 0], logps[:, 1:]
         ref_chosen, ref_rejected = reference[:, 0], reference[:, 1:]
@@ -159,6 +164,23 @@ def reference_table(model, tokenizer, records, config: AlignConfig, name: str, p
         )
 
 
+def shared_trunks(model, tokenizer, prompts, config: AlignConfig, source, train_dataset, eval_dataset) -> dict:
+    """The records' states below the first LoRA layer (`RecordTrunk`), for the train and eval datasets."""
+    depth = lora_depth(model)
+    if not depth:
+        raise UserError(f"--share_trunk shares the layers below the first LoRA layer; {config.sft} has LoRA on layer 0. "
+                        "Train the SFT run with --lora_layers N.")
+    if source is not None and config.train_projector:
+        raise UserError("--share_trunk: collaborative tokens enter at layer 0 through the projectors; freeze them "
+                        "(--no_train_projector) or leave --share_trunk out.")
+    print(f"[align] layers 0-{depth - 1} are computed once per record (shared trunk)")
+    trunks = {"train": RecordTrunk.compute(model, tokenizer, train_dataset.records, prompts, depth, config.per_device_eval_batch_size)}
+    if eval_dataset is not None:
+        trunks["eval"] = RecordTrunk.compute(model, tokenizer, eval_dataset.records, prompts, depth, config.per_device_eval_batch_size)
+    model.train()
+    return trunks
+
+
 def run_align(config: AlignConfig) -> Path:
     """Train the SFT model further with S-DPO or DPO; returns the output folder."""
     inherit_from_sft(config, read_sft_run(config.sft))
@@ -199,6 +221,7 @@ def run_align(config: AlignConfig) -> Path:
         val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
         eval_dataset = PreferenceDataset(val, reference_for(val, "val"), tokenizer, config, prompts)
         hr_records = load_split(config.data, "val", config.hr_limit, config.subset_seed)
+    trunks = shared_trunks(model, tokenizer, prompts, config, source, train_dataset, eval_dataset) if config.share_trunk else None
     if config.reference == "adapter":
         model.load_adapter(config.sft, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter("default")
@@ -216,6 +239,7 @@ def run_align(config: AlignConfig) -> Path:
         align=config,
         hr_records=hr_records,
         prompts=prompts,
+        trunks=trunks,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     if config.reference == "adapter":

@@ -38,6 +38,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         chosen = [record.candidates.index(record.target), *self.negatives_of(index)]
         example = {
             "record": record,
+            "trunk_record": index,  # where a shared trunk (sdpo.training.trunk_states) finds the record's states
+            "trunk_answers": chosen,
             "prompt_ids": self.prompts.ids(record),
             "answer_ids": [encode_answer(self.tokenizer, record.candidates[i]) for i in chosen],
         }
@@ -56,6 +58,9 @@ class PreferenceCollator:
         prompt_ids = [e["prompt_ids"] for e in examples]
         packed = pack_answers(prompt_ids, [e["answer_ids"] for e in examples], self.pad_token_id)
         packed.update(self.prompts.soft_inputs([e["record"] for e in examples], prompt_ids))
+        width = max(len(e["trunk_answers"]) for e in examples)
+        packed["trunk_record"] = torch.tensor([e["trunk_record"] for e in examples])  # [B]
+        packed["trunk_answers"] = torch.tensor([e["trunk_answers"] + [-1] * (width - len(e["trunk_answers"])) for e in examples])  # [B, A]
         if "reference_logps" in examples[0]:
             packed["reference_logps"] = torch.stack([e["reference_logps"] for e in examples])  # [B, 1+K]
         return packed
