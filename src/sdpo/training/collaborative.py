@@ -108,6 +108,7 @@ class ProjectorLearningRate:
         projectors = [p for name, p in trained if ".collaborative_tokens." in f".{name}"]
         others = [p for name, p in trained if ".collaborative_tokens." not in f".{name}"]
         optimizer_class, options = self.get_optimizer_cls_and_kwargs(self.args, model)
-        groups = [{"params": others, "weight_decay": self.args.weight_decay}, {"params": projectors, "lr": rate, "weight_decay": self.args.weight_decay}]
-        self.optimizer = optimizer_class([g for g in groups if g["params"]], **options)
+        decay = self.args.weight_decay
+        groups = [{"params": others, "weight_decay": decay}, {"params": projectors, "lr": rate, "weight_decay": decay}]
+        self.optimizer = optimizer_class([group for group in groups if group["params"]], **options)
         return self.optimizer
