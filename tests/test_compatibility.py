@@ -29,6 +29,7 @@ def test_the_public_import_is_where_it_was_and_stays_light():
 def test_every_committed_pipeline_config_still_reads(name):
     """Each pipeline config in configs/ reads, and every stage's options build that stage's config."""
     from sdpo.baselines.train import BaselineConfig
+    from sdpo.lm.adapters import check_adapter_folder
     from sdpo.pipeline.config import read_pipeline
     from sdpo.training.preference import AlignConfig
     from sdpo.training.sft import SFTConfig
@@ -36,10 +37,16 @@ def test_every_committed_pipeline_config_still_reads(name):
     plan = read_pipeline(REPO / "configs" / name)
     assert plan.sft_stages or plan.baselines, "a pipeline trains or runs baselines"
     for stage, options in plan.sft_stages:
-        build_config(SFTConfig, options, where=f"{name}: {stage}")
+        if "adapter" in options:  # a stage imported from a committed folder
+            check_adapter_folder(REPO / options["adapter"])
+        else:
+            build_config(SFTConfig, options, where=f"{name}: {stage}")
     for stage, options, start in plan.align_stages:
         assert start in [s for s, _ in plan.sft_stages]
-        build_config(AlignConfig, options, where=f"{name}: {stage}")
+        if "adapter" in options:
+            check_adapter_folder(REPO / options["adapter"])
+        else:
+            build_config(AlignConfig, options, where=f"{name}: {stage}")
     for model, options in (plan.baselines or {}).get("models", []):
         section = {k: v for k, v in plan.baselines.items() if k != "models"}
         build_config(BaselineConfig, {**section, **options, "model": model}, where=f"{name}: baselines")

@@ -37,11 +37,16 @@ def assert_same_training(one, two):
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def text_sft(small_data, tmp_path_factory):
+    return sft_run(small_data, tmp_path_factory.mktemp("trunk-states") / "sft")
+
+
 @pytest.mark.parametrize("reference", ["precomputed", "adapter"])
-def test_the_shared_trunk_trains_the_same_adapter(small_data, tmp_path, monkeypatch, reference):
+def test_the_shared_trunk_trains_the_same_adapter(text_sft, tmp_path, monkeypatch, reference):
     from sdpo.training.trunk_states import RecordTrunk
 
-    sft = sft_run(small_data, tmp_path / "sft")
+    sft = text_sft
     plain = align_run(sft, tmp_path / "plain", reference=reference)
     used, real = [], RecordTrunk.decoder_output
     monkeypatch.setattr(RecordTrunk, "decoder_output", lambda self, *args: used.append(self.depth) or real(self, *args))

@@ -77,8 +77,8 @@ class ModelArguments:
                 raise ValueError(f"--{name} must be at least 1 (or left out for all), got {value}")
         if self.lora_r < 1 or self.lora_alpha <= 0:
             raise ValueError(f"--lora_r must be at least 1 and --lora_alpha above 0, got {self.lora_r} and {self.lora_alpha}")
-        is_align = bool(getattr(self, "sft", None))  # an align run takes these from its SFT run
-        if not is_align and not self.collaborative and (self.collaborative_place != "before" or self.collaborative_score):
+        # (an align run leaves them unset, None, to take its SFT run's)
+        if not self.collaborative and (self.collaborative_place not in (None, "before") or self.collaborative_score):
             raise ValueError("--collaborative_place and --collaborative_score shape collaborative tokens: give --collaborative DIR too")
         if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
             raise ValueError(f"--projector_learning_rate must be above 0, got {self.projector_learning_rate}")
