@@ -1,5 +1,6 @@
 """Both protocols end to end on the tiny model, checked against independent computations."""
 
+import gzip
 import json
 
 import pytest
@@ -145,10 +146,10 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(small_data, tmp_
     monkeypatch.setattr(TextPrompts, "ids", counting)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
-    journal = tmp_path / "cut" / "progress.jsonl"
+    journal = tmp_path / "cut" / "progress.jsonl.gz"
     assert journal.is_file() and not (tmp_path / "cut" / "metrics.json").exists()
-    with open(journal, "a") as f:
-        f.write('{"kind": "logp", "id": "te')  # a line a kill cut off
+    with open(journal, "ab") as f:
+        f.write(gzip.compress(b'{"kind": "logp", "id": "test-5", "value": [1.0, 2.0, 3.0]}\n')[:20])  # a batch a kill cut off
     interrupt["at"] = None
     resumed = run(tmp_path / "cut")
     assert len(calls) == remaining

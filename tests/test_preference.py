@@ -105,6 +105,31 @@ def test_sft_then_sdpo_then_evaluate_on_tiny(small_data, tmp_path):
     assert 0 <= result.metrics["hr@1"] <= 1
 
 
+def test_adapters_stored_in_bf16_are_what_later_stages_read(small_data, tmp_path):
+    """adapter_dtype bf16 halves the stored weights (the fp32 run's, rounded), and align starts from those values."""
+    from safetensors.torch import load_file
+
+    stored = {}
+    for dtype in ("fp32", "bf16"):
+        run_sft(build_config(SFTConfig, {
+            "model": "tiny", "data": str(small_data), "output_dir": str(tmp_path / f"sft-{dtype}"), "max_steps": 2,
+            "learning_rate": 5e-3, "disable_tqdm": True, "train_limit": 8, "lora_dropout": 0.0, "adapter_dtype": dtype,
+        }))
+        stored[dtype] = load_file(tmp_path / f"sft-{dtype}" / "adapter_model.safetensors")
+    assert stored["bf16"].keys() == stored["fp32"].keys()
+    for name, weight in stored["bf16"].items():
+        assert weight.dtype == torch.bfloat16 and torch.equal(weight, stored["fp32"][name].to(torch.bfloat16)), name
+    out = run_align(build_config(AlignConfig, {
+        "sft": str(tmp_path / "sft-bf16"), "output_dir": str(tmp_path / "sdpo"), "negatives": 3, "beta": 1.0, "max_steps": 1,
+        "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True, "train_limit": 4, "adapter_dtype": "bf16",
+    }))
+    first = json.loads((out / LOG_FILE).read_text().splitlines()[0])
+    assert abs(first["rewards/chosen"]) < 1e-4  # the policy starts as the stored bf16 SFT model, its reference
+    assert all(w.dtype == torch.bfloat16 for w in load_file(out / "adapter_model.safetensors").values())
+    with pytest.raises(UserError, match="--adapter_dtype 'fp16': choose bf16 or fp32"):
+        build_config(SFTConfig, {"model": "tiny", "data": str(small_data), "adapter_dtype": "fp16"})
+
+
 def test_reference_adapter_mode_matches_the_sft_model(small_data, tmp_path):
     """With a frozen copy of the SFT adapter as reference, step 1 has zero rewards and training moves on."""
     sft_dir = run_sft(build_config(SFTConfig, {

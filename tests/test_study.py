@@ -43,7 +43,7 @@ def test_a_fresh_checkout_continues_the_study_to_the_same_results(tiny_study, tm
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     monkeypatch.undo()
     study = first / tiny_study.out
-    assert (study / "eval" / "sft-rank" / "progress.jsonl").is_file() and not (study / "results.json").exists()
+    assert (study / "eval" / "sft-rank" / "progress.jsonl.gz").is_file() and not (study / "results.json").exists()
 
     # what git takes: the study's .gitignore decides, and sdpo's own list of kept files agrees with it
     git("init", "-q", cwd=first)
@@ -54,7 +54,7 @@ def test_a_fresh_checkout_continues_the_study_to_the_same_results(tiny_study, tm
     out = str(tiny_study.out)
     for needed in ("sft/adapter_model.safetensors", "sft/adapter_config.json", "sft/sdpo_config.yaml", "sft/log.jsonl",
                    "dpo/adapter_model.safetensors", "eval/zero-shot-rank/metrics.json", "eval/zero-shot-rank/predictions.jsonl.gz",
-                   "eval/sft-rank/progress.jsonl", ".gitignore"):
+                   "eval/sft-rank/progress.jsonl.gz", ".gitignore"):
         assert f"{out}/{needed}" in tracked, needed
     left_out = [p for p in study.rglob("*") if p.is_file() and str(p.relative_to(first)) not in tracked]
     assert any("checkpoint-" in str(p) for p in left_out)  # checkpoints existed and stay out of git
@@ -161,3 +161,42 @@ def test_a_study_imports_stages_trained_elsewhere_and_generates_with_the_stages_
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(config))
     wrong = sdpo("pipeline", "wrong.yaml", "--output_dir", "wrong", cwd=tmp_path)
     assert wrong.returncode == 2 and "was not trained from the weights of stage text-sft" in wrong.stderr + wrong.stdout
+
+
+def test_files_too_large_to_commit_are_named(tmp_path, capsys):
+    from sdpo.pipeline.study import warn_about_large_files, write_gitignore
+
+    write_gitignore(tmp_path)
+    sizes = {"sft/adapter_model.safetensors": 9 << 20, "dpo/adapter_model.safetensors": 6 << 20,
+             "eval/sft-rank/predictions.jsonl.gz": (1 << 20) + 1, "eval/dpo-rank/predictions.jsonl.gz": 900 << 10,
+             "checkpoint-8/adapter_model.safetensors": 20 << 20}
+    for name, size in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(size)
+    large = warn_about_large_files(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in large) == ["eval/sft-rank/predictions.jsonl.gz", "sft/adapter_model.safetensors"]
+    said = capsys.readouterr().out
+    assert "over the 8 MiB" in said and "adapter_dtype: bf16" in said and "over the 1 MiB" in said
+
+
+def test_an_evaluation_in_another_precision_than_the_pipeline_pins_is_redone(tmp_path):
+    from sdpo.pipeline.run import _finished_evaluation
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"hr@1": 0.5, "bf16": True}))
+    assert _finished_evaluation(tmp_path, None, bf16=True)["hr@1"] == 0.5
+    assert _finished_evaluation(tmp_path, None, bf16=None)["hr@1"] == 0.5  # not pinned: whatever it ran in
+    assert _finished_evaluation(tmp_path, None, bf16=False) is None
+
+
+def test_a_stage_whose_weights_git_did_not_keep_is_trained_again(tmp_path):
+    from sdpo.pipeline.stages import run_training_stage
+    from sdpo.training.sft import SFTConfig
+
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "sdpo_config.yaml").write_text("model: tiny\n")
+    (out / "adapter_config.json").write_text("{}")
+    trained = []
+    run_training_stage("sft", SFTConfig, lambda config: trained.append(config) or out, {"model": "tiny", "data": "d"}, out, Path("c.yaml"))
+    assert len(trained) == 1 and trained[0].overwrite and not trained[0].resume

@@ -7,12 +7,27 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from sdpo.data.sources.fetch import sha256_of
 from sdpo.errors import UserError
+from sdpo.io import replace_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # how an adapter's weights may be stored
+
+
+def store_adapter_weights(folder: str | Path, dtype: str) -> None:
+    """Rewrite FOLDER/adapter_model.safetensors with its floating-point tensors in `dtype` (bf16: half the bytes).
+
+    Whatever loads the adapter later reads these stored values: a bf16 copy is the model from then on.
+    """
+    path = Path(folder) / ADAPTER_WEIGHTS
+    target = WEIGHT_DTYPES[dtype]
+    weights = {name: t.to(target) if t.is_floating_point() else t for name, t in load_file(path).items()}
+    replace_atomic(path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
 
 
 def adapter_sha256(folder: str | Path) -> str:

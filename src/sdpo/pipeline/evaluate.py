@@ -9,6 +9,7 @@ from typing import Any
 from sdpo.data.datasets import load_split, resolve_domain
 from sdpo.data.records import Record
 from sdpo.errors import UserError
+from sdpo.evaluation.journal import to_float32
 from sdpo.evaluation.protocols import PROTOCOLS, SCORES, evaluate
 from sdpo.evaluation.results import predictions_file
 from sdpo.io import read_jsonl
@@ -146,12 +147,14 @@ def _settings_of_adapter(adapter, model_name, domain, prompt_seed):
 
 
 def read_candidate_logps(folder: str | Path, records: list[Record]) -> list[list[float]] | None:
-    """Per record, the log-prob of each candidate (candidate order) from a rank evaluation's predictions; None if they do not cover `records`."""
+    """Per record, the log-prob of each candidate (candidate order) from a rank evaluation's predictions; None if they do not cover `records`.
+
+    The values are the float32 log-probs that evaluation computed (its file keeps them as short decimals)."""
     path = predictions_file(folder)
     if not path.is_file():
         return None
     by_id = {row["id"]: {entry["title"]: entry["logp"] for entry in row["ranking"]} for row in read_jsonl(path)}
     try:
-        return [[by_id[r.id][c] for c in r.candidates] for r in records]
+        return [[to_float32(by_id[r.id][c]) for c in r.candidates] for r in records]
     except KeyError:
         return None

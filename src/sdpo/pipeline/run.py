@@ -124,7 +124,7 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
             if label not in (generated if protocol == "generate" else evaluated):
                 continue
             target = plan.out / "eval" / f"{label}-{protocol}"
-            metrics = _finished_evaluation(target, adapter)
+            metrics = _finished_evaluation(target, adapter, plan.shared["bf16"])
             if metrics is not None:
                 print(f"[evaluate] reusing {target}")
             else:
@@ -168,13 +168,16 @@ def _remove_trunk_cache(folder: Path, why: str) -> None:
         print(f"[evaluate] {why}: removed the trunk cache {folder} ({size / 1e9:.2f} GB)")
 
 
-def _finished_evaluation(target: Path, adapter: str | None) -> dict[str, Any] | None:
-    """The metrics of a finished evaluation of this very adapter in `target` (None: evaluate it)."""
+def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None) -> dict[str, Any] | None:
+    """The metrics of a finished evaluation of this very adapter in `target`, in the pinned precision if any (None: evaluate it)."""
 
     if not (target / "metrics.json").is_file():
         return None
     metrics = json.loads((target / "metrics.json").read_text())
     if adapter is not None and metrics.get("adapter_sha256", "unrecorded") not in ("unrecorded", adapter_sha256(adapter)):
         print(f"[evaluate] {target} evaluated another adapter of that stage (it was trained again since): evaluating again")
+        return None
+    if bf16 is not None and metrics.get("bf16", bf16) != bf16:  # one table, one precision
+        print(f"[evaluate] {target} ran in {'bf16' if metrics['bf16'] else 'fp32'}, the pipeline pins the other: evaluating again")
         return None
     return metrics

@@ -15,10 +15,12 @@ from sdpo.pipeline.config import Pipeline
 
 def run_training_stage(name: str, config_cls, runner, values: dict[str, Any], out: Path, path: Path) -> Path:
     """Run a training stage into `out`, reusing a finished run and resuming an interrupted one."""
+    from sdpo.lm.adapters import ADAPTER_WEIGHTS
     from sdpo.training.runs import CONFIG_FILE, changed_training_options, read_run_config
 
     values = {**values, "output_dir": str(out)}
-    if (out / CONFIG_FILE).is_file() and (out / "adapter_config.json").is_file():
+    # finished: config and adapter, weights included (a study folder whose weights were kept out of git trains it again)
+    if all((out / name).is_file() for name in (CONFIG_FILE, "adapter_config.json", ADAPTER_WEIGHTS)):
         changed = changed_training_options(read_run_config(out), build_config(config_cls, values, where=f"{path}: {name}"))
         if changed:
             raise UserError(f"{path}: stage {name}: {out} was trained with other options ({'; '.join(changed)}). "

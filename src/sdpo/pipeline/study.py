@@ -28,11 +28,12 @@ GITIGNORE = ".gitignore"
 KEPT_FILES = (
     GITIGNORE, "results.json", "results.md",  # the pipeline's table
     "sdpo_config.yaml", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "collaborative.json",  # a finished training stage
-    "metrics.json", "predictions.jsonl.gz", "predictions.jsonl", "progress.jsonl",  # an evaluation, finished or under way
+    "metrics.json", "predictions.jsonl.gz", "predictions.jsonl", "progress.jsonl.gz", "progress.jsonl",  # an evaluation, finished or under way
     "model.safetensors", "items.json", "config.json",  # a finished baseline
 )
 REBUILT_FOLDERS = ("checkpoint-[0-9]*", "reference-cache", "trunk-cache", "runs")  # checkpoints, caches, tensorboard
-MAX_TRACKED_BYTES = 8 * 1024 * 1024
+MAX_WEIGHTS_BYTES = 8 * 1024 * 1024  # a stage's or baseline's weights (adapter_dtype bf16 halves an adapter's)
+MAX_TRACKED_BYTES = 1024 * 1024  # any other file git carries
 
 
 HEADER = "# Written by sdpo pipeline (sdpo.pipeline.study): git keeps what a fresh checkout needs to continue"
@@ -79,9 +80,15 @@ def kept_files(out: Path) -> list[Path]:
 
 
 def warn_about_large_files(out: Path) -> list[Path]:
-    """Name each file git would track that is over 8 MiB (too large to commit comfortably); returns them."""
-    large = [p for p in kept_files(out) if p.stat().st_size > MAX_TRACKED_BYTES]
-    for path in large:
-        print(f"[study] {path} is {path.stat().st_size / 2**20:.1f} MiB, over the 8 MiB a committed study file should be: "
-              "train LoRA on fewer layers (lora_layers) or commit it through Git LFS.")
+    """Name each file git would track that is too large to commit (weights over 8 MiB, anything else over 1 MiB); returns them."""
+    large = []
+    for path in kept_files(out):
+        weights = path.suffix == ".safetensors"
+        limit = MAX_WEIGHTS_BYTES if weights else MAX_TRACKED_BYTES
+        if path.stat().st_size > limit:
+            large.append(path)
+            hint = ("store the stage's adapter in bf16 (adapter_dtype: bf16) or train LoRA on fewer layers (lora_layers)" if weights
+                    else "evaluate fewer records (evaluate.limit), or commit it through Git LFS")
+            print(f"[study] {path} is {path.stat().st_size / 2**20:.1f} MiB, over the {limit // 2**20} MiB a committed study file "
+                  f"may be: {hint}.")
     return large

@@ -17,16 +17,13 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from sdpo.errors import UserError
 from sdpo.io import write_folder_atomic
-from sdpo.lm.adapters import ADAPTER_WEIGHTS, adapter_sha256, check_adapter_folder
+from sdpo.lm.adapters import ADAPTER_WEIGHTS, WEIGHT_DTYPES, adapter_sha256, check_adapter_folder, store_adapter_weights
 from sdpo.training.runs import CONFIG_FILE, read_run_config
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EXPORTED_FROM = "exported_from"  # keys added to the exported sdpo_config.yaml: the run folder it came from,
 EXPORTED_SHA256 = "exported_sha256"  # and the SHA-256 of that run's adapter weights (before any cast)
 COLLABORATIVE_DIR = "collaborative"  # inside an export: the collaborative model its prompts read
@@ -35,8 +32,8 @@ COLLABORATIVE_DIR = "collaborative"  # inside an export: the collaborative model
 def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path | None = None, dtype: str = "bf16") -> Path:
     """Write run_dir's adapter into the new folder `out` (nothing is written unless all of it is)."""
     run_dir, out = Path(run_dir), Path(out)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}.")
+    if dtype not in WEIGHT_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose {' or '.join(WEIGHT_DTYPES)}.")
     config = read_run_config(run_dir, "a training run folder")
     check_adapter_folder(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -52,12 +49,11 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
     config[EXPORTED_FROM] = str(run_dir)  # as given: no machine's absolute path travels with the folder
     config[EXPORTED_SHA256] = adapter_sha256(run_dir)
     config["output_dir"] = str(out)
-    weights = {name: tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
-               for name, tensor in load_file(run_dir / ADAPTER_WEIGHTS).items()}
 
     def fill(staging: Path) -> None:
         shutil.copy2(run_dir / "adapter_config.json", staging / "adapter_config.json")
-        save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        shutil.copy2(run_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+        store_adapter_weights(staging, dtype)
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
         if (run_dir / "log.jsonl").is_file():
             shutil.copy2(run_dir / "log.jsonl", staging / "log.jsonl")

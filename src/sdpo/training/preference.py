@@ -47,6 +47,7 @@ from sdpo.training.losses import dpo_loss, softmax_dpo_loss
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
 from sdpo.training.runs import resume_point, start_run, write_run_config
+from sdpo.training.sft import save_adapter
 from sdpo.training.trunk_states import RecordTrunk, lora_depth
 
 REFERENCE_ADAPTER = "reference"
@@ -244,8 +245,7 @@ def run_align(config: AlignConfig) -> Path:
     trainer.train(resume_from_checkpoint=resume_from)
     if config.reference == "adapter":
         trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
-    trainer.save_model(config.output_dir)
-    trainer.save_state()
+    save_adapter(trainer, config)
     report_unknown(source, out)
     write_run_config(config, out)
     return out

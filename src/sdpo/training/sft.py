@@ -20,6 +20,7 @@ from sdpo.data.datasets import load_split, resolve_domain
 from sdpo.data.prompts import encode_answer
 from sdpo.data.records import Record
 from sdpo.errors import UserError
+from sdpo.lm.adapters import WEIGHT_DTYPES, store_adapter_weights
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import model_dtype, resolve_bf16
 from sdpo.lm.scoring import answer_logprobs, pack_answers
@@ -66,6 +67,9 @@ class ModelArguments:
         "help": "each item's soft token also reads the collaborative model's score of the item"})
     train_projector: bool = field(default=True, metadata={"help": "train the projectors of the collaborative tokens (else keep them as they are)"})
     projector_learning_rate: float | None = field(default=None, metadata={"help": "the projectors' learning rate (default: the learning rate)"})
+    adapter_dtype: str = field(default="fp32", metadata={
+        "help": "the finished adapter's weights on disk: fp32, or bf16 (half the bytes, e.g. for a study's stages that git "
+                "carries; every later reader, an align run from it included, loads the stored bf16 values)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
 
@@ -84,6 +88,8 @@ class ModelArguments:
             raise ValueError(f"--projector_learning_rate must be above 0, got {self.projector_learning_rate}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.adapter_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"--adapter_dtype {self.adapter_dtype!r}: choose {' or '.join(WEIGHT_DTYPES)}")
 
     def lora_settings(self) -> LoraSettings:
         targets = self.lora_target_modules
@@ -189,6 +195,15 @@ class SFTTrainer(ProjectorLearningRate, Trainer):
         return loss.detach(), None, None
 
 
+def save_adapter(trainer: Trainer, config: SFTConfig) -> None:
+    """The finished run's adapter and trainer state in its output folder, the weights in ``adapter_dtype``."""
+    trainer.save_model(config.output_dir)
+    trainer.save_state()
+    if config.adapter_dtype != "fp32" and trainer.is_world_process_zero():
+        store_adapter_weights(config.output_dir, config.adapter_dtype)
+    trainer.accelerator.wait_for_everyone()
+
+
 def run_sft(config: SFTConfig) -> Path:
     """Train a LoRA adapter with SFT; returns the output folder (adapter, tokenizer, config, log.jsonl)."""
     if not config.data:
@@ -221,8 +236,7 @@ def run_sft(config: SFTConfig) -> Path:
         callbacks=[JsonlLogger()],
     )
     trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(config.output_dir)
-    trainer.save_state()
+    save_adapter(trainer, config)
     report_unknown(source, out)
     write_run_config(config, out)
     return out
