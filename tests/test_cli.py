@@ -312,10 +312,9 @@ def test_pipeline_stages_are_named_and_linked(tmp_path):
             parse_training_stages(bad, tmp_path / "p.yaml")
 
 
-@pytest.mark.parametrize("name", ["study-lastfm.yaml", "study-ml100k.yaml"])
-def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path, name):
+def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path):
     """The committed study config, shrunk to the tiny model and a handful of records, runs and reports."""
-    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "study-lastfm.yaml").read_text())
     config.update(output_dir=str(tmp_path / "study"), model="tiny", data={"path": str(small_data)})
     for stage in [config["sft"], *config["align"]]:
         stage.update(train_limit=8, max_steps=1, gradient_accumulation_steps=1, save_steps=1)
@@ -342,6 +341,42 @@ def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path, name):
                  "--out", tmp_path / "again")
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"| {stages[-1]} | {stages[0]} | rank |" in (tmp_path / "again" / "results.md").read_text()
+
+
+def test_the_ml100k_study_config_runs_both_families_on_tiny(small_data, tmp_path):
+    """The committed ML-100K study, shrunk to the tiny model: text and collaborative families, baselines, fusion, report."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "study-ml100k.yaml").read_text())
+    config.update(output_dir=str(tmp_path / "study"), model="tiny", data={"path": str(small_data)})
+    for stage in [*config["sft"], *config["align"]]:
+        stage.update(train_limit=8, max_steps=1, gradient_accumulation_steps=1, save_steps=1)
+        if "lora_layers" in stage:
+            stage["lora_layers"] = 1  # tiny has 2
+    config["evaluate"].update(limit=3, batch_size=4)
+    config["fusion"]["val_limit"] = 4
+    config["baselines"]["models"] = ["popularity", {"model": "sasrec", "l2": "1e-7", "max_epochs": 1, "dim": 8}]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    result = sdpo("pipeline", tmp_path / "study.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = tmp_path / "study"
+    rows = json.loads((study / "results.json").read_text())
+    stages = {s["name"]: s for s in config["align"]}
+    assert {r["stage"] for r in rows} == {"zero-shot", "sft", "collab-sft", *stages, "popularity", "sasrec",
+                                          "fusion-s-dpo-k19", "fusion-collab-s-dpo-k19"}
+    for family, sft in (("text", "sft"), ("collab", "collab-sft")):
+        names = [n for n, s in stages.items() if s["from"] == sft]
+        configs = [yaml.safe_load((study / n / "sdpo_config.yaml").read_text()) for n in names]
+        assert {c["sft"] for c in configs} == {str(study / sft)}, family
+        assert sorted(c["negatives"] for c in configs) == [1, 3, 19], family
+        assert len({(c["train_limit"], c["subset_seed"], c["seed"], c["max_steps"]) for c in configs}) == 1, family
+        assert all(c["share_trunk"] == (family == "text") for c in configs), family
+        assert all(bool(c["collaborative"]) == (family == "collab") for c in configs), family
+    from safetensors.torch import load_file
+
+    assert all(w.dtype == torch.bfloat16 for w in load_file(study / "collab-s-dpo-k19" / "adapter_model.safetensors").values())
+    assert (study / "eval" / "collab-s-dpo-k19-generate" / "metrics.json").is_file()
+    assert not (study / "eval" / "collab-dpo-generate").exists()
+    report = sdpo("report", study, "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr[-2000:]
 
 
 def test_accelerate_configs_parse_and_4bit_is_refused_without_cuda(small_data, tmp_path):
