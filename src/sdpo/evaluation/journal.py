@@ -8,8 +8,8 @@ Scores are kept as the shortest decimals that give back the same float32 (`float
 is what the kernel computes and what a reader casts them to, so the result is the one an
 uninterrupted run gives; this keeps a whole test split's journal small enough to commit. The
 first line holds the settings (model, adapter hash, data, record ids, prompts, precision, batch
-size): a journal written under other settings is started over. A batch cut off by a killed process
-is dropped. `Evaluation.save` removes the journal once metrics.json and the predictions
+size): a journal written under other settings is started over. What a killed process left half-written
+at its end is dropped. `Evaluation.save` removes the journal once metrics.json and the predictions
 (predictions.jsonl, or .jsonl.gz in a pipeline) are written.
 """
 
@@ -127,6 +127,7 @@ class Journal:
 
     def __len__(self) -> int:
         return len(self.done)
+
 
 def batches(items: list, size: int):
     """`items` in consecutive lists of `size` (the last one shorter)."""
