@@ -56,7 +56,10 @@ def test_an_older_plain_journal_is_read_once_and_rewritten_compressed(tmp_path):
 def test_predictions_keep_scores_as_compact_float32(tmp_path):
     values = float32_values(20)
     row = {"id": "test-0", "rank": 1, "ranking": [{"title": str(i), "logp": v} for i, v in enumerate(values)]}
+    for journal in (JOURNAL_FILE, PLAIN_JOURNAL_FILE):
+        (tmp_path / journal).write_text("")
     Evaluation({"hr@1": 1.0}, [row]).save(tmp_path, compress=True)
+    assert not (tmp_path / JOURNAL_FILE).exists() and not (tmp_path / PLAIN_JOURNAL_FILE).exists()
     (saved,) = read_jsonl(tmp_path / "predictions.jsonl.gz")
     assert [to_float32(entry["logp"]) for entry in saved["ranking"]] == values
     assert saved["ranking"][0]["logp"] == float32_compact(values[0])

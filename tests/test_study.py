@@ -200,3 +200,26 @@ def test_a_stage_whose_weights_git_did_not_keep_is_trained_again(tmp_path):
     trained = []
     run_training_stage("sft", SFTConfig, lambda config: trained.append(config) or out, {"model": "tiny", "data": "d"}, out, Path("c.yaml"))
     assert len(trained) == 1 and trained[0].overwrite and not trained[0].resume
+
+
+def test_a_stage_killed_before_its_bf16_cast_is_cast_when_reused(tmp_path):
+    """save_model wrote fp32 weights, then the process died before storing them in bf16: reuse finishes the cast."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sdpo.pipeline.stages import run_training_stage
+    from sdpo.training.sft import SFTConfig
+
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "sdpo_config.yaml").write_text("model: tiny\nadapter_dtype: bf16\n")
+    (out / "adapter_config.json").write_text("{}")
+    weights = {"a.lora_A.weight": torch.randn(4, 8), "b.lora_B.weight": torch.randn(8, 4)}
+    save_file(weights, out / "adapter_model.safetensors")
+    values = {"model": "tiny", "data": "d", "adapter_dtype": "bf16"}
+    run_training_stage("sft", SFTConfig, lambda config: pytest.fail("trained again"), values, out, Path("c.yaml"))
+    stored = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(stored[k], v.to(torch.bfloat16)) for k, v in weights.items())
+    before = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    run_training_stage("sft", SFTConfig, lambda config: pytest.fail("trained again"), values, out, Path("c.yaml"))
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before  # already bf16: left as it is

@@ -61,15 +61,15 @@ def to_float32(value: float) -> float:
 def _read_lines(path: Path) -> list[str]:
     """The whole lines of a journal, plain or as gzip members; what a kill cut off at the end is dropped."""
     if path.suffix != ".gz":
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()  # a cut character spoils only its line
     lines: list[str] = []
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+    with gzip.open(path, "rt", encoding="utf-8") as f:  # a file that cannot be opened is an error, not an empty journal
+        try:
             for line in f:
                 if line.endswith("\n"):
                     lines.append(line)
-    except (EOFError, OSError, zlib.error, UnicodeDecodeError):
-        pass  # a member cut off by a kill: the batches before it are whole
+        except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError):
+            print(f"[evaluate] {path}: the end a killed process left half-written is dropped ({len(lines)} whole lines kept)")
     return lines
 
 
@@ -95,8 +95,7 @@ class Journal:
         # rewrite: the header, then only whole lines, so appending starts on a fresh member
         text = "".join(json.dumps(row) + "\n" for row in self._rows())
         replace_atomic(self.path, lambda tmp: tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0)))
-        if source == plain:
-            plain.unlink()
+        plain.unlink(missing_ok=True)  # read above, or older than the compressed journal
 
     @staticmethod
     def _header(line: str) -> Any:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdpo.evaluation.journal import JOURNAL_FILE, float32_compact
+from sdpo.evaluation.journal import JOURNAL_FILE, PLAIN_JOURNAL_FILE, float32_compact
 from sdpo.io import write_json, write_jsonl
 
 PREDICTIONS = "predictions.jsonl"
@@ -20,14 +20,16 @@ class Evaluation:
     def save(self, out_dir: str | Path, compress: bool = False) -> None:
         """predictions.jsonl (predictions.jsonl.gz with `compress`), then metrics.json: metrics.json means both are whole.
 
-        Scores in the predictions are written as their shortest float32 decimals (`float32_compact`): the float32
-        values the kernel computed, in about half the bytes (a study commits these files)."""
+        Scores in the predictions are written as their shortest float32 decimals (`float32_compact`), in about half
+        the bytes (a study commits these files): log-probs, which the kernel computes in float32, exactly; rewards and
+        other derived scores to float32 precision (ranks and metrics are computed before, from the exact values)."""
         out_dir = Path(out_dir)
         written, other = (PREDICTIONS + ".gz", PREDICTIONS) if compress else (PREDICTIONS, PREDICTIONS + ".gz")
         write_jsonl(out_dir / written, (float32_compact(row) for row in self.predictions))
         (out_dir / other).unlink(missing_ok=True)  # an earlier evaluation's, in the other form: never read in place of these
         write_json(out_dir / "metrics.json", self.metrics)
-        (out_dir / JOURNAL_FILE).unlink(missing_ok=True)  # the raw outputs it held are in the files above
+        for journal in (JOURNAL_FILE, PLAIN_JOURNAL_FILE):  # the raw outputs they held are in the files above
+            (out_dir / journal).unlink(missing_ok=True)
 
 
 def predictions_file(out_dir: str | Path) -> Path:

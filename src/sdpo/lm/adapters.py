@@ -23,10 +23,14 @@ def store_adapter_weights(folder: str | Path, dtype: str) -> None:
     """Rewrite FOLDER/adapter_model.safetensors with its floating-point tensors in `dtype` (bf16: half the bytes).
 
     Whatever loads the adapter later reads these stored values: a bf16 copy is the model from then on.
+    A file already in `dtype` is left as it is.
     """
     path = Path(folder) / ADAPTER_WEIGHTS
     target = WEIGHT_DTYPES[dtype]
-    weights = {name: t.to(target) if t.is_floating_point() else t for name, t in load_file(path).items()}
+    stored = load_file(path)
+    if all(t.dtype == target for t in stored.values() if t.is_floating_point()):
+        return
+    weights = {name: t.to(target) if t.is_floating_point() else t for name, t in stored.items()}
     replace_atomic(path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
 
 

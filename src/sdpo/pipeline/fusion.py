@@ -41,7 +41,7 @@ def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | Non
         target = plan.out / "eval" / f"fusion-{stage}-rank"
         metrics_path = target / "metrics.json"
         key = {"adapter_sha256": adapter_sha256(adapter) if adapter else None, "collaborative": source.describe(),
-               "val_records": len(val), "n_records": len(test)}
+               "val_records": len(val), "n_records": len(test), **_precision(plan)}
         if metrics_path.is_file() and all(json.loads(metrics_path.read_text()).get(k) == v for k, v in key.items()):
             print(f"[fusion] reusing {target}")
             metrics = json.loads(metrics_path.read_text())
@@ -55,7 +55,7 @@ def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | Non
             result = score_rankings(test, fused_scores(test_scores, _baseline_scores(source, test), weight), label="fused")
             result.metrics.update({"n_records": len(test), "protocol": "rank", "split": plan.split, "stage": stage, "lm_score": score,
                                    "collaborative": source.describe(), "weight": weight, "val_records": len(val), "val_tried": tried,
-                                   "adapter_sha256": adapter_sha256(adapter) if adapter else None})
+                                   "adapter_sha256": adapter_sha256(adapter) if adapter else None, **_precision(plan)})
             result.save(target, compress=True)
             metrics = result.metrics
         rows.append({**metrics, "stage": f"fusion-{stage}", "protocol": "rank"})
@@ -64,31 +64,41 @@ def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | Non
 
 def _stage_scores(plan: Pipeline, data_dir: Path, stage: str, adapter: str | None, records: list[Record], split: str, score: str,
                   reference_adapter: str | None = None) -> list[list[float]]:
-    """Per record, the stage's score of each candidate (candidate order): from its evaluation of `split`, run here if missing."""
+    """Per record, the stage's score of each candidate (candidate order): from its evaluation of `split`, run here if missing.
+
+    A reward is the stage's float32 log-prob minus its reference stage's, both read from their rankings: exactly what
+    the evaluation ranked by (the files keep rewards only to float32 precision)."""
     folder = plan.out / "eval" / (f"{stage}-rank" if split == plan.split else f"{stage}-rank-{split}")
-    if not _covers(folder, records, score, adapter):
-        reference_scores = None
-        if score == "reward":
-            reference_stage = Path(reference_adapter).name
-            reference_scores = _stage_scores(plan, data_dir, reference_stage, reference_adapter, records, split, "logp")
+    reference_logps = None
+    if score == "reward":
+        reference_logps = _stage_scores(plan, data_dir, Path(reference_adapter).name, reference_adapter, records, split, "logp")
+    if not _covers(folder, records, score, adapter, plan):
         print(f"[fusion] ranking {len(records)} {split} records with {stage}")
         evaluate_model(data_dir, split, plan.model, adapter, "rank", len(records) if split != plan.split else plan.limit, folder,
                        plan.evaluate.get("batch_size", 8), plan.shared["domain"], plan.shared["prompt_seed"],
-                       subset_seed=plan.shared["subset_seed"], bf16=plan.shared["bf16"], reference_scores=reference_scores,
+                       subset_seed=plan.shared["subset_seed"], bf16=plan.shared["bf16"], reference_scores=reference_logps,
                        reward=score == "reward", compress_predictions=True)
-    if score == "logp":
-        return read_candidate_logps(folder, records)
-    by_id = {row["id"]: {e["title"]: e["reward"] for e in row["ranking"]} for row in read_jsonl(predictions_file(folder))}
-    return [[by_id[r.id][c] for c in r.candidates] for r in records]
+    logps = read_candidate_logps(folder, records)
+    if reference_logps is None:
+        return logps
+    return [[p - r for p, r in zip(row, ref, strict=True)] for row, ref in zip(logps, reference_logps, strict=True)]
 
 
-def _covers(folder: Path, records: list[Record], score: str, adapter: str | None) -> bool:
-    """Whether `folder` holds a finished ranking of `records` by this very adapter (with rewards, for `score` reward)."""
+def _precision(plan: Pipeline) -> dict[str, bool]:
+    """The precision a pipeline pins ({} where it leaves it to the hardware): rankings in another are not reused."""
+    return {} if plan.shared["bf16"] is None else {"bf16": plan.shared["bf16"]}
+
+
+def _covers(folder: Path, records: list[Record], score: str, adapter: str | None, plan: Pipeline) -> bool:
+    """Whether `folder` holds a finished ranking of `records` by this very adapter, in the pinned precision (with rewards, for `score` reward)."""
     path, metrics = predictions_file(folder), folder / "metrics.json"
     if not path.is_file() or not metrics.is_file():
         return False
-    if json.loads(metrics.read_text()).get("adapter_sha256") != (adapter_sha256(adapter) if adapter else None):
+    finished = json.loads(metrics.read_text())
+    if finished.get("adapter_sha256") != (adapter_sha256(adapter) if adapter else None):
         return False  # the stage was trained again since
+    if any(finished.get(k, v) != v for k, v in _precision(plan).items()):
+        return False  # ranked in another precision than the pipeline pins
     rows = {row["id"]: row for row in read_jsonl(path)}
     return all(r.id in rows and (score == "logp" or "reward" in rows[r.id]["ranking"][0]) for r in records)
 

@@ -168,7 +168,7 @@ def _remove_trunk_cache(folder: Path, why: str) -> None:
         print(f"[evaluate] {why}: removed the trunk cache {folder} ({size / 1e9:.2f} GB)")
 
 
-def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None) -> dict[str, Any] | None:
+def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None = None) -> dict[str, Any] | None:
     """The metrics of a finished evaluation of this very adapter in `target`, in the pinned precision if any (None: evaluate it)."""
 
     if not (target / "metrics.json").is_file():

@@ -15,16 +15,19 @@ from sdpo.pipeline.config import Pipeline
 
 def run_training_stage(name: str, config_cls, runner, values: dict[str, Any], out: Path, path: Path) -> Path:
     """Run a training stage into `out`, reusing a finished run and resuming an interrupted one."""
-    from sdpo.lm.adapters import ADAPTER_WEIGHTS
+    from sdpo.lm.adapters import ADAPTER_WEIGHTS, store_adapter_weights
     from sdpo.training.runs import CONFIG_FILE, changed_training_options, read_run_config
 
     values = {**values, "output_dir": str(out)}
     # finished: config and adapter, weights included (a study folder whose weights were kept out of git trains it again)
     if all((out / name).is_file() for name in (CONFIG_FILE, "adapter_config.json", ADAPTER_WEIGHTS)):
-        changed = changed_training_options(read_run_config(out), build_config(config_cls, values, where=f"{path}: {name}"))
+        saved = read_run_config(out)
+        changed = changed_training_options(saved, build_config(config_cls, values, where=f"{path}: {name}"))
         if changed:
             raise UserError(f"{path}: stage {name}: {out} was trained with other options ({'; '.join(changed)}). "
                             f"Set them back to reuse it, or remove {out} to train the stage again.")
+        if saved.get("adapter_dtype", "fp32") != "fp32":
+            store_adapter_weights(out, saved["adapter_dtype"])  # finishes a cast a kill interrupted; else nothing
         print(f"[{name}] reusing {out}")
         return out
     values["resume"] = out.is_dir() and any(out.glob("checkpoint-*"))

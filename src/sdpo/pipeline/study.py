@@ -87,8 +87,12 @@ def warn_about_large_files(out: Path) -> list[Path]:
         limit = MAX_WEIGHTS_BYTES if weights else MAX_TRACKED_BYTES
         if path.stat().st_size > limit:
             large.append(path)
-            hint = ("store the stage's adapter in bf16 (adapter_dtype: bf16) or train LoRA on fewer layers (lora_layers)" if weights
-                    else "evaluate fewer records (evaluate.limit), or commit it through Git LFS")
+            if weights:
+                hint = "store the stage's adapter in bf16 (adapter_dtype: bf16) or train LoRA on fewer layers (lora_layers)"
+            elif path.name.startswith(("predictions", "progress")):
+                hint = "evaluate fewer records (evaluate.limit), or commit it through Git LFS"
+            else:
+                hint = "commit it through Git LFS"
             print(f"[study] {path} is {path.stat().st_size / 2**20:.1f} MiB, over the {limit // 2**20} MiB a committed study file "
                   f"may be: {hint}.")
     return large

@@ -199,7 +199,7 @@ def save_adapter(trainer: Trainer, config: SFTConfig) -> None:
     """The finished run's adapter and trainer state in its output folder, the weights in ``adapter_dtype``."""
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    if config.adapter_dtype != "fp32" and trainer.is_world_process_zero():
+    if config.adapter_dtype != "fp32" and trainer.args.should_save:  # where save_model wrote
         store_adapter_weights(config.output_dir, config.adapter_dtype)
     trainer.accelerator.wait_for_everyone()
 
