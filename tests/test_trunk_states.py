@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from sdpo.config import build_config
@@ -20,8 +19,10 @@ def sft_run(small_data, out, **overrides):
 
 
 def align_run(sft_dir, out, **overrides):
+    # Adam turns the fp32 rounding differences of the two row layouts into weight gaps that grow with the learning
+    # rate: at 5e-2 they reached 1.2e-5 on an AVX-512 CPU (AMD Zen 4), at 1e-2 they stay well inside 1e-5
     return run_align(build_config(AlignConfig, {
-        "sft": str(sft_dir), "output_dir": str(out), "max_steps": 3, "learning_rate": 5e-2, "negatives": 3, "train_limit": 8,
+        "sft": str(sft_dir), "output_dir": str(out), "max_steps": 3, "learning_rate": 1e-2, "negatives": 3, "train_limit": 8,
         "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True, "bf16": False, **overrides,
     }))
 
@@ -30,7 +31,8 @@ def assert_same_training(one, two):
     first, second = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
     assert first.keys() == second.keys()
     for name in first:
-        assert torch.allclose(first[name], second[name], atol=1e-5), name
+        gap = (first[name] - second[name]).abs().max().item()
+        assert gap <= 1e-5, f"{name}: the two adapters differ by {gap:.2e}"
     sft_b = [n for n in first if "lora_B" in n]
     assert sft_b and max(first[n].abs().max().item() for n in sft_b) > 1e-3  # it trained
     losses = [[e["loss"] for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in e] for run in (one, two)]
