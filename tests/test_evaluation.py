@@ -50,6 +50,7 @@ def test_evaluate_model_writes_files(small_data, tmp_path):
     assert saved == metrics
     for key in ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "valid_ratio", "n_records", "model", "adapter", "protocol", "seconds"):
         assert key in saved
+    assert saved["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu") and saved["batch_size"] == 8
     lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and len(json.loads(lines[0])["ranking"]) == 20
 
@@ -104,6 +105,11 @@ def test_evaluation_refuses_reward_without_an_adapter_and_contradicting_settings
         evaluate_model(small_data, "test", "tiny", None, "rank", 2, tmp_path / "o", score="best")
     with pytest.raises(UserError, match="--batch_size must be at least 1"):
         evaluate_model(small_data, "test", "tiny", None, "rank", 2, tmp_path / "o", batch_size=0)
+    with pytest.raises(UserError, match="--device 'gpu' is not a device"):
+        evaluate_model(small_data, "test", "tiny", None, "rank", 2, tmp_path / "o", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: this machine has no CUDA GPU"):
+            evaluate_model(small_data, "test", "tiny", None, "rank", 2, tmp_path / "o", device="cuda")
     assert not (tmp_path / "o").exists()
 
 

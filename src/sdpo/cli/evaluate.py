@@ -32,6 +32,7 @@ def evaluate_cmd(
     bf16: bool | None = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
     retriever: Path | None = typer.Option(None, help="rerank: a trained sdpo baseline (sasrec, gru4rec, caser) picking from its whole catalogue"),
     top: int = typer.Option(20, help="rerank: how many retrieved items the LM re-ranks"),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)"),
     trunk_cache: Path | None = typer.Option(
         None, "--trunk_cache", "--trunk-cache",
         help="a folder where what the layers below the adapter's compute is kept, so evaluating another adapter "
@@ -44,7 +45,7 @@ def evaluate_cmd(
         raise UserError("--trunk_cache serves the rank and generate protocols, not rerank.")
     metrics = evaluate_model(data, split, model, adapter, protocol, limit, output_dir, batch_size, domain, prompt_seed,
                              subset_seed=subset_seed, bf16=bf16, score=score, reference_adapter=reference_adapter, retriever=retriever, top=top,
-                             trunk_cache=trunk_cache)
+                             trunk_cache=trunk_cache, device=device)
     typer.echo(f"{protocol} on {metrics['n_records']} {split} records ({'bf16' if metrics['bf16'] else 'fp32'}):")
     intervals = metrics.get("ci95", {})
     for key, value in metrics.items():

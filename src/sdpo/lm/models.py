@@ -187,6 +187,26 @@ def load_model(
     return model, tokenizer
 
 
+def evaluation_device(requested: str | None = None) -> torch.device:
+    """Where a model evaluates: `requested` (cpu, cuda, cuda:N), else the first CUDA GPU if there is one, else the CPU."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a device; give cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: this machine has no CUDA GPU that torch can use; leave --device out to run on the CPU.")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {requested}: sdpo evaluates on cpu or cuda.")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """'cpu', or the GPU's name (e.g. 'NVIDIA H200'): what an evaluation records about where it ran."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def four_bit_config():
     """BitsAndBytesConfig for QLoRA (NF4, double quantisation, bf16 compute); a user error without CUDA or bitsandbytes."""
     if not torch.cuda.is_available():

@@ -36,6 +36,7 @@ from sdpo.errors import UserError
 from sdpo.io import replace_atomic
 from sdpo.lm.adapters import first_adapted_layer
 from sdpo.lm.decoder import causal_lm_parts, final_hidden_states, only_layers, states_entering
+from sdpo.lm.models import device_name
 
 
 def trunk_fingerprint(model, decoder, depth: int) -> str:
@@ -47,7 +48,7 @@ def trunk_fingerprint(model, decoder, depth: int) -> str:
     setting = {
         "depth": depth, "decoder": type(decoder).__name__, "config": config, "attn": decoder.config._attn_implementation,
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "device": device_name(device),
         "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
     }
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode())

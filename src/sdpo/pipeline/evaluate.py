@@ -21,7 +21,7 @@ from sdpo.training.collaborative import load_collaborative, run_prompts, soft_to
 def evaluate_model(
     data, split, model_name, adapter, protocol, limit, output, batch_size=8, domain=None, prompt_seed=None, progress=True,
     *, subset_seed=0, bf16=None, score="logp", reference_adapter=None, reference_scores=None, retriever=None, top=20,
-    reward=True, trunk_cache=None, trunk_depth=None, compress_predictions=False,
+    reward=True, trunk_cache=None, trunk_depth=None, compress_predictions=False, device=None,
 ) -> dict[str, Any]:
     """Evaluate a model (+ adapter) on a prepared split and save metrics.json / predictions.jsonl.
 
@@ -33,9 +33,10 @@ def evaluate_model(
     `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
     retriever alone (see `sdpo.recommend.evaluate_rerank`). With a `trunk_cache` folder, rank and
     generate keep what the layers below `trunk_depth` (default: the adapter's first layer) compute
-    there and reuse it (`sdpo.lm.trunk`). ``compress_predictions`` writes predictions.jsonl.gz.
+    there and reuse it (`sdpo.lm.trunk`). ``compress_predictions`` writes predictions.jsonl.gz. The model runs on
+    `device` (default: the GPU if there is one, else the CPU); metrics.json records which, and the batch size.
     """
-    from sdpo.lm.models import load_model
+    from sdpo.lm.models import device_name, evaluation_device, load_model
     from sdpo.lm.precision import model_dtype, resolve_bf16
 
     if protocol not in (*PROTOCOLS, "rerank"):
@@ -53,10 +54,12 @@ def evaluate_model(
     model_name, domain, prompt_seed = _settings_of_adapter(adapter, model_name, domain, prompt_seed)
     domain = resolve_domain(data, domain)
     records = load_split(data, split, limit, subset_seed)
-    bf16 = resolve_bf16(bf16)
+    device = evaluation_device(device)
+    bf16 = resolve_bf16(bf16, device)
     trained = _run_settings(adapter)
     source = load_collaborative(trained, base=adapter)
     model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16), soft_tokens=soft_token_spec(trained, source))
+    model.to(device)
     prompts = run_prompts(tokenizer, domain, prompt_seed, trained, source)
     if reference_adapter is not None:
         check_adapter_folder(reference_adapter, "reference adapter")
@@ -66,7 +69,7 @@ def evaluate_model(
         reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
     info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split,
             "limit": limit, "subset_seed": subset_seed, "domain": domain, "prompt_seed": prompt_seed,
-            "bf16": bf16, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
+            "bf16": bf16, "device": device_name(device), "batch_size": batch_size, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
             "adapter_sha256": adapter_sha256(adapter) if adapter else None,
             "reference_sha256": adapter_sha256(reference_adapter) if reference_adapter and reward else None}
     if source is not None:
