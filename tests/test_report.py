@@ -94,6 +94,27 @@ def test_comparisons_are_paired_on_the_same_records(tmp_path):
     assert {k for k in rows if k[1] == "popularity"} == {("s-dpo-k7", "popularity", "rank"), ("s-dpo-k7", "popularity", "rank-reward")}
 
 
+def test_comparisons_pair_within_each_family_and_across_families_and_with_late_fusion(tmp_path):
+    """A second family (collab-sft and its S-DPO K=3) and a fusion row for each family's S-DPO with the most negatives."""
+    folder = fake_pipeline(tmp_path / "run")
+    rows = json.loads((folder / "results.json").read_text())
+    for stage, config in (("collab-sft", {"model": "tiny"}), ("collab-s-dpo-k3", {"model": "tiny", "loss": "sdpo", "negatives": 3,
+                                                                                 "sft": str(folder / "collab-sft")})):
+        (folder / stage).mkdir()
+        (folder / stage / "sdpo_config.yaml").write_text(yaml.safe_dump(config))
+        shutil.copytree(folder / "eval" / "sft-rank", folder / "eval" / f"{stage}-rank")
+        rows += [{"stage": stage, "protocol": "rank"}, {"stage": stage, "protocol": "rank-reward"}]
+    for stage in ("s-dpo-k7", "collab-s-dpo-k3"):
+        shutil.copytree(folder / "baselines" / "popularity", folder / "eval" / f"fusion-{stage}-rank")
+        rows.append({"stage": f"fusion-{stage}", "protocol": "rank"})
+    (folder / "results.json").write_text(json.dumps(rows))
+    pairs = {(r["a"], r["b"]) for r in comparisons(load_run(folder))}
+    assert pairs - {("sft", "zero-shot"), ("dpo", "sft"), ("s-dpo-k3", "sft"), ("s-dpo-k7", "sft"), ("s-dpo-k3", "dpo"), ("s-dpo-k7", "dpo"),
+                    ("s-dpo-k7", "s-dpo-k3"), ("s-dpo-k7", "popularity")} == {
+        ("collab-sft", "zero-shot"), ("collab-s-dpo-k3", "collab-sft"), ("collab-s-dpo-k3", "popularity"),
+        ("s-dpo-k7", "fusion-s-dpo-k7"), ("collab-s-dpo-k3", "fusion-collab-s-dpo-k3"), ("collab-s-dpo-k3", "s-dpo-k7")}
+
+
 def test_report_refuses_incomplete_run_folders(tmp_path):
     with pytest.raises(UserError, match="no results.json"):
         write_report([tmp_path], tmp_path / "out")

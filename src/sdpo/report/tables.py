@@ -50,8 +50,10 @@ def wide_table(run: Run) -> str:
 
 
 def comparisons(run: Run) -> list[dict[str, Any]]:
-    """Paired HR@1 differences: each trained stage against its starting stage, each S-DPO stage against each DPO stage
-    and against the S-DPO stage with the fewest negatives, and the one with the most negatives against each baseline.
+    """Paired HR@1 differences: each trained stage against its starting stage; within each family (the align stages
+    of one SFT stage), each S-DPO stage against each DPO stage and against the S-DPO stage with the fewest negatives;
+    each family's S-DPO stage with the most negatives against each baseline, against its late fusion row
+    (``fusion-<stage>``) and against the other families' (a later family's first, e.g. collaborative minus text).
 
     Per protocol: rank against rank (log-probs), generate against generate, and a stage's
     reward ranking against the other stage's log-prob ranking (what that model ranks by itself;
@@ -60,11 +62,21 @@ def comparisons(run: Run) -> list[dict[str, Any]]:
     by_key = {(r.stage, r.protocol): r for r in run.results}
     losses = {stage: config.get("loss") for stage, config in run.configs.items()}
     pairs = [(stage, start) for stage, start in run.starts.items()]
-    dpo = [s for s, loss in losses.items() if loss == "dpo"]
-    sdpo = sorted((s for s, loss in losses.items() if loss == "sdpo"), key=lambda s: run.configs[s].get("negatives") or 0)
-    pairs += [(s, d) for s in sdpo for d in dpo]
-    pairs += [(s, sdpo[0]) for s in sdpo[1:]]  # do more negatives help?
-    pairs += [(sdpo[-1], b) for b in run.baselines] if sdpo else []  # how far from the classic recommenders?
+    families: dict[str, list[str]] = {}
+    for stage, start in run.starts.items():
+        if losses.get(stage) in ("dpo", "sdpo"):
+            families.setdefault(start, []).append(stage)
+    tops = []
+    for members in families.values():
+        dpo = [s for s in members if losses[s] == "dpo"]
+        sdpo = sorted((s for s in members if losses[s] == "sdpo"), key=lambda s: run.configs[s].get("negatives") or 0)
+        pairs += [(s, d) for s in sdpo for d in dpo]
+        pairs += [(s, sdpo[0]) for s in sdpo[1:]]  # do more negatives help?
+        tops += sdpo[-1:]
+    for top in tops:
+        pairs += [(top, b) for b in run.baselines]  # how far from the classic recommenders?
+        pairs += [(top, f"fusion-{top}")] if (f"fusion-{top}", "rank") in by_key else []  # above LM score + w x baseline score?
+    pairs += [(tops[j], tops[i]) for i in range(len(tops)) for j in range(i + 1, len(tops))]  # one family against another
     rows = []
     for a, b in pairs:
         for protocol in PROTOCOL_ORDER:
