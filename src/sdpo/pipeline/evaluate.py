@@ -69,7 +69,8 @@ def evaluate_model(
         reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
     info = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data), "split": split,
             "limit": limit, "subset_seed": subset_seed, "domain": domain, "prompt_seed": prompt_seed,
-            "bf16": bf16, "device": device_name(device), "batch_size": batch_size, "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
+            "bf16": bf16, "device": device_name(device), "batch_size": batch_size,
+            "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
             "adapter_sha256": adapter_sha256(adapter) if adapter else None,
             "reference_sha256": adapter_sha256(reference_adapter) if reference_adapter and reward else None}
     if source is not None:
