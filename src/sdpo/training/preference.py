@@ -204,6 +204,8 @@ def run_align(config: AlignConfig) -> Path:
     set_seed(config.seed)
     model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True,
                                   dtype=model_dtype(config.bf16), load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
+    if not config.load_in_4bit:  # on the training device already (the Trainer would move it later): the reference table and trunk run there
+        model.to(config.device)
     if not config.train_projector:
         freeze_projectors(model)
     prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, source)
