@@ -4,6 +4,9 @@
 and run folders written before predictions were compressed in test_report.py.)
 """
 
+import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sdpo.config import build_config, read_yaml
+from sdpo.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name != "sft-lastfm.yaml")
@@ -67,3 +71,18 @@ def test_the_committed_lastfm_study_report_rebuilds_from_its_records(tmp_path):
     write_report([folder / "study-lastfm-records.csv.gz"], tmp_path, REPO / "configs" / "study-lastfm.yaml")
     assert (tmp_path / "results.md").read_text(encoding="utf-8") == (folder / "results.md").read_text(encoding="utf-8")
     assert (tmp_path / "study-lastfm-records.csv.gz").read_bytes() == (folder / "study-lastfm-records.csv.gz").read_bytes()
+
+
+def test_a_smollm2_tokenizer_with_the_wrong_end_token_is_refused(tmp_path, monkeypatch):
+    """transformers 5.17 converts SmolLM2's GGUF tokenizer with <|im_start|> as its end token, which moves every answer's log-prob."""
+    from sdpo.lm.models import load_tokenizer, smollm2_tokenizer_path
+
+    assert load_tokenizer("smollm2-135m").eos_token == "<|im_end|>"
+    bad = tmp_path / "home" / "models" / "smollm2-135m-tokenizer"
+    shutil.copytree(smollm2_tokenizer_path(), bad)
+    config = json.loads((bad / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_start|>"
+    (bad / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("SDPO_HOME", str(tmp_path / "home"))
+    with pytest.raises(UserError, match=re.escape("ends answers with '<|im_start|>', not '<|im_end|>'")):
+        load_tokenizer("smollm2-135m")

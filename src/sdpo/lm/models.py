@@ -54,14 +54,28 @@ def _smollm2_package_dir() -> Path:
     return folder
 
 
+SMOLLM2_END = "<|im_end|>"  # SmolLM2-Instruct's end of a turn: what every answer ends with
+
+
 def smollm2_tokenizer_path() -> Path:
     """A plain HF tokenizer folder for SmolLM2, extracted from the GGUF file once."""
     folder = models_dir() / "smollm2-135m-tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
         source = _smollm2_package_dir()
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        check_smollm2_tokenizer(tokenizer, "converted from the GGUF file")
         write_folder_atomic(folder, tokenizer.save_pretrained)
     return folder
+
+
+def check_smollm2_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Older transformers (5.17, for one) read SmolLM2's GGUF tokenizer with <|im_start|> as its end token: refuse that."""
+    import transformers
+
+    if tokenizer.eos_token != SMOLLM2_END:
+        raise UserError(f"SmolLM2's tokenizer ({where}) ends answers with {tokenizer.eos_token!r}, not {SMOLLM2_END!r}: transformers "
+                        f"{transformers.__version__} reads the GGUF file's tokenizer wrongly. Upgrade (pip install -U 'transformers>=5.25') "
+                        f"and remove {models_dir()} to convert it again.")
 
 
 def smollm2_path() -> Path:
@@ -115,6 +129,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except OSError as exc:
         raise UserError(f"cannot load a tokenizer for {name!r} from local files ({exc}). Give a local folder or an alias: {ALIASES}.") from None
+    if name in ALIASES:
+        check_smollm2_tokenizer(tokenizer, f"in {path}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
