@@ -74,6 +74,9 @@ def test_bad_queries_are_user_errors(runs):
         make_record(["x"], ["a", "b\nc"])
     with pytest.raises(UserError, match="not a training run folder"):
         Recommender.load(runs["retriever"])
+    with pytest.raises(UserError, match="--device 'gpu' is not a device"):
+        Recommender.load(runs["sdpo"], device="gpu")
+    assert next(Recommender.load(runs["sdpo"], device="cpu").model.parameters()).device.type == "cpu"
 
 
 def test_retriever_picks_from_the_catalogue_outside_the_history(runs, small_data):

@@ -109,6 +109,9 @@ def test_comparisons_pair_within_each_family_and_across_families_and_with_late_f
         rows.append({"stage": f"fusion-{stage}", "protocol": "rank"})
     (folder / "results.json").write_text(json.dumps(rows))
     pairs = {(r["a"], r["b"]) for r in comparisons(load_run(folder))}
+    first_family = {("sft", "zero-shot"), ("dpo", "sft"), ("s-dpo-k3", "sft"), ("s-dpo-k7", "sft"), ("s-dpo-k3", "dpo"), ("s-dpo-k7", "dpo"),
+                    ("s-dpo-k7", "s-dpo-k3"), ("s-dpo-k7", "popularity")}
+    assert first_family <= pairs
     assert pairs - {("sft", "zero-shot"), ("dpo", "sft"), ("s-dpo-k3", "sft"), ("s-dpo-k7", "sft"), ("s-dpo-k3", "dpo"), ("s-dpo-k7", "dpo"),
                     ("s-dpo-k7", "s-dpo-k3"), ("s-dpo-k7", "popularity")} == {
         ("collab-sft", "zero-shot"), ("collab-s-dpo-k3", "collab-sft"), ("collab-s-dpo-k3", "popularity"),

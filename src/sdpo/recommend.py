@@ -62,14 +62,15 @@ class Recommender:
     prompts: object | None = None  # None: text prompts; a run with collaborative tokens brings its CollaborativePrompts
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, bf16: bool | None = None) -> Recommender:
-        """Base model + adapter of an ``sdpo sft`` / ``sdpo align`` run folder, with its prompts.
+    def load(cls, run_dir: str | Path, *, bf16: bool | None = None, device: str | None = None) -> Recommender:
+        """Base model + adapter of an ``sdpo sft`` / ``sdpo align`` run folder, with its prompts, on `device`
+        (default: the GPU if there is one, else the CPU).
 
         A run with collaborative tokens loads the collaborative model it recorded (checked by SHA-256;
         a relative folder is found from the working directory or inside the run folder).
         """
         from sdpo.lm.adapters import check_adapter_folder
-        from sdpo.lm.models import load_model
+        from sdpo.lm.models import evaluation_device, load_model
         from sdpo.lm.precision import model_dtype, resolve_bf16
         from sdpo.training.collaborative import load_collaborative, run_prompts, soft_token_spec
         from sdpo.training.export import EXPORTED_FROM
@@ -81,7 +82,10 @@ class Recommender:
         check_adapter_folder(run_dir)
         config = read_run_config(run_dir)
         source = load_collaborative(config, base=run_dir)
-        model, tokenizer = load_model(config["model"], run_dir, dtype=model_dtype(resolve_bf16(bf16)), soft_tokens=soft_token_spec(config, source))
+        device = evaluation_device(device)
+        model, tokenizer = load_model(config["model"], run_dir, dtype=model_dtype(resolve_bf16(bf16, device)),
+                                      soft_tokens=soft_token_spec(config, source))
+        model.to(device)
         reference = str(config["sft"]) if config.get("sft") else None
         if reference is not None and config.get(EXPORTED_FROM) and not Path(reference).is_absolute():
             reference = str(run_dir / reference)  # an exported folder names its SFT export relative to itself

@@ -23,6 +23,7 @@ def recommend_cmd(
     generate: bool = typer.Option(False, "--generate", help="answer by greedy generation (the paper's protocol) instead of ranking"),
     batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="queries per forward pass"),
     bf16: bool | None = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: where the hardware has native bf16)"),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)"),
 ) -> None:
     """Rank candidates for a user's history: --history A B ... --candidates X Y ... (or --retriever DIR), or --input/--output JSONL."""
     from sdpo.recommend import Recommender, Retriever, make_record
@@ -46,7 +47,7 @@ def recommend_cmd(
         for query, items in zip(queries, retrieved, strict=True):
             query["candidates"] = [t for t, _ in items]
     records = [make_record(q["history"], q["candidates"], q.get("id") and str(q["id"])) for q in queries]
-    recommender = Recommender.load(run, bf16=bf16)
+    recommender = Recommender.load(run, bf16=bf16, device=device)
     if generate:
         answers = recommender.generate_records(records, batch_size, progress=input_file is not None)
         rows = [{"id": q.get("id"), **a} for q, a in zip(queries, answers, strict=True)]

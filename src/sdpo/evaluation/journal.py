@@ -7,7 +7,7 @@ as one stream). A rerun with the same settings reads what is there and computes 
 Scores are kept as the shortest decimals that give back the same float32 (`float32_compact`), which
 is what the kernel computes and what a reader casts them to, so the result is the one an
 uninterrupted run gives; this keeps a whole test split's journal small enough to commit. The
-first line holds the settings (model, adapter hash, data, record ids, prompts, precision, batch
+first line holds the settings (model, adapter hash, data, record ids, prompts, precision, device, batch
 size): a journal written under other settings is started over. What a killed process left half-written
 at its end is dropped. `Evaluation.save` removes the journal once metrics.json and the predictions
 (predictions.jsonl, or .jsonl.gz in a pipeline) are written.

@@ -213,6 +213,8 @@ def evaluation_device(requested: str | None = None) -> torch.device:
         raise UserError(f"--device {requested!r} is not a device; give cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: this machine has no CUDA GPU that torch can use; leave --device out to run on the CPU.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {requested}: sdpo evaluates on cpu or cuda.")
     return device
