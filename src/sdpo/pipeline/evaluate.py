@@ -150,6 +150,11 @@ def _settings_of_adapter(adapter, model_name, domain, prompt_seed):
     return model_name or "smollm2-135m", domain, prompt_seed or 0
 
 
+def in_pinned_precision(metrics: dict[str, Any], bf16: bool | None) -> bool:
+    """Whether a finished evaluation's metrics are in the precision a pipeline pins (any, where it pins none): one table, one precision."""
+    return bf16 is None or metrics.get("bf16", bf16) == bf16
+
+
 def read_candidate_logps(folder: str | Path, records: list[Record]) -> list[list[float]] | None:
     """Per record, the log-prob of each candidate (candidate order) from a rank evaluation's predictions; None if they do not cover `records`.
 

@@ -23,7 +23,7 @@ from sdpo.evaluation.results import predictions_file
 from sdpo.io import read_jsonl
 from sdpo.lm.adapters import adapter_sha256
 from sdpo.pipeline.config import Pipeline
-from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
+from sdpo.pipeline.evaluate import evaluate_model, in_pinned_precision, read_candidate_logps
 
 
 def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | None, str | None]]) -> list[dict[str, Any]]:
@@ -97,7 +97,7 @@ def _covers(folder: Path, records: list[Record], score: str, adapter: str | None
     finished = json.loads(metrics.read_text())
     if finished.get("adapter_sha256") != (adapter_sha256(adapter) if adapter else None):
         return False  # the stage was trained again since
-    if any(finished.get(k, v) != v for k, v in _precision(plan).items()):
+    if not in_pinned_precision(finished, plan.shared["bf16"]):
         return False  # ranked in another precision than the pipeline pins
     rows = {row["id"]: row for row in read_jsonl(path)}
     return all(r.id in rows and (score == "logp" or "reward" in rows[r.id]["ranking"][0]) for r in records)

@@ -14,7 +14,7 @@ from sdpo.errors import UserError
 from sdpo.io import folder_bytes, write_json, write_text_atomic
 from sdpo.lm.adapters import adapter_sha256, shared_trunk_depth
 from sdpo.pipeline.config import Pipeline, read_pipeline
-from sdpo.pipeline.evaluate import evaluate_model, read_candidate_logps
+from sdpo.pipeline.evaluate import evaluate_model, in_pinned_precision, read_candidate_logps
 from sdpo.pipeline.fusion import run_fusion
 from sdpo.pipeline.stages import import_stage, run_baselines, run_training_stage
 from sdpo.pipeline.study import check_gitignore, warn_about_large_files, write_gitignore
@@ -177,7 +177,7 @@ def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None = 
     if adapter is not None and metrics.get("adapter_sha256", "unrecorded") not in ("unrecorded", adapter_sha256(adapter)):
         print(f"[evaluate] {target} evaluated another adapter of that stage (it was trained again since): evaluating again")
         return None
-    if bf16 is not None and metrics.get("bf16", bf16) != bf16:  # one table, one precision
+    if not in_pinned_precision(metrics, bf16):
         print(f"[evaluate] {target} ran in {'bf16' if metrics['bf16'] else 'fp32'}, the pipeline pins the other: evaluating again")
         return None
     return metrics
