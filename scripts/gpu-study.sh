@@ -18,7 +18,8 @@
 # same kind of device with the same batch size (both are in its settings); elsewhere that evaluation starts over.
 # Then it runs the pipeline under a time limit (SDPO_GPU_MINUTES, default 7; journals keep a cut evaluation's
 # batches) with evaluate.batch_size SDPO_GPU_BATCH (default 32; recorded in each metrics.json with the device),
-# and writes into $OUT the log and study.tar.gz.N: what the study folder's .gitignore keeps that the run wrote (finished
+# (SDPO_GPU_TRUNK_CACHE=false turns evaluate.trunk_cache off: generation with the trunk cache needs transformers
+# >= 5.25, and a machine with an older one would otherwise stop there) and writes into $OUT the log and study.tar.gz.N: what the study folder's .gitignore keeps that the run wrote (finished
 # stages' adapters, configs and logs, baselines, metrics, predictions, journals, results), to unpack over the study
 # folder here: cat study.tar.gz.* | tar -xzf - -C STUDY_DIR (then commit it).
 # A dry run on this machine (CPU): PYTHON=/some/venv/bin/python with the GPU machine's package versions, and
@@ -139,12 +140,16 @@ run() {
   mkdir -p "$ROOT/home/models" && tar -C "$ROOT/home/models" -xzf "$ROOT/tokenizer.tar.gz"
   export PYTHONPATH="$ROOT/repo/src:$ROOT/site" SDPO_HOME="$ROOT/home" SDPO_MIRROR="$ROOT/mirror" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   cd "$ROOT/repo"
-  "$PYTHON" - "$CONFIG" "${SDPO_GPU_BATCH:-32}" <<'EOF' | tee "$OUT/pipeline.log"
+  "$PYTHON" - "$CONFIG" "${SDPO_GPU_BATCH:-32}" "${SDPO_GPU_TRUNK_CACHE:-}" <<'EOF' | tee "$OUT/pipeline.log"
 import platform, sys, torch, transformers, peft, yaml
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, {gpu}")
 config = yaml.safe_load(open(sys.argv[1]))
 config.setdefault("evaluate", {})["batch_size"] = int(sys.argv[2])   # this copy only: records per forward pass on the GPU
+if sys.argv[3]:
+    assert sys.argv[3] in ("true", "false"), "SDPO_GPU_TRUNK_CACHE is true or false"
+    config["evaluate"]["trunk_cache"] = sys.argv[3] == "true"
+print("evaluate:", config["evaluate"])
 yaml.safe_dump(config, open(sys.argv[1], "w"), sort_keys=False)
 EOF
   check >> "$OUT/pipeline.log" 2>&1 || { echo "the GPU check failed: see pipeline.log; the pipeline does not run" | tee -a "$OUT/pipeline.log"; tail -n 20 "$OUT/pipeline.log"; exit 1; }
