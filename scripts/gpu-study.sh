@@ -21,7 +21,8 @@
 # (SDPO_GPU_TRUNK_CACHE=false turns evaluate.trunk_cache off: generation with the trunk cache needs transformers
 # >= 5.25, and a machine with an older one would otherwise stop there) and writes into $OUT the log and
 # study.tar.gz.N: what the study folder's .gitignore keeps that the run wrote (finished stages' adapters,
-# configs and logs, baselines, metrics, predictions, journals, results), to unpack over the study folder here: cat study.tar.gz.* | tar -xzf - -C STUDY_DIR (then commit it).
+# configs and logs, baselines, metrics, predictions, journals, results), to unpack over the study folder here:
+# cat study.tar.gz.* | tar -xzf - -C STUDY_DIR (then commit it).
 # A dry run on this machine (CPU): PYTHON=/some/venv/bin/python with the GPU machine's package versions, and
 #   bash scripts/gpu-study.sh pack && for n in 1 2 ...; do SDPO_GPU_ROOT=/tmp/gpu-root bash scripts/gpu-study.sh receive $n; done
 #   OUT=/tmp/gpu-out SDPO_GPU_ROOT=/tmp/gpu-root SDPO_GPU_MINUTES=2 bash scripts/gpu-study.sh run N
