@@ -180,6 +180,22 @@ def test_files_too_large_to_commit_are_named(tmp_path, capsys):
     assert "over the 8 MiB" in said and "adapter_dtype: bf16" in said and "over the 1 MiB" in said
 
 
+def test_only_a_folder_git_would_carry_is_committable(tmp_path):
+    """The large-file warning is for study folders: not for one outside a repository, nor one its .gitignore leaves out."""
+    from sdpo.pipeline.study import committable
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert not committable(outside)
+    repo = tmp_path / "repo"
+    (repo / "runs" / "quickstart").mkdir(parents=True)
+    (repo / "studies" / "x").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("/runs/\n")
+    assert committable(repo / "studies" / "x")
+    assert not committable(repo / "runs" / "quickstart")
+
+
 def test_an_evaluation_in_another_precision_than_the_pipeline_pins_is_redone(tmp_path):
     from sdpo.pipeline.run import _finished_evaluation
 

@@ -17,7 +17,7 @@ from sdpo.pipeline.config import Pipeline, read_pipeline
 from sdpo.pipeline.evaluate import evaluate_model, in_pinned_precision, read_candidate_logps
 from sdpo.pipeline.fusion import run_fusion
 from sdpo.pipeline.stages import import_stage, run_baselines, run_training_stage
-from sdpo.pipeline.study import check_gitignore, warn_about_large_files, write_gitignore
+from sdpo.pipeline.study import check_gitignore, committable, warn_about_large_files, write_gitignore
 from sdpo.pipeline.table import results_table, reward_row
 
 TRUNK_CACHE = "trunk-cache"
@@ -51,7 +51,8 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
     write_json(plan.out / "results.json", rows)
     write_text_atomic(plan.out / "results.md", table + "\n")
     print(table)
-    warn_about_large_files(plan.out)
+    if committable(plan.out):  # a study folder to commit, not a run folder git ignores (runs/)
+        warn_about_large_files(plan.out)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in {plan.out / 'results.md'}")
     return rows
 

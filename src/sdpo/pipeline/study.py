@@ -19,6 +19,7 @@ training stage from its start), so the continued study reaches the same numbers.
 from __future__ import annotations
 
 import fnmatch
+import subprocess
 from pathlib import Path
 
 from sdpo.errors import UserError
@@ -77,6 +78,17 @@ def kept_files(out: Path) -> list[Path]:
             continue
         kept.append(path)
     return kept
+
+
+def committable(out: Path) -> bool:
+    """Whether git would carry `out`: it lies in a git work tree and no .gitignore there (e.g. /runs/) leaves it out."""
+    try:
+        inside = subprocess.run(["git", "-C", str(out), "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True)
+        if inside.returncode != 0 or inside.stdout.strip() != "true":
+            return False
+        return subprocess.run(["git", "-C", str(out), "check-ignore", "-q", "."], capture_output=True).returncode == 1
+    except OSError:  # no git on this machine: nothing is committed from here
+        return False
 
 
 def warn_about_large_files(out: Path) -> list[Path]:
