@@ -82,10 +82,7 @@ def kept_files(out: Path) -> list[Path]:
 
 def committable(out: Path) -> bool:
     """Whether git would carry `out`: it lies in a git work tree and no .gitignore there (e.g. /runs/) leaves it out."""
-    try:
-        inside = subprocess.run(["git", "-C", str(out), "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True)
-        if inside.returncode != 0 or inside.stdout.strip() != "true":
-            return False
+    try:  # check-ignore exits 0 for an ignored path, 1 for one git carries, 128 outside a work tree
         return subprocess.run(["git", "-C", str(out), "check-ignore", "-q", "."], capture_output=True).returncode == 1
     except OSError:  # no git on this machine: nothing is committed from here
         return False
