@@ -87,6 +87,28 @@ def benchmark_collaborative_cmd(
     _show(format_table(results), json_out)
 
 
+@bench_app.command("unknown")
+def benchmark_unknown_cmd(
+    run: Path = typer.Option(..., help="a collaborative run folder (sdpo sft or align with --collaborative DIR)"),
+    data: Path = typer.Option(..., help="prepared dataset folder"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    split: str = typer.Option("val", help="the split whose records are ranked"),
+    limit: int = typer.Option(500, help="records drawn at random with --seed"),
+    share: float = typer.Option(0.2, help="share of each history's titles replaced by made-up titles no catalogue holds"),
+    seed: int = typer.Option(0, help="seed of the record draw and of the replaced titles"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass"),
+) -> None:
+    """Rank records with unseen history titles twice: the run's learned unknown vector against zeros, paired."""
+    from sdpo.benchmarks.unknown_titles import benchmark_unknown_titles, format_table
+    from sdpo.io import write_json
+
+    if limit < 1 or batch_size < 1 or not 0 <= share <= 1:
+        raise UserError("--limit and --batch_size must be at least 1, --share between 0 and 1.")
+    result = benchmark_unknown_titles(run, data, split, limit, share, seed, batch_size)
+    write_json(json_out, result)
+    _show(format_table(result), json_out)
+
+
 @bench_app.command("precision")
 def benchmark_precision_cmd(
     data: Path = typer.Option(..., help="prepared dataset folder (train records for the steps, test records for ranking)"),

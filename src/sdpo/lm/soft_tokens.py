@@ -10,7 +10,9 @@ runs on ``inputs_embeds``.
 linear layers with a GELU between, each output rescaled to the mean norm of the LM's token
 embeddings (`token_embedding_norm`), so a soft token enters the first decoder layer at the scale
 that layer was trained on. An item the collaborative model has no id for gets the projector's
-learned unknown vector.
+learned unknown vector. So that vector learns, training can hide a share of the known items
+(``unknown_rate``, like dropout: in train mode only): they read the unknown vector as an unseen
+item would.
 
 `CollaborativeTokens` holds the two projectors a run trains (items, and the user state) and is
 attached to the base model as its ``collaborative_tokens`` module (`attach_collaborative_tokens`);
@@ -85,6 +87,7 @@ class CollaborativeTokens(nn.Module):
     def __init__(self, spec: SoftTokenSpec, hidden_size: int, norm: float):
         super().__init__()
         self.score_feature = spec.score_feature
+        self.unknown_rate = 0.0  # in train mode, the share of known items that read the unknown vector instead
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             self.items = Projector(spec.dim + int(spec.score_feature), hidden_size, norm)
@@ -97,7 +100,16 @@ class CollaborativeTokens(nn.Module):
             if scores is None:
                 raise ValueError("these projectors read each item's collaborative score; the batch has none")
             items = torch.cat([vectors, scores[..., None].to(vectors.dtype)], dim=-1)
+        if self.training and self.unknown_rate > 0:
+            known = known & (torch.rand(known.shape, device=known.device) >= self.unknown_rate)
         return torch.where(is_user[..., None], self.user(vectors), self.items(items, known))
+
+
+def set_unknown_rate(model, rate: float) -> None:
+    """Give every copy of the model's projectors (PEFT keeps one per adapter) the training share of hidden known items."""
+    for module in model.modules():
+        if isinstance(module, CollaborativeTokens):
+            module.unknown_rate = rate
 
 
 def attach_collaborative_tokens(model, spec: SoftTokenSpec) -> CollaborativeTokens:

@@ -32,6 +32,7 @@ from sdpo.lm.adapters import adapter_sha256
 from sdpo.lm.models import load_model
 from sdpo.lm.precision import model_dtype
 from sdpo.lm.scoring import answer_logprobs
+from sdpo.lm.soft_tokens import set_unknown_rate
 from sdpo.training.align_config import LOSSES, AlignConfig, inherit_from_sft, read_sft_run
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
@@ -206,6 +207,7 @@ def run_align(config: AlignConfig) -> Path:
                                   dtype=model_dtype(config.bf16), load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
     if not config.load_in_4bit:  # on the training device already (the Trainer would move it later): the reference table and trunk run there
         model.to(config.device)
+    set_unknown_rate(model, config.collaborative_unknown_rate)
     if not config.train_projector:
         freeze_projectors(model)
     prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, source)

@@ -24,6 +24,7 @@ from sdpo.lm.adapters import WEIGHT_DTYPES, store_adapter_weights
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import model_dtype, resolve_bf16
 from sdpo.lm.scoring import answer_logprobs, pack_answers
+from sdpo.lm.soft_tokens import set_unknown_rate
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
     freeze_projectors,
@@ -65,6 +66,9 @@ class ModelArguments:
     collaborative_place: str | None = field(default="before", metadata={"help": "each item's soft token goes before or after its title"})
     collaborative_score: bool = field(default=False, metadata={
         "help": "each item's soft token also reads the collaborative model's score of the item"})
+    collaborative_unknown_rate: float = field(default=0.0, metadata={
+        "help": "in training, the share of known titles that read the learned unknown vector instead of their own, so that "
+                "vector learns what a title the collaborative model never saw should read (0: it never trains)"})
     train_projector: bool = field(default=True, metadata={"help": "train the projectors of the collaborative tokens (else keep them as they are)"})
     projector_learning_rate: float | None = field(default=None, metadata={"help": "the projectors' learning rate (default: the learning rate)"})
     adapter_dtype: str = field(default="fp32", metadata={
@@ -84,6 +88,10 @@ class ModelArguments:
         # (an align run leaves them unset, None, to take its SFT run's)
         if not self.collaborative and (self.collaborative_place not in (None, "before") or self.collaborative_score):
             raise ValueError("--collaborative_place and --collaborative_score shape collaborative tokens: give --collaborative DIR too")
+        if not 0 <= self.collaborative_unknown_rate < 1:
+            raise ValueError(f"--collaborative_unknown_rate must be in [0, 1), got {self.collaborative_unknown_rate}")
+        if self.collaborative_unknown_rate and not self.collaborative and not getattr(self, "sft", ""):  # align: inherited later
+            raise ValueError("--collaborative_unknown_rate trains the unknown vector of collaborative tokens: give --collaborative DIR too")
         if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
             raise ValueError(f"--projector_learning_rate must be above 0, got {self.projector_learning_rate}")
         if not 0 <= self.lora_dropout < 1:
@@ -217,6 +225,7 @@ def run_sft(config: SFTConfig) -> Path:
     model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, dtype=model_dtype(config.bf16),
                                   load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
     model = add_lora(model, config.lora_settings())
+    set_unknown_rate(model, config.collaborative_unknown_rate)
     if not config.train_projector:
         freeze_projectors(model)
     prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, source)
