@@ -86,3 +86,44 @@ def test_a_smollm2_tokenizer_with_the_wrong_end_token_is_refused(tmp_path, monke
     monkeypatch.setenv("SDPO_HOME", str(tmp_path / "home"))
     with pytest.raises(UserError, match=re.escape("ends answers with '<|im_start|>', not '<|im_end|>'")):
         load_tokenizer("smollm2-135m")
+
+
+@pytest.mark.parametrize("adapter", ["lastfm-collab-sft-smollm2-135m", "lastfm-collab-sdpo-smollm2-135m"])
+def test_runs_that_recorded_the_weights_hash_alone_still_load_their_collaborative_model(adapter):
+    """The shipped collaborative adapters recorded the SHA-256 of the SASRec's weights only, as sdpo did before the whole fingerprint."""
+    from sdpo.baselines.collaborative import WEIGHTS, model_sha256
+    from sdpo.data.sources.fetch import sha256_of
+    from sdpo.training.collaborative import load_collaborative
+    from sdpo.training.runs import read_run_config
+
+    config = read_run_config(REPO / "adapters" / adapter)
+    folder = REPO / "adapters" / adapter / "collaborative"
+    assert Path(config["collaborative"]) == folder and config["collaborative_sha256"] == sha256_of(folder / WEIGHTS)
+    source = load_collaborative(config)
+    assert source.sha256 == model_sha256(folder) != config["collaborative_sha256"] and source.matches(config["collaborative_sha256"])
+
+
+@pytest.mark.parametrize("changed", ["items.json", "config.json", "model.safetensors"])
+def test_the_whole_fingerprint_refuses_a_changed_item_table_config_or_weights(tmp_path, changed):
+    from sdpo.baselines.collaborative import CollaborativeModel, model_sha256
+
+    original = REPO / "adapters" / "lastfm-collab-sft-smollm2-135m" / "collaborative"
+    copy = tmp_path / "sasrec"
+    shutil.copytree(original, copy)
+    recorded = model_sha256(original)
+    assert CollaborativeModel.load(copy, recorded).sha256 == recorded
+    path = copy / changed
+    if changed == "items.json":  # two titles swap ids: the weights still load, and every vector would go to the wrong title
+        table = json.loads(path.read_text())
+        table["titles"][:2] = table["titles"][1::-1]
+        path.write_text(json.dumps(table))
+    elif changed == "config.json":  # another history length: the same weights, other user states
+        config = json.loads(path.read_text())
+        config["max_len"] += 1
+        path.write_text(json.dumps(config))
+    else:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="not the .* this run was trained with"):
+        CollaborativeModel.load(copy, recorded)

@@ -11,12 +11,16 @@ score is the dot product of the user state and the candidate's vector):
 - ``history_known`` [B, H] and ``candidate_known`` [B, C]: False where a title has no id in the
   model's item table (or at padding): there the LM reads its learned unknown vector.
 
-A run names the model by its folder and the SHA-256 of its weights (`describe`);
-``CollaborativeModel.load(folder, sha256=...)`` refuses a folder whose weights differ.
+A run names the model by its folder and its SHA-256 (`describe`): the fingerprint of all three
+files of the folder (`model_sha256`: the weights, the title-to-id table, the config with its
+``max_len``), so a changed item table or config is refused like changed weights.
+``CollaborativeModel.load(folder, sha256=...)`` refuses a folder that does not match; a run that
+recorded the older fingerprint, of the weights alone, still loads its model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +39,14 @@ WEIGHTS = "model.safetensors"
 FILES = ("config.json", "items.json", WEIGHTS)
 
 
+def model_sha256(folder: str | Path) -> str:
+    """The collaborative model's fingerprint: SHA-256 over the name and SHA-256 of each of its files (`FILES`)."""
+    digest = hashlib.sha256()
+    for name in FILES:
+        digest.update(f"{name} {sha256_of(Path(folder) / name)}\n".encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class CollaborativeBatch:
     """What the collaborative model knows about a batch of records (shapes in the module docstring)."""
@@ -48,16 +60,20 @@ class CollaborativeBatch:
 
 
 class CollaborativeModel:
-    """A frozen sequential recommender with its item table, named by folder and weights' SHA-256."""
+    """A frozen sequential recommender with its item table, named by folder and fingerprint (`model_sha256`)."""
 
-    def __init__(self, model: SequentialRecommender, items: ItemTable, max_len: int, name: str, folder: Path, sha256: str):
+    def __init__(self, model: SequentialRecommender, items: ItemTable, max_len: int, name: str, folder: Path, sha256: str,
+                 weights_sha256: str | None = None):
         self.model, self.items, self.max_len, self.name = model.eval().requires_grad_(False), items, max_len, name
-        self.folder, self.sha256 = folder, sha256
-        self.unknown_titles: Counter[str] = Counter()  # titles met without an id, over every batch encoded
+        self.folder, self.sha256, self.weights_sha256 = folder, sha256, weights_sha256
+
+    def matches(self, recorded: str | None) -> bool:
+        """Whether `recorded` (a run's ``collaborative_sha256``) names this model: its fingerprint, or its weights' alone (older runs)."""
+        return recorded is not None and recorded in (self.sha256, self.weights_sha256)
 
     @classmethod
     def load(cls, folder: str | Path, sha256: str | None = None, role: str = "collaborative model") -> CollaborativeModel:
-        """The trained model in `folder` (an ``sdpo baseline`` output); with `sha256`, only if its weights hash to it.
+        """The trained model in `folder` (an ``sdpo baseline`` output); with `sha256`, only if it names this model (`matches`).
 
         `role` names what the model is used as in the messages (a retriever, say).
         """
@@ -70,10 +86,10 @@ class CollaborativeModel:
         if missing:
             raise UserError(f"{folder}: not a trained {role} ({', '.join(missing)} missing). Give the output folder "
                             "of sdpo baseline --model sasrec|gru4rec|caser.")
-        found = sha256_of(folder / WEIGHTS)
-        if sha256 is not None and found != sha256:
-            raise UserError(f"{folder / WEIGHTS}: SHA-256 {found[:12]}..., not the {sha256[:12]}... this run was trained with. "
-                            "Give the collaborative model that run was trained with.")
+        found, weights = model_sha256(folder), sha256_of(folder / WEIGHTS)
+        if sha256 is not None and sha256 not in (found, weights):
+            raise UserError(f"{folder}: its files (weights, item table, config) have SHA-256 {found[:12]}..., not the {sha256[:12]}... "
+                            "this run was trained with. Give the collaborative model that run was trained with.")
         try:
             values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
             items = ItemTable.load(folder / "items.json")
@@ -88,7 +104,7 @@ class CollaborativeModel:
         except Exception as exc:  # damaged or foreign files of any kind
             raise UserError(f"{folder}: unreadable as a {role} ({type(exc).__name__}: {exc}). "
                             "Train it again with sdpo baseline --model sasrec|gru4rec|caser.") from None
-        return cls(model, items, config.max_len, config.model, folder, found)
+        return cls(model, items, config.max_len, config.model, folder, found, weights)
 
     @property
     def dim(self) -> int:
@@ -98,11 +114,13 @@ class CollaborativeModel:
         """What a run records of the model it read."""
         return {"path": str(self.folder), "sha256": self.sha256, "model": self.name, "dim": self.dim}
 
+    def unknown_titles(self, records: list[Record]) -> Counter[str]:
+        """How often each history or candidate title of `records` has no id in the item table (it reads the unknown vector)."""
+        return Counter(self.items.coverage(records)["unknown_titles"])
+
     def ids(self, titles: list[str]) -> list[int]:
-        """Item ids of `titles` (UNKNOWN where the table has none; counted in `unknown_titles`)."""
-        ids = [self.items.id_of(t) for t in titles]
-        self.unknown_titles.update(t for t, i in zip(titles, ids, strict=True) if i == UNKNOWN)
-        return ids
+        """Item ids of `titles` (UNKNOWN where the table has none)."""
+        return [self.items.id_of(t) for t in titles]
 
     @torch.no_grad()
     def encode(self, records: list[Record]) -> CollaborativeBatch:
