@@ -66,14 +66,13 @@ class Recommender:
         """Base model + adapter of an ``sdpo sft`` / ``sdpo align`` run folder, with its prompts, on `device`
         (default: the GPU if there is one, else the CPU).
 
-        A run with collaborative tokens loads the collaborative model it recorded (checked by SHA-256;
-        a relative folder is found from the working directory or inside the run folder).
+        A run with collaborative tokens loads the collaborative model it recorded (checked by its fingerprint;
+        a relative folder is found from the run folder, see `sdpo.training.runs.read_run_config`).
         """
         from sdpo.lm.adapters import check_adapter_folder
         from sdpo.lm.models import evaluation_device, load_model
         from sdpo.lm.precision import model_dtype, resolve_bf16
         from sdpo.training.collaborative import load_collaborative, run_prompts, soft_token_spec
-        from sdpo.training.export import EXPORTED_FROM
         from sdpo.training.runs import CONFIG_FILE, read_run_config
 
         run_dir = Path(run_dir)
@@ -81,16 +80,23 @@ class Recommender:
             raise UserError(f"{run_dir}: not a training run folder (no {CONFIG_FILE}). Give the output folder of sdpo sft or sdpo align.")
         check_adapter_folder(run_dir)
         config = read_run_config(run_dir)
-        source = load_collaborative(config, base=run_dir)
+        source = load_collaborative(config)
         device = evaluation_device(device)
         model, tokenizer = load_model(config["model"], run_dir, dtype=model_dtype(resolve_bf16(bf16, device)),
                                       soft_tokens=soft_token_spec(config, source))
         model.to(device)
-        reference = str(config["sft"]) if config.get("sft") else None
-        if reference is not None and config.get(EXPORTED_FROM) and not Path(reference).is_absolute():
-            reference = str(run_dir / reference)  # an exported folder names its SFT export relative to itself
+        reference = str(config["sft"]) if config.get("sft") else None  # an export names its SFT export relative to itself
         seed = int(config.get("prompt_seed") or 0)
         return cls(model, tokenizer, config["domain"], seed, reference, run_prompts(tokenizer, config["domain"], seed, config, source))
+
+    @property
+    def collaborative(self):
+        """The collaborative model whose vectors the prompts carry (`CollaborativeModel`), or None for a text-only run."""
+        return getattr(self.prompts, "model", None)
+
+    def unknown_titles(self, record: Record) -> list[str]:
+        """The record's history and candidate titles that the run's collaborative model has no id for (none for a text-only run)."""
+        return [] if self.collaborative is None else sorted(self.collaborative.unknown_titles([record]))
 
     def rank(self, history: Sequence[str], candidates: Sequence[str], score: str = "logp") -> list[tuple[str, float]]:
         """The candidates with their scores, best first (one packed forward pass; two for ``reward``)."""

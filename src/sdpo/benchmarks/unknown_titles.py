@@ -53,14 +53,22 @@ def benchmark_unknown_titles(run: str | Path, data: str | Path, split: str = "va
     with the learned unknown vectors and with zeros; and their paired difference."""
     from sdpo.data.datasets import load_split
     from sdpo.evaluation.protocols import candidate_logps
+    from sdpo.lm.adapters import check_adapter_folder
+    from sdpo.lm.models import load_model
     from sdpo.lm.precision import cpu_name
-    from sdpo.recommend import Recommender
+    from sdpo.training.collaborative import load_collaborative, run_prompts, soft_token_spec
+    from sdpo.training.runs import read_run_config
 
-    recommender = Recommender.load(run, bf16=False, device="cpu")
-    if recommender.prompts is None or not hasattr(recommender.prompts, "model"):
+    check_adapter_folder(run)
+    config = read_run_config(run)
+    source = load_collaborative(config)
+    if source is None:
         raise UserError(f"{run}: a text-only run; the unknown vector belongs to collaborative tokens (sdpo sft --collaborative DIR).")
+    model, tokenizer = load_model(config["model"], run, soft_tokens=soft_token_spec(config, source))  # fp32, on the CPU
+    domain, prompt_seed = config["domain"], int(config.get("prompt_seed") or 0)
+    prompts = run_prompts(tokenizer, domain, prompt_seed, config, source)
     records, replaced = with_unseen_history(load_split(data, split, limit, seed), share, seed)
-    vectors = _unknown_vectors(recommender.model)
+    vectors = _unknown_vectors(model)
     learned = [v.detach().clone() for v in vectors]
     hits: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
@@ -69,12 +77,11 @@ def benchmark_unknown_titles(run: str | Path, data: str | Path, split: str = "va
             for vector, value in zip(vectors, learned, strict=True):
                 vector.copy_(value if way == "learned" else torch.zeros_like(value))
         start = time.perf_counter()
-        scores = candidate_logps(recommender.model, recommender.tokenizer, records, recommender.domain, batch_size,
-                                 recommender.prompt_seed, progress=False, prompts=recommender.prompts)
+        scores = candidate_logps(model, tokenizer, records, domain, batch_size, prompt_seed, progress=False, prompts=prompts)
         seconds[way] = round(time.perf_counter() - start, 1)
         hits[way] = [float(rank == 1) for rank in target_ranks(records, scores)]
         print(f"[benchmark] {way}: HR@1 {sum(hits[way]) / len(records):.4f} ({seconds[way]} s)", flush=True)
-    unknown = recommender.prompts.model.items.coverage(records)["unknown_titles"]
+    unknown = source.unknown_titles(records)
     return {
         "run": str(run), "data": str(data), "split": split, "records": len(records), "subset_seed": seed, "share": share,
         "replaced_titles": replaced, "unknown_occurrences": sum(unknown.values()),

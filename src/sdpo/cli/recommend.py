@@ -48,6 +48,11 @@ def recommend_cmd(
             query["candidates"] = [t for t, _ in items]
     records = [make_record(q["history"], q["candidates"], q.get("id") and str(q["id"])) for q in queries]
     recommender = Recommender.load(run, bf16=bf16, device=device)
+    unknown = [recommender.unknown_titles(record) for record in records]
+    if recommender.collaborative is not None:
+        named = f" ({', '.join(map(repr, unknown[0][:5]))})" if len(records) == 1 and unknown[0] else ""
+        typer.echo(f"[collaborative] {sum(map(len, unknown))} titles of {len(records)} queries have no id in "
+                   f"{recommender.collaborative.folder}: they read the learned unknown vector{named}", err=True)
     if generate:
         answers = recommender.generate_records(records, batch_size, progress=input_file is not None)
         rows = [{"id": q.get("id"), **a} for q, a in zip(queries, answers, strict=True)]
@@ -58,6 +63,8 @@ def recommend_cmd(
     if output_file is not None:
         from sdpo.io import write_jsonl
 
+        if recommender.collaborative is not None:
+            rows = [{**row, "unknown_titles": titles} for row, titles in zip(rows, unknown, strict=True)]
         write_jsonl(output_file, rows)
         typer.echo(f"wrote {len(rows)} ranked lists to {output_file}")
     elif generate:

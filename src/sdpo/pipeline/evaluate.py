@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdpo.data.datasets import load_split, resolve_domain
+from sdpo.data.datasets import data_fingerprint, load_split, resolve_domain
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.evaluation.journal import to_float32
@@ -15,7 +15,7 @@ from sdpo.evaluation.results import predictions_file
 from sdpo.io import read_jsonl
 from sdpo.lm.adapters import adapter_sha256, check_adapter_folder, shared_trunk_depth
 from sdpo.lm.trunk import TrunkCache
-from sdpo.training.collaborative import load_collaborative, run_prompts, soft_token_spec
+from sdpo.training.collaborative import check_catalogue, load_collaborative, run_prompts, say_unknown, soft_token_spec, unknown_summary
 
 
 def evaluate_model(
@@ -57,13 +57,14 @@ def evaluate_model(
     device = evaluation_device(device)
     bf16 = resolve_bf16(bf16, device)
     trained = _run_settings(adapter)
-    source = load_collaborative(trained, base=adapter)
+    source = load_collaborative(trained)
+    check_catalogue(source, records)
     model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16), soft_tokens=soft_token_spec(trained, source))
     model.to(device)
     prompts = run_prompts(tokenizer, domain, prompt_seed, trained, source)
     if reference_adapter is not None:
         check_adapter_folder(reference_adapter, "reference adapter")
-        _check_same_collaborative(trained, _run_settings(reference_adapter), reference_adapter)
+        _check_same_collaborative(trained, source, _run_settings(reference_adapter), reference_adapter)
     reference = None
     if adapter is not None and protocol == "rank" and reward:
         reference = reference_scores if reference_scores is not None else (str(reference_adapter) if reference_adapter else True)
@@ -72,9 +73,11 @@ def evaluate_model(
             "bf16": bf16, "device": device_name(device), "batch_size": batch_size,
             "reference": _reference_label(adapter, reference_adapter, reference_scores) if reward else None,
             "adapter_sha256": adapter_sha256(adapter) if adapter else None,
-            "reference_sha256": adapter_sha256(reference_adapter) if reference_adapter and reward else None}
+            "reference_sha256": adapter_sha256(reference_adapter) if reference_adapter and reward else None,
+            "data_sha256": data_fingerprint(data)}
     if source is not None:
-        info["collaborative"] = source.describe()
+        info["collaborative"] = {**source.describe(), **unknown_summary(source, records)}
+        say_unknown(source, info["collaborative"], f"the {len(records)} {split} records")
     if protocol == "rerank":
         return _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, prompts, retriever, top, score, batch_size, progress,
                                 {**info, "reference": None if score == "logp" else info["reference"]}, output, reference_adapter,
@@ -124,10 +127,12 @@ def _run_settings(adapter) -> dict[str, Any]:
     return read_run_config(adapter) if adapter is not None and (Path(adapter) / CONFIG_FILE).is_file() else {}
 
 
-def _check_same_collaborative(policy: dict[str, Any], reference: dict[str, Any], reference_adapter) -> None:
-    """A reward compares two models on the same prompts: the reference must read the policy's collaborative tokens."""
+def _check_same_collaborative(policy: dict[str, Any], source, reference: dict[str, Any], reference_adapter) -> None:
+    """A reward compares two models on the same prompts: the reference must read the policy's collaborative tokens (`source`)."""
     keys = ("collaborative_sha256", "collaborative_place", "collaborative_score")
     mine, theirs = ([settings.get(k) for k in keys] if settings.get("collaborative") else None for settings in (policy, reference))
+    if mine and theirs and source is not None and source.matches(theirs[0]):  # one model, fingerprinted whole or by its weights
+        theirs[0] = mine[0]
     if reference and mine != theirs:
         raise UserError(f"--reference_adapter {reference_adapter} was trained with other collaborative tokens than the adapter "
                         f"({', '.join(keys)}: {theirs} against {mine}); give the SFT run the adapter was aligned from.")

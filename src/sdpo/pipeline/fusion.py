@@ -40,9 +40,8 @@ def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | Non
         adapter, reference = by_label[stage]
         target = plan.out / "eval" / f"fusion-{stage}-rank"
         metrics_path = target / "metrics.json"
-        key = {"adapter_sha256": adapter_sha256(adapter) if adapter else None, "collaborative": source.describe(),
-               "val_records": len(val), "n_records": len(test), **_precision(plan)}
-        if metrics_path.is_file() and all(json.loads(metrics_path.read_text()).get(k) == v for k, v in key.items()):
+        key = {"adapter_sha256": adapter_sha256(adapter) if adapter else None, "val_records": len(val), "n_records": len(test), **_precision(plan)}
+        if metrics_path.is_file() and _same_fusion(json.loads(metrics_path.read_text()), key, source):
             print(f"[fusion] reusing {target}")
             metrics = json.loads(metrics_path.read_text())
         else:
@@ -60,6 +59,12 @@ def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | Non
             metrics = result.metrics
         rows.append({**metrics, "stage": f"fusion-{stage}", "protocol": "rank"})
     return rows
+
+
+def _same_fusion(finished: dict[str, Any], key: dict[str, Any], source: CollaborativeModel) -> bool:
+    """Whether a finished fusion row was made from this adapter, these records and this collaborative model (wherever it lies)."""
+    recorded = finished.get("collaborative") or {}
+    return all(finished.get(k) == v for k, v in key.items()) and source.matches(recorded.get("sha256"))
 
 
 def _stage_scores(plan: Pipeline, data_dir: Path, stage: str, adapter: str | None, records: list[Record], split: str, score: str,

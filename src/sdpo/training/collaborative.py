@@ -2,14 +2,15 @@
 
 A run with ``--collaborative DIR`` (a trained ``sdpo baseline``: SASRec, GRU4Rec or Caser) puts
 that model's item vectors and user state into its prompts as soft tokens (`sdpo.lm.soft_tokens`).
-The run records the folder and the SHA-256 of its weights (``collaborative_sha256``); an align
-run, an evaluation or a recommender that reads the run later loads the same model or refuses in
-one line. Everything here takes a run's settings, as a config or as the dict its
+The run records the folder and the model's fingerprint (``collaborative_sha256``, of its weights,
+item table and config); an align run, an evaluation or a recommender that reads the run later loads
+the same model or refuses in one line. Everything here takes a run's settings, as a config or as the dict its
 ``sdpo_config.yaml`` holds, so training, evaluation and the recommender build the same prompts.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from sdpo.baselines.collaborative import CollaborativeModel
 from sdpo.baselines.prompts import CollaborativePrompts
 from sdpo.data.collaborative_prompts import PLACES
 from sdpo.data.prompts import TextPrompts
+from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.io import write_json
 from sdpo.lm.soft_tokens import SoftTokenSpec, collaborative_tokens_of
@@ -29,11 +31,11 @@ def _get(settings: Any, key: str) -> Any:
     return settings.get(key) if isinstance(settings, dict) else getattr(settings, key, None)
 
 
-def load_collaborative(settings: Any, base: str | Path | None = None) -> CollaborativeModel | None:
+def load_collaborative(settings: Any) -> CollaborativeModel | None:
     """The collaborative model a run names (None for a text-only run), checked against its recorded SHA-256.
 
-    A relative folder is looked up from the working directory, then from `base` (the run folder that
-    recorded it); an exported folder's from the folder itself, which carries the model inside.
+    A run's options name the folder from the working folder; a run folder's recorded config names it as
+    `sdpo.training.runs.read_run_config` found it (an export's own ``collaborative/`` folder, a study's baseline).
     """
     folder = _get(settings, "collaborative")
     if not folder:
@@ -41,12 +43,7 @@ def load_collaborative(settings: Any, base: str | Path | None = None) -> Collabo
     place = _get(settings, "collaborative_place") or "before"
     if place not in PLACES:
         raise UserError(f"--collaborative_place must be before or after, got {place!r}.")
-    path = Path(folder)
-    if base is not None and not path.is_absolute():
-        inside = Path(base) / path
-        if _get(settings, "exported_from") or (not path.exists() and inside.exists()):  # sdpo.training.export.EXPORTED_FROM
-            path = inside
-    return CollaborativeModel.load(path, _get(settings, "collaborative_sha256") or None)
+    return CollaborativeModel.load(folder, _get(settings, "collaborative_sha256") or None)
 
 
 def soft_token_spec(settings: Any, source: CollaborativeModel | None) -> SoftTokenSpec | None:
@@ -78,17 +75,44 @@ def freeze_projectors(model) -> None:
         tokens.requires_grad_(False)
 
 
-def report_unknown(source: CollaborativeModel | None, out: str | Path) -> None:
-    """Say how many titles the collaborative model had no id for, and write it to the run folder's collaborative.json."""
+MIN_KNOWN_SHARE = 0.5  # a model of the data's own catalogue knows nearly every title; one of another knows few
+
+
+def check_catalogue(source: CollaborativeModel | None, records: list[Record]) -> None:
+    """A user error when the collaborative model knows fewer than half of the distinct titles of `records` (another catalogue's model)."""
+    if source is None or not records:
+        return
+    titles = {title for record in records for title in (*record.history, *record.candidates)}
+    share = 1 - len(source.unknown_titles(records)) / len(titles)
+    if share < MIN_KNOWN_SHARE:
+        raise UserError(f"{source.folder}: the collaborative model knows {share:.0%} of the {len(titles):,} distinct titles of these "
+                        "records, so it was trained on another catalogue. Give a model trained on this dataset "
+                        "(sdpo baseline --model sasrec --data DIR).")
+
+
+def unknown_summary(source: CollaborativeModel, records: list[Record]) -> dict[str, Any]:
+    """How many title occurrences of `records` (histories and candidates) have no id in the model, how many distinct, which most often.
+
+    Counted over the records themselves, so the count is the whole run's however many processes share it."""
+    unknown = source.unknown_titles(records)
+    return {"unknown_occurrences": sum(unknown.values()), "unknown_titles": len(unknown), "most_common_unknown": unknown.most_common(20)}
+
+
+def say_unknown(source: CollaborativeModel, summary: dict[str, Any], what: str) -> None:
+    """One line on stderr: how many of `what` had no id in the model and read the learned unknown vector."""
+    print(f"[collaborative] {summary['unknown_occurrences']} title occurrences ({summary['unknown_titles']} distinct titles) of {what} "
+          f"had no id in {source.folder}: they read the learned unknown vector", file=sys.stderr)
+
+
+def report_unknown(source: CollaborativeModel | None, records: list[Record], out: str | Path) -> None:
+    """Say how many titles of the training records the collaborative model had no id for, and write it to the run's collaborative.json."""
     from accelerate import PartialState
 
-    if source is None or not PartialState().is_main_process:  # each process counted its own share: one writer
+    if source is None or not PartialState().is_main_process:  # every process holds every record: one writer
         return
-    unknown = source.unknown_titles
-    print(f"[collaborative] {sum(unknown.values())} title occurrences ({len(unknown)} distinct titles) had no id in "
-          f"{source.folder}: they read the learned unknown vector")
-    write_json(Path(out) / REPORT_FILE, {**source.describe(), "unknown_occurrences": sum(unknown.values()),
-                                         "unknown_titles": len(unknown), "most_common_unknown": unknown.most_common(20)})
+    summary = unknown_summary(source, records)
+    say_unknown(source, summary, f"the {len(records)} training records")
+    write_json(Path(out) / REPORT_FILE, {**source.describe(), **summary})
 
 
 class ProjectorLearningRate:

@@ -36,6 +36,7 @@ from sdpo.lm.soft_tokens import set_unknown_rate
 from sdpo.training.align_config import LOSSES, AlignConfig, inherit_from_sft, read_sft_run
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
+    check_catalogue,
     freeze_projectors,
     load_collaborative,
     record_collaborative,
@@ -48,7 +49,7 @@ from sdpo.training.losses import dpo_loss, softmax_dpo_loss
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
 from sdpo.training.runs import resume_point, start_run, write_run_config
-from sdpo.training.sft import save_adapter
+from sdpo.training.sft import record_data_fingerprint, save_adapter
 from sdpo.training.trunk_states import RecordTrunk, lora_depth
 
 REFERENCE_ADAPTER = "reference"
@@ -194,14 +195,16 @@ def run_align(config: AlignConfig) -> Path:
     if not config.data:
         raise UserError("align: no dataset given. Pass --data DIR.")
     config.domain = resolve_domain(config.data, config.domain)
+    record_data_fingerprint(config)
     resume_from = resume_point(config)
     train = load_split(config.data, "train", config.train_limit, config.subset_seed)
     try:
         check_k(train, config.negatives)
     except ValueError as exc:
         raise UserError(f"--negatives: {exc}.") from None
-    source = load_collaborative(config, base=config.sft)  # an exported SFT run carries its model inside
+    source = load_collaborative(config)  # as the SFT run recorded it (an exported one carries its model inside)
     record_collaborative(config, source)
+    check_catalogue(source, train)
     set_seed(config.seed)
     model, tokenizer = load_model(config.model, config.sft, attn_implementation=config.attn_implementation, trainable_adapter=True,
                                   dtype=model_dtype(config.bf16), load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
@@ -250,6 +253,6 @@ def run_align(config: AlignConfig) -> Path:
     if config.reference == "adapter":
         trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
     save_adapter(trainer, config)
-    report_unknown(source, out)
+    report_unknown(source, train, out)
     write_run_config(config, out)
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from sdpo.data.datasets import load_split, resolve_domain
+from sdpo.data.datasets import data_fingerprint, load_split, resolve_domain
 from sdpo.data.prompts import encode_answer
 from sdpo.data.records import Record
 from sdpo.errors import UserError
@@ -27,6 +27,7 @@ from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.lm.soft_tokens import set_unknown_rate
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
+    check_catalogue,
     freeze_projectors,
     load_collaborative,
     record_collaborative,
@@ -46,6 +47,8 @@ class ModelArguments:
 
     model: str = field(default="smollm2-135m", metadata={"help": "alias (smollm2-135m, tiny), local HF folder or cached hub id"})
     data: str = field(default="", metadata={"help": "prepared dataset folder (sdpo data prepare)"})
+    data_sha256: str | None = field(default=None, metadata={
+        "help": "fingerprint of the prepared data (manifest and splits); recorded from --data (a different one is refused)"})
     domain: str | None = field(default=None, metadata={"help": "prompt domain (music, movies, books, games); default: the dataset manifest's"})
     train_limit: int | None = field(default=None, metadata={"help": "train on N records drawn at random with subset_seed (default: all)"})
     eval_limit: int | None = field(default=200, metadata={"help": "validation records (drawn with subset_seed) used when evaluating during training"})
@@ -212,15 +215,27 @@ def save_adapter(trainer: Trainer, config: SFTConfig) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def record_data_fingerprint(config: ModelArguments) -> None:
+    """Record the prepared data's fingerprint in the run's options; a user error where one was given and the data differ."""
+    actual = data_fingerprint(config.data)
+    if config.data_sha256 not in (None, "", actual):
+        raise UserError(f"--data_sha256: the prepared data in {config.data} is not the data given (fingerprint {actual[:12]}..., "
+                        f"not {config.data_sha256[:12]}...): it was prepared again, by other code or from another source. "
+                        "Train on the data it names, or leave --data_sha256 out.")
+    config.data_sha256 = actual
+
+
 def run_sft(config: SFTConfig) -> Path:
     """Train a LoRA adapter with SFT; returns the output folder (adapter, tokenizer, config, log.jsonl)."""
     if not config.data:
         raise UserError("sft: no dataset given. Pass --data DIR (a folder made by sdpo data prepare).")
     config.domain = resolve_domain(config.data, config.domain)
+    record_data_fingerprint(config)
     resume_from = resume_point(config)
     train = load_split(config.data, "train", config.train_limit, config.subset_seed)
     source = load_collaborative(config)
     record_collaborative(config, source)
+    check_catalogue(source, train)
     set_seed(config.seed)  # before LoRA's random init, which Trainer's own seeding comes too late for
     model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, dtype=model_dtype(config.bf16),
                                   load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
@@ -246,6 +261,6 @@ def run_sft(config: SFTConfig) -> Path:
     )
     trainer.train(resume_from_checkpoint=resume_from)
     save_adapter(trainer, config)
-    report_unknown(source, out)
+    report_unknown(source, train, out)
     write_run_config(config, out)
     return out
