@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sdpo.evaluation.journal import Journal
 from sdpo.pipeline.study import gitignore_text, kept_files
@@ -196,13 +197,51 @@ def test_only_a_folder_git_would_carry_is_committable(tmp_path):
     assert not committable(repo / "runs" / "quickstart")
 
 
+def finished_evaluation(folder: Path, **metrics) -> list:
+    """A finished evaluation of two records in `folder` (metrics.json and predictions.jsonl.gz); returns the records."""
+    from sdpo.data.records import Record
+    from sdpo.evaluation.results import Evaluation
+
+    records = [Record(f"r{i}", None, ["a"], ["b", "c"], "b") for i in range(2)]
+    Evaluation({"hr@1": 0.5, "n_records": 2, "data_sha256": "d1", **metrics}, [{"id": r.id, "hit": True} for r in records]).save(
+        folder, compress=True)
+    return records
+
+
 def test_an_evaluation_in_another_precision_than_the_pipeline_pins_is_redone(tmp_path):
     from sdpo.pipeline.run import _finished_evaluation
 
-    (tmp_path / "metrics.json").write_text(json.dumps({"hr@1": 0.5, "bf16": True}))
-    assert _finished_evaluation(tmp_path, None, bf16=True)["hr@1"] == 0.5
-    assert _finished_evaluation(tmp_path, None, bf16=None)["hr@1"] == 0.5  # not pinned: whatever it ran in
-    assert _finished_evaluation(tmp_path, None, bf16=False) is None
+    records = finished_evaluation(tmp_path, bf16=True)
+    assert _finished_evaluation(tmp_path, None, True, records, "d1")["hr@1"] == 0.5
+    assert _finished_evaluation(tmp_path, None, None, records, "d1")["hr@1"] == 0.5  # not pinned: whatever it ran in
+    assert _finished_evaluation(tmp_path, None, False, records, "d1") is None
+
+
+def test_an_evaluation_of_data_prepared_again_differently_is_redone(tmp_path, capsys):
+    from sdpo.pipeline.run import _finished_evaluation
+
+    records = finished_evaluation(tmp_path)
+    assert _finished_evaluation(tmp_path, None, None, records, "d1")["hr@1"] == 0.5
+    assert _finished_evaluation(tmp_path, None, None, records, "d2") is None
+    assert "evaluated other prepared data" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["cut", "missing", "fewer"])
+def test_an_evaluation_whose_predictions_are_damaged_is_redone(tmp_path, capsys, damage):
+    from sdpo.pipeline.run import _finished_evaluation
+
+    records = finished_evaluation(tmp_path)
+    path = tmp_path / "predictions.jsonl.gz"
+    if damage == "cut":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        finished_evaluation(tmp_path)
+        records = [*records, records[0].__class__("r9", None, ["a"], ["b", "c"], "b")]  # the pipeline evaluates three now
+    assert _finished_evaluation(tmp_path, None, None, records, "d1") is None
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"[evaluate] {tmp_path}: ") and line.endswith("evaluating again") and len(line.splitlines()) == 1
 
 
 def test_a_stage_whose_weights_git_did_not_keep_is_trained_again(tmp_path):
@@ -239,3 +278,70 @@ def test_a_stage_killed_before_its_bf16_cast_is_cast_when_reused(tmp_path):
     before = (out / "adapter_model.safetensors").stat().st_mtime_ns
     run_training_stage("sft", SFTConfig, lambda config: pytest.fail("trained again"), values, out, Path("c.yaml"))
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before  # already bf16: left as it is
+
+
+def copied_study(tiny_study, tmp_path) -> Path:
+    """A copy of the tiny study's work folder (config and study, checkpoints included), to change without touching the original."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_study.work, work)
+    return work
+
+
+def test_a_study_continued_from_another_folder_with_an_absolute_output_dir_reuses_every_stage(tiny_study, tmp_path):
+    work = copied_study(tiny_study, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    study = work / tiny_study.out
+    continued = sdpo("pipeline", work / "tiny.yaml", "--output_dir", study, cwd=elsewhere)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "[sft] reusing" in continued.stdout and "[dpo] reusing" in continued.stdout and "training into" not in continued.stdout
+    assert "[evaluate] sft" not in continued.stdout  # every evaluation reused
+    for config in study.glob("*/sdpo_config.yaml"):  # what the study records inside itself, relative to itself
+        recorded = yaml.safe_load(config.read_text())
+        assert recorded["output_dir"] == config.parent.name and recorded.get("sft") in (None, "sft"), config
+
+
+def test_a_study_with_predictions_cut_short_evaluates_them_again_and_reports(tiny_study, tmp_path):
+    work = copied_study(tiny_study, tmp_path)
+    study = work / tiny_study.out
+    predictions = study / "eval" / "sft-rank" / "predictions.jsonl.gz"
+    whole = predictions.read_bytes()
+    predictions.write_bytes(whole[: len(whole) // 2])
+    assert sdpo("report", study, "--out", tmp_path / "report").returncode == 2  # what the user met: report refuses it
+    continued = sdpo("pipeline", "tiny.yaml", "--output_dir", tiny_study.out, cwd=work)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert f"[evaluate] {tiny_study.out / 'eval' / 'sft-rank'}: its files are damaged" in continued.stdout
+    assert predictions.read_bytes() == whole
+    assert sdpo("report", study, "--out", tmp_path / "report").returncode == 0
+
+
+def test_a_stage_whose_adapter_was_cut_short_is_trained_again(tiny_study, tmp_path):
+    work = copied_study(tiny_study, tmp_path)
+    study = work / tiny_study.out
+    weights = study / "sft" / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    continued = sdpo("pipeline", "tiny.yaml", "--output_dir", tiny_study.out, cwd=work)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "[sft] not reusing" in continued.stdout and "damaged" in continued.stdout and "[sft] training into" in continued.stdout
+    assert weights.read_bytes() == whole  # resumed from its last checkpoint: the same adapter, so the later stages stand
+    assert "[dpo] reusing" in continued.stdout and "trained again since" not in continued.stdout
+
+
+def test_a_stage_trained_on_data_prepared_otherwise_is_refused(tmp_path):
+    from sdpo.errors import UserError
+    from sdpo.pipeline.stages import run_training_stage
+    from sdpo.training.sft import SFTConfig
+
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "sdpo_config.yaml").write_text("model: tiny\ndata_sha256: aaaa\n")
+    (out / "adapter_config.json").write_text("{}")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a.lora_A.weight": torch.zeros(2, 2)}, out / "adapter_model.safetensors")
+    values = {"model": "tiny", "data": "d", "data_sha256": "bbbb"}
+    with pytest.raises(UserError, match="data_sha256 'aaaa' -> 'bbbb'"):
+        run_training_stage("sft", SFTConfig, lambda config: pytest.fail("trained"), values, out, Path("c.yaml"))
+    run_training_stage("sft", SFTConfig, lambda config: pytest.fail("trained"), {**values, "data_sha256": "aaaa"}, out, Path("c.yaml"))

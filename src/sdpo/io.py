@@ -98,3 +98,24 @@ def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None]) -> Pat
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def relative_to_folder(path: str | Path, folder: str | Path) -> str:
+    """`path` written relative to `folder` ('/'-separated), as a file in a folder that travels whole records it."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
+
+
+def find_recorded(value: str | Path, base: str | Path) -> Path:
+    """Where a path that a file in folder `base` recorded lies now.
+
+    Absolute: as it is. Relative: from `base` or the nearest folder above it that holds it (a study records
+    its paths relative to the study folder, an exported run relative to itself); where none does, as it is,
+    from the working folder (what older sdpo versions recorded). Normalised, with no '..'."""
+    value = Path(value)
+    if value.is_absolute():
+        return value
+    base = Path(base)
+    for folder in (base, *base.parents, *base.resolve().parents):  # a relative base's parents stop at the working folder
+        if (folder / value).exists():
+            return Path(os.path.normpath(folder / value))
+    return value

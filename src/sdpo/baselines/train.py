@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sdpo.baselines.items import PAD, ItemTable
 from sdpo.baselines.models import Caser, GRU4Rec, SASRec, SequentialRecommender
-from sdpo.data.datasets import load_split
+from sdpo.data.datasets import data_fingerprint, load_split
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.evaluation.metrics import target_ranks
@@ -231,7 +231,7 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     train_records = load_split(config.data, "train")
     eval_records = load_split(config.data, config.eval_split, config.eval_limit, config.subset_seed)
-    info: dict[str, Any] = {"model": config.model, "data": config.data, "split": config.eval_split}
+    info: dict[str, Any] = {"model": config.model, "data": config.data, "split": config.eval_split, "data_sha256": data_fingerprint(config.data)}
     if config.model == "popularity":
         result = rank_records(eval_records, popularity_scores(train_records, eval_records))
     else:

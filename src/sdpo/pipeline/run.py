@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
-from sdpo.data.datasets import load_split, read_manifest, resolve_domain
+from sdpo.data.datasets import data_fingerprint, load_split, read_manifest, resolve_domain
 from sdpo.data.prepare import prepare_dataset
+from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.io import folder_bytes, write_json, write_text_atomic
+from sdpo.evaluation.results import predictions_file
+from sdpo.io import folder_bytes, read_jsonl, write_json, write_text_atomic
 from sdpo.lm.adapters import adapter_sha256, shared_trunk_depth
 from sdpo.pipeline.config import Pipeline, read_pipeline
 from sdpo.pipeline.evaluate import evaluate_model, in_pinned_precision, read_candidate_logps
 from sdpo.pipeline.fusion import run_fusion
 from sdpo.pipeline.stages import import_stage, run_baselines, run_training_stage
-from sdpo.pipeline.study import check_gitignore, committable, warn_about_large_files, write_gitignore
+from sdpo.pipeline.study import check_gitignore, committable, record_paths_in_study, warn_about_large_files, write_gitignore
 from sdpo.pipeline.table import results_table, reward_row
 
 TRUNK_CACHE = "trunk-cache"
@@ -34,9 +37,11 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
     started = time.perf_counter()
     data_dir = prepared_data(plan)
     write_gitignore(plan.out)
+    record_paths_in_study(plan.out)  # mends a folder an older sdpo wrote with paths of its machine
     plan.shared["domain"] = resolve_domain(data_dir, plan.shared["domain"])
     baseline_rows = run_baselines(plan, data_dir)  # first: a stage may read one as its collaborative model
     models = train_stages(plan, data_dir)
+    record_paths_in_study(plan.out)
     results = evaluate_stages(plan, data_dir, models)
     rows = []
     for label, _, _ in models:  # the table: stage by stage
@@ -50,6 +55,7 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
     table = results_table(rows)
     write_json(plan.out / "results.json", rows)
     write_text_atomic(plan.out / "results.md", table + "\n")
+    record_paths_in_study(plan.out)
     print(table)
     if committable(plan.out):  # a study folder to commit, not a run folder git ignores (runs/)
         warn_about_large_files(plan.out)
@@ -78,7 +84,7 @@ def train_stages(plan: Pipeline, data_dir: Path) -> list[tuple[str, str | None, 
     from sdpo.training.sft import SFTConfig, run_sft
 
     models: list[tuple[str, str | None, str | None]] = [("zero-shot", None, None)]
-    common = {"model": plan.model, "data": str(data_dir), "seed": plan.seed, **plan.shared}
+    common = {"model": plan.model, "data": str(data_dir), "data_sha256": data_fingerprint(data_dir), "seed": plan.seed, **plan.shared}
     for name, options in plan.sft_stages:
         options = collaborative_folder(plan, options)
         if "adapter" in options:
@@ -119,13 +125,15 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
         trunk_depth = shared_trunk_depth(adapters)
         print(f"[evaluate] layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
               else "[evaluate] no trunk cache (no evaluated adapter, or one that changes the first layer or every layer)")
+    records = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
+    fingerprint = data_fingerprint(data_dir)
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for protocol in plan.protocols:
         for label, adapter, reference_label in models:
             if label not in (generated if protocol == "generate" else evaluated):
                 continue
             target = plan.out / "eval" / f"{label}-{protocol}"
-            metrics = _finished_evaluation(target, adapter, plan.shared["bf16"])
+            metrics = _finished_evaluation(target, adapter, plan.shared["bf16"], records, fingerprint)
             if metrics is not None:
                 print(f"[evaluate] reusing {target}")
             else:
@@ -136,7 +144,6 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
                 if reward and reference_label == "zero-shot" and _reads_collaborative(adapter):
                     pass  # its reference is the base model with the initial projectors, on its own prompts: computed
                 elif reward:
-                    records = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
                     reference_dir = plan.out / "eval" / f"{reference_label}-rank"
                     reference_scores = read_candidate_logps(reference_dir, records)
                     if reference_scores is None:  # never fall back to another reference than the stage's own
@@ -169,16 +176,36 @@ def _remove_trunk_cache(folder: Path, why: str) -> None:
         print(f"[evaluate] {why}: removed the trunk cache {folder} ({size / 1e9:.2f} GB)")
 
 
-def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None = None) -> dict[str, Any] | None:
-    """The metrics of a finished evaluation of this very adapter in `target`, in the pinned precision if any (None: evaluate it)."""
-
+def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None, records: list[Record], fingerprint: str) -> dict[str, Any] | None:
+    """The metrics of a finished, whole evaluation of this very adapter on `records` of the data `fingerprint` names, in the
+    pinned precision if any; None (evaluate it, saying why in one line) where any of that is not so."""
     if not (target / "metrics.json").is_file():
+        return None
+    problem = damaged_evaluation(target, records)
+    if problem:
+        print(f"[evaluate] {target}: {problem}: evaluating again")
         return None
     metrics = json.loads((target / "metrics.json").read_text())
     if adapter is not None and metrics.get("adapter_sha256", "unrecorded") not in ("unrecorded", adapter_sha256(adapter)):
         print(f"[evaluate] {target} evaluated another adapter of that stage (it was trained again since): evaluating again")
         return None
+    if metrics.get("data_sha256", fingerprint) != fingerprint:
+        print(f"[evaluate] {target} evaluated other prepared data (prepared again since): evaluating again")
+        return None
     if not in_pinned_precision(metrics, bf16):
         print(f"[evaluate] {target} ran in {'bf16' if metrics['bf16'] else 'fp32'}, the pipeline pins the other: evaluating again")
         return None
     return metrics
+
+
+def damaged_evaluation(target: Path, records: list[Record]) -> str | None:
+    """What is wrong with a finished evaluation's files (unreadable, or not one prediction per record), or None."""
+    try:
+        metrics = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+        predictions = read_jsonl(predictions_file(target))
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # gzip raises EOFError for a file cut short
+        return f"its files are damaged ({type(exc).__name__}: {exc})"
+    ids = [row.get("id") for row in predictions if isinstance(row, dict)]
+    if len(ids) != metrics.get("n_records") or sorted(ids) != sorted(r.id for r in records):
+        return f"{predictions_file(target).name} holds {len(ids)} predictions, not one per each of the {len(records)} records"
+    return None

@@ -14,13 +14,20 @@ from sdpo.pipeline.config import Pipeline
 
 
 def run_training_stage(name: str, config_cls, runner, values: dict[str, Any], out: Path, path: Path) -> Path:
-    """Run a training stage into `out`, reusing a finished run and resuming an interrupted one."""
-    from sdpo.lm.adapters import ADAPTER_WEIGHTS, store_adapter_weights
+    """Run a training stage into `out`, reusing a finished run and resuming an interrupted one (or a damaged one's training)."""
+    from sdpo.lm.adapters import ADAPTER_WEIGHTS, check_adapter_folder, store_adapter_weights
     from sdpo.training.runs import CONFIG_FILE, changed_training_options, read_run_config
 
     values = {**values, "output_dir": str(out)}
     # finished: config and adapter, weights included (a study folder whose weights were kept out of git trains it again)
-    if all((out / name).is_file() for name in (CONFIG_FILE, "adapter_config.json", ADAPTER_WEIGHTS)):
+    finished = all((out / name).is_file() for name in (CONFIG_FILE, "adapter_config.json", ADAPTER_WEIGHTS))
+    if finished:
+        try:
+            check_adapter_folder(out, f"adapter of stage {name}")
+        except UserError as damage:  # cut short, say: it is not the adapter later stages and evaluations were made from
+            print(f"[{name}] not reusing {out}: {damage}")
+            finished = False
+    if finished:
         saved = read_run_config(out)
         changed = changed_training_options(saved, build_config(config_cls, values, where=f"{path}: {name}"))
         if changed:
@@ -39,11 +46,9 @@ def run_training_stage(name: str, config_cls, runner, values: dict[str, Any], ou
 def import_stage(name: str, source: str | Path, out: Path, start: Path | None = None) -> Path:
     """A stage that a run elsewhere trained (``adapter: DIR``, e.g. a shipped model): copied into `out` once, not trained.
 
-    An align stage's copy names its SFT stage `start` as its reference (relative, as an export does), and
+    An align stage's copy names its SFT stage `start` as its reference, and
     must have been trained from that stage's weights (their SHA-256 as recorded) or is refused.
     """
-    import os
-
     import yaml
 
     from sdpo.baselines.collaborative import FILES
@@ -57,7 +62,7 @@ def import_stage(name: str, source: str | Path, out: Path, start: Path | None = 
         raise UserError(f"stage {name}: adapter {source} lies inside the stage's own folder {out}; import a run from elsewhere.")
     check_adapter_folder(source, f"adapter of stage {name}")
     config = read_run_config(source, f"a training run folder (stage {name})")
-    collaborative = load_collaborative(config, base=source)  # checked by its SHA-256; the copy carries it inside
+    collaborative = load_collaborative(config)  # checked by its SHA-256; the copy carries it inside
     if collaborative is not None:
         config["collaborative"] = "collaborative"
         config.setdefault(EXPORTED_FROM, str(source))
@@ -67,7 +72,7 @@ def import_stage(name: str, source: str | Path, out: Path, start: Path | None = 
         if not trained_from or trained_from not in (started.get(EXPORTED_SHA256), adapter_sha256(start)):
             raise UserError(f"stage {name}: {source} was not trained from the weights of stage {start.name}; "
                             "import the SFT run it was aligned from as that stage.")
-        config["sft"] = os.path.relpath(start.resolve(), out.resolve())
+        config["sft"] = str(start)  # recorded relative to the study folder (sdpo.pipeline.study.record_paths_in_study)
         config.setdefault(EXPORTED_FROM, str(source))
     if (out / ADAPTER_WEIGHTS).is_file() and adapter_sha256(out) == adapter_sha256(source):
         print(f"[{name}] reusing {out} (imported from {source})")
@@ -92,14 +97,19 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
     if plan.baselines is None:
         return []
     from sdpo.baselines.train import CHECKPOINT, BaselineConfig, run_baseline
+    from sdpo.data.datasets import data_fingerprint
 
     section = {k: v for k, v in plan.baselines.items() if k != "models"}
+    fingerprint = data_fingerprint(data_dir)
     rows = []
     for name, options in plan.baselines["models"]:
         target = plan.out / "baselines" / name
         if (target / "metrics.json").is_file():
-            print(f"[baseline] reusing {target}")
             metrics = json.loads((target / "metrics.json").read_text())
+            if metrics.get("data_sha256", fingerprint) != fingerprint:
+                raise UserError(f"{plan.path}: baseline {name}: {target} was trained on other prepared data than {data_dir} holds now "
+                                f"(it was prepared again since). Remove {target} to train it again.")
+            print(f"[baseline] reusing {target}")
         else:
             resume = (target / CHECKPOINT).is_file()
             print(f"[baseline] {name}" + (" (resuming)" if resume else ""))

@@ -14,16 +14,25 @@ git keep exactly what a fresh checkout needs to continue the study with the same
 Checkpoints, the reference table, the trunk cache and the prepared data stay out: a fresh
 checkout rebuilds them (the data from its source with the recorded seed, an unfinished
 training stage from its start), so the continued study reaches the same numbers.
+
+Every path those files record that lies inside the study (its data, a stage, a baseline) is
+written relative to the study folder (`record_paths_in_study`), so the folder works wherever a
+clone puts it and from whatever folder the pipeline is run.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from sdpo.errors import UserError
-from sdpo.io import write_text_atomic
+from sdpo.io import relative_to_folder, write_json, write_text_atomic
 
 GITIGNORE = ".gitignore"
 KEPT_FILES = (
@@ -105,3 +114,50 @@ def warn_about_large_files(out: Path) -> list[Path]:
             print(f"[study] {path} is {path.stat().st_size / 2**20:.1f} MiB, over the {limit // 2**20} MiB a committed study file "
                   f"may be: {hint}.")
     return large
+
+
+# keys whose values name a folder or file (sdpo_config.yaml, metrics.json, results.json, a baseline's config.json, collaborative.json)
+PATH_KEYS = ("data", "sft", "collaborative", "output_dir", "adapter", "path", "reference", "retriever_dir", "exported_from")
+
+
+def _in_study(value: Any, study: Path) -> str | None:
+    """`value` relative to the study folder where it names a place inside it (absolute, or from the working folder); else None."""
+    if not isinstance(value, str) or not value:
+        return None
+    place = Path(os.path.abspath(value))  # lexically: the place may be gone (the prepared data is not committed)
+    if place != study and study not in place.parents:
+        return None
+    return relative_to_folder(place, study)
+
+
+def _relative_paths(value: Any, study: Path) -> Any:
+    """A copy of a JSON/YAML value whose path entries (`PATH_KEYS`) inside the study are relative to it."""
+    if isinstance(value, list):
+        return [_relative_paths(item, study) for item in value]
+    if not isinstance(value, dict):
+        return value
+    return {key: (_in_study(item, study) or item) if key in PATH_KEYS and isinstance(item, str) else _relative_paths(item, study)
+            for key, item in value.items()}
+
+
+def record_paths_in_study(out: Path) -> list[Path]:
+    """Rewrite the paths that the study's kept files record inside the study as relative to it; returns the files changed."""
+    study = Path(os.path.abspath(out))
+    changed = []
+    for path in kept_files(out):
+        if path.suffix not in (".json", ".yaml") or path.name == "items.json":
+            continue
+        text = path.read_text(encoding="utf-8")
+        try:
+            value = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+        except (ValueError, yaml.YAMLError):
+            continue  # a damaged file is the stage's to report
+        portable = _relative_paths(value, study)
+        if portable == value:
+            continue
+        if path.suffix == ".yaml":
+            write_text_atomic(path, yaml.safe_dump(portable, sort_keys=True, allow_unicode=True))
+        else:
+            write_json(path, portable)
+        changed.append(path)
+    return changed

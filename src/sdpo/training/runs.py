@@ -3,7 +3,9 @@
 A run folder (``sdpo sft`` / ``sdpo align`` output) holds ``sdpo_config.yaml``: every option
 of the run, resolved (base model, data, record draws, prompts, precision), plus the sdpo
 version that wrote it. It is written when training starts and again when it ends, so an
-interrupted run says what it was doing. ``--resume`` continues only a run of the same sdpo
+interrupted run says what it was doing. Its paths (`PATH_KEYS`) may be relative: a study records
+them relative to the study folder, an export relative to itself; `read_run_config` finds them
+(`sdpo.io.find_recorded`), and comparisons are of the folders they name, not of their spelling. ``--resume`` continues only a run of the same sdpo
 version and the same training options, from a checkpoint whose files are all readable.
 """
 
@@ -19,7 +21,7 @@ from accelerate import PartialState
 from sdpo import __version__
 from sdpo.config import config_to_dict
 from sdpo.errors import UserError
-from sdpo.io import refuse_non_empty, remove_temporaries, write_text_atomic
+from sdpo.io import find_recorded, refuse_non_empty, remove_temporaries, write_text_atomic
 from sdpo.lm.adapters import ADAPTER_WEIGHTS, check_safetensors
 
 CONFIG_FILE = "sdpo_config.yaml"
@@ -27,7 +29,7 @@ VERSION_KEY = "sdpo_version"
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", ADAPTER_WEIGHTS, "adapter_config.json")
 # Options that define what is trained: a resume must not change them.
 TRAINING_KEYS = (
-    "model", "data", "domain", "prompt_seed", "train_limit", "subset_seed", "lora_r", "lora_alpha", "lora_dropout",
+    "model", "data", "data_sha256", "domain", "prompt_seed", "train_limit", "subset_seed", "lora_r", "lora_alpha", "lora_dropout",
     "lora_target_modules", "lora_layers", "bf16", "load_in_4bit", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "sft", "sft_sha256", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
@@ -35,6 +37,7 @@ TRAINING_KEYS = (
 )
 # Options an align run takes from its SFT run when left out: compared only where given.
 INHERITABLE = ("collaborative", "collaborative_place", "collaborative_score")
+PATH_KEYS = ("data", "sft", "collaborative", "output_dir")  # options that name a folder
 
 
 def write_run_config(config: Any, out: str | Path) -> None:
@@ -56,7 +59,17 @@ def read_run_config(run_dir: str | Path, what: str = "a run folder") -> dict[str
         raise UserError(f"{path}: unreadable ({type(exc).__name__}). Rerun the stage that wrote it.") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: not a run config (a YAML mapping). Rerun the stage that wrote it.")
+    for key in PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = str(find_recorded(values[key], run_dir))
     return values
+
+
+def same_option(key: str, saved: Any, now: Any) -> bool:
+    """Whether a recorded option and today's agree; a folder agrees with any spelling of it (absolute, or from elsewhere)."""
+    if key in PATH_KEYS and isinstance(saved, str) and isinstance(now, str) and saved and now:
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
 
 
 def check_checkpoint(checkpoint: str | Path) -> None:
@@ -90,7 +103,7 @@ def changed_training_options(saved: dict[str, Any], config: Any) -> list[str]:
     now = config_to_dict(config)
     if now.get("sft"):  # an align run
         now = {k: v for k, v in now.items() if k not in INHERITABLE or v not in (None, "")}
-    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and k in saved and saved[k] != now[k]]
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAINING_KEYS if k in now and k in saved and not same_option(k, saved[k], now[k])]
 
 
 def resume_point(config: Any) -> str | None:
