@@ -8,6 +8,7 @@ architecture with random weights (timings and memory do not depend on the weight
 """
 import json
 import sys
+import tempfile
 import time
 
 import torch
@@ -19,7 +20,8 @@ config = AutoConfig.from_pretrained(config_json)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(config)  # random weights, SmolLM2-135M's shape
 tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-model.save_pretrained("/tmp/smol-arch"); tok.save_pretrained("/tmp/smol-arch")
+arch = tempfile.mkdtemp(prefix="smol-arch-")
+model.save_pretrained(arch); tok.save_pretrained(arch)
 from sdpo.data.datasets import load_split
 from sdpo.data.prompts import encode_answer, record_prompt_ids
 from sdpo.lm.scoring import score_answers
@@ -27,7 +29,7 @@ from sdpo.lm.scoring import score_answers
 records = load_split(data_dir, "test", limit=4)
 report = {}
 for dtype in (torch.float32, torch.bfloat16):
-    m = AutoModelForCausalLM.from_pretrained("/tmp/smol-arch", dtype=dtype).cuda().eval()
+    m = AutoModelForCausalLM.from_pretrained(arch, dtype=dtype).cuda().eval()
     prompts = [record_prompt_ids(tok, r, "music") for r in records]
     answers = [[encode_answer(tok, c) for c in r.candidates] for r in records]
     with torch.no_grad():
@@ -46,6 +48,6 @@ from sdpo.benchmarks.step import benchmark_step, format_table, save_results
 
 records = load_split(data_dir, "test", limit=8)
 t = time.time()
-results = benchmark_step("/tmp/smol-arch", records, "music", [1, 3, 7, 15], repeats=5, device="cuda")
+results = benchmark_step(arch, records, "music", [1, 3, 7, 15], repeats=5, device="cuda")
 save_results(f"{out}/step-smollm2-arch-cuda.json", "SmolLM2-135M architecture, random weights", torch.cuda.get_device_name(0), results, 5)
 print(format_table(results)); print("benchmark seconds", time.time() - t)

@@ -3,7 +3,7 @@
 # SmolLM2 weights: step time and peak memory at K=3 and K=15, batch 8 and 32, bf16, for SDPA and
 # FlexAttention. One JSON file per (attention, batch) under OUT_DIR; docs/benchmark.md has the table.
 #   OUT_DIR=results bash scripts/gpu-step-benchmark.sh                  # on a CUDA machine, .venv set up
-#   MODEL=tiny DEVICE=cpu PRECISION=--no_bf16 ATTENTIONS=sdpa BATCHES=2 OUT_DIR=/tmp/b bash scripts/gpu-step-benchmark.sh
+#   MODEL=tiny DEVICE=cpu PRECISION=--no_bf16 ATTENTIONS=sdpa BATCHES=2 OUT_DIR=runs/b bash scripts/gpu-step-benchmark.sh
 # (a dry run on the CPU: torch has no FlexAttention backward there)
 set -euo pipefail
 cd "$(dirname "$0")/.."

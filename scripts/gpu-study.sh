@@ -16,7 +16,9 @@
 # (another tokenizer, say) stops the run before the pipeline. `slim` deletes the checkout's files until `unslim`:
 # stop any sdpo job running from this checkout first (it refuses while one runs). A journal continues only on the
 # same kind of device with the same batch size (both are in its settings); elsewhere that evaluation starts over.
-# Then it runs the pipeline under a time limit (SDPO_GPU_MINUTES, default 7; journals keep a cut evaluation's
+# `run` refuses a machine whose installed packages (transformers, torch, peft, ...) lie outside the bounds of the
+# project's pyproject.toml (`versions`): transformers 5.17, for one, reads SmolLM2's tokenizer wrongly and cannot
+# generate through the trunk cache. Then it runs the pipeline under a time limit (SDPO_GPU_MINUTES, default 7; journals keep a cut evaluation's
 # batches) with evaluate.batch_size SDPO_GPU_BATCH (default 32; recorded in each metrics.json with the device),
 # (SDPO_GPU_TRUNK_CACHE=false turns evaluate.trunk_cache off: generation with the trunk cache needs transformers
 # >= 5.25, and a machine with an older one would otherwise stop there) and writes into $OUT the log and
@@ -24,12 +26,12 @@
 # configs and logs, baselines, metrics, predictions, journals, results), to unpack over the study folder here:
 # cat study.tar.gz.* | tar -xzf - -C STUDY_DIR (then commit it).
 # A dry run on this machine (CPU): PYTHON=/some/venv/bin/python with the GPU machine's package versions, and
-#   bash scripts/gpu-study.sh pack && for n in 1 2 ...; do SDPO_GPU_ROOT=/tmp/gpu-root bash scripts/gpu-study.sh receive $n; done
-#   OUT=/tmp/gpu-out SDPO_GPU_ROOT=/tmp/gpu-root SDPO_GPU_MINUTES=2 bash scripts/gpu-study.sh run N
+#   bash scripts/gpu-study.sh pack && for n in 1 2 ...; do SDPO_GPU_ROOT=runs/gpu-root bash scripts/gpu-study.sh receive $n; done
+#   OUT=runs/gpu-out SDPO_GPU_ROOT=runs/gpu-root SDPO_GPU_MINUTES=2 bash scripts/gpu-study.sh run N
 set -euo pipefail
 SELF=$(realpath "$0")
 case "$SELF" in */.gpu/*) cd "${SELF%/.gpu/*}" ;; *) cd "$(dirname "$SELF")/.." ;; esac   # the repo root
-ROOT="${SDPO_GPU_ROOT:-/tmp/sdpo-gpu}"        # on the device machine, outside the checkout
+ROOT="${SDPO_GPU_ROOT:-${TMPDIR:-/tmp}/sdpo-gpu}"   # on the device machine, outside the checkout
 CONFIG="${STUDY_CONFIG:-configs/study-collab-lastfm.yaml}"
 STUDY="${STUDY_DIR:-studies/collab-lastfm}"
 WHEELS="peft==0.21.2 gguf==0.19.0"           # pure Python; the machine's transformers, accelerate, tokenizers serve
@@ -102,7 +104,7 @@ receive() {
 check() {   # CHECK_STAGE on 16 test records, on the GPU, against the study's committed ranking of the same records (an error over 1e-2)
   [ -f "$STUDY/eval/${CHECK_STAGE:-sft}-rank/metrics.json" ] || { echo "check: no committed ranking of ${CHECK_STAGE:-sft} to compare with"; return 0; }
   "$PYTHON" - "$STUDY" "${CHECK_STAGE:-sft}" "$OUT/check.json" "$CONFIG" <<'EOF'
-import json, sys, time
+import json, sys, tempfile, time
 from pathlib import Path
 import yaml
 from sdpo.data.datasets import load_split
@@ -111,16 +113,41 @@ study, stage, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 bf16 = yaml.safe_load(open(sys.argv[4])).get("bf16")
 records = load_split(study / "data", "test", 16, 0)
 start = time.perf_counter()
-evaluate_model(study / "data", "test", None, study / stage, "rank", 16, "/tmp/sdpo-check", 16, progress=False, bf16=bf16, reward=False)
-gpu = read_candidate_logps("/tmp/sdpo-check", records)
+checked = Path(tempfile.mkdtemp())
+evaluate_model(study / "data", "test", None, study / stage, "rank", 16, checked, 16, progress=False, bf16=bf16, reward=False)
+gpu = read_candidate_logps(checked, records)
 cpu = read_candidate_logps(study / "eval" / f"{stage}-rank", records)
 assert gpu is not None and cpu is not None, "the check's records are not in both rankings"
 worst = max(abs(g - c) for gr, cr in zip(gpu, cpu, strict=True) for g, c in zip(gr, cr, strict=True))
-result = {"stage": stage, "records": len(records), "device": json.load(open("/tmp/sdpo-check/metrics.json"))["device"],
+result = {"stage": stage, "records": len(records), "device": json.load(open(checked / "metrics.json"))["device"],
           "max_abs_logp_diff_vs_committed": worst, "seconds": round(time.perf_counter() - start, 1)}
 json.dump(result, open(out, "w"), indent=2)
 print("check:", result)
 assert worst < 1e-2, f"the GPU's log-probs differ from the committed ones by {worst}: not the same model, tokenizer or prompts"
+EOF
+}
+
+versions() {   # exit 2 where an installed package the project needs lies outside pyproject.toml's bounds
+  "$PYTHON" - "${1:-pyproject.toml}" <<'EOF'
+import re, sys
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+text = open(sys.argv[1], encoding="utf-8").read()
+block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+wrong = []
+for line in re.findall(r'^\s*"([^"]+)"', block, re.M):
+    requirement = Requirement(line)
+    try:
+        found = version(requirement.name)
+    except PackageNotFoundError:
+        continue  # installed from the bundle's wheels, or not needed on this machine
+    if not requirement.specifier.contains(found, prereleases=True):
+        wrong.append(f"{requirement.name} {found} (the project needs {requirement.specifier})")
+if wrong:
+    print("error: this machine's " + "; ".join(wrong) + ". Install versions within pyproject.toml's bounds, or add "
+          "their wheels to WHEELS in scripts/gpu-study.sh, before running the study here.", file=sys.stderr)
+    sys.exit(2)
+print("versions: every installed dependency is within pyproject.toml's bounds")
 EOF
 }
 
@@ -141,6 +168,7 @@ run() {
   mkdir -p "$ROOT/home/models" && tar -C "$ROOT/home/models" -xzf "$ROOT/tokenizer.tar.gz"
   export PYTHONPATH="$ROOT/repo/src:$ROOT/site" SDPO_HOME="$ROOT/home" SDPO_MIRROR="$ROOT/mirror" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   cd "$ROOT/repo"
+  versions pyproject.toml 2>&1 | tee "$OUT/versions.log"; [ "${PIPESTATUS[0]}" = 0 ] || exit 2
   "$PYTHON" - "$CONFIG" "${SDPO_GPU_BATCH:-32}" "${SDPO_GPU_TRUNK_CACHE:-}" <<'EOF' | tee "$OUT/pipeline.log"
 import platform, sys, torch, transformers, peft, yaml
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -175,5 +203,6 @@ case "${1:-}" in
   unslim) unslim ;;
   receive) receive "${2:-}" ;;
   run) run "${2:-}" ;;
-  *) echo "usage: bash scripts/gpu-study.sh pack|slim|receive N|run N|unslim (see the comments at its top)" >&2; exit 2 ;;
+  versions) versions "${2:-pyproject.toml}" ;;
+  *) echo "usage: bash scripts/gpu-study.sh pack|slim|receive N|run N|unslim|versions [PYPROJECT] (see the comments at its top)" >&2; exit 2 ;;
 esac
