@@ -110,12 +110,16 @@ def find_recorded(value: str | Path, base: str | Path) -> Path:
 
     Absolute: as it is. Relative: from `base` or the nearest folder above it that holds it (a study records
     its paths relative to the study folder, an exported run relative to itself); where none does, as it is,
-    from the working folder (what older sdpo versions recorded). Normalised, with no '..'."""
+    from the working folder (what older sdpo versions recorded). Normalised; relative where `value` and `base` are."""
     value = Path(value)
     if value.is_absolute():
         return value
     base = Path(base)
-    for folder in (base, *base.parents, *base.resolve().parents):  # a relative base's parents stop at the working folder
+    for folder in (base, *base.parents):
         if (folder / value).exists():
             return Path(os.path.normpath(folder / value))
+    if not base.is_absolute():  # a relative base's parents end at the working folder: look above it too, and stay relative
+        for folder in Path.cwd().parents:
+            if (folder / value).exists():
+                return Path(os.path.relpath(folder / value))
     return value

@@ -70,7 +70,7 @@ def _collaborative_files(run_dir: Path, config: dict) -> list[Path]:
     from sdpo.baselines.collaborative import FILES
     from sdpo.training.collaborative import load_collaborative
 
-    source = load_collaborative(config, base=run_dir)
+    source = load_collaborative(config)
     return [] if source is None else [source.folder / name for name in FILES]
 
 
