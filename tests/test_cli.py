@@ -215,7 +215,7 @@ def test_bad_inputs_each_end_in_one_error_line(small_data, tmp_path):
         build_config(AlignConfig, {"beta": 0})
     with pytest.raises(UserError, match="--train_limit must be at least 1"):
         build_config(SFTConfig, {"train_limit": 0})
-    assert build_config(SFTConfig, {}, ["--no_bf16"]).bf16 is False
+    assert build_config(SFTConfig, {}, ["--bf16", "false"]).bf16 is False
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

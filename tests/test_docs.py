@@ -1,5 +1,8 @@
 """Every `sdpo ...` command quoted in README.md and docs/*.md names a real subcommand and only flags it accepts."""
 
+import contextlib
+import functools
+import io
 import re
 import shlex
 from pathlib import Path
@@ -55,6 +58,67 @@ def words(command: str) -> list[str]:
     return kept
 
 
+def passed_on(path: list[str]):
+    """The config dataclass whose fields are the options of `sdpo PATH` (sft, align, baseline), or None for a typer command."""
+    from sdpo.baselines.train import BaselineConfig
+    from sdpo.training.preference import AlignConfig
+    from sdpo.training.sft import SFTConfig
+
+    return {("sft",): SFTConfig, ("align",): AlignConfig, ("baseline",): BaselineConfig}.get(tuple(path))
+
+
+@functools.cache
+def root_command():
+    """The click group typer builds from the `sdpo` app (built once: every helper walks the same tree)."""
+    import typer
+
+    from sdpo.cli import app
+
+    return typer.main.get_command(app)
+
+
+def click_command(path: list[str]):
+    """The click command (or group) `sdpo PATH` names."""
+    command = root_command()
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def subcommand_paths(command=None, path=()) -> list[list[str]]:
+    """Every runnable `sdpo ...` subcommand, as its list of words (typer vendors its own click: no isinstance)."""
+    command = root_command() if command is None else command
+    if not hasattr(command, "commands"):
+        return [list(path)]
+    return [found for name, sub in command.commands.items() for found in subcommand_paths(sub, (*path, name))]
+
+
+def yes_no_options(path: list[str]) -> dict[str, str]:
+    """Every yes/no option of `sdpo PATH`: its name -> the flag that turns it on.
+
+    Click's boolean flags for a typer command; for sft, align and baseline, the options
+    HfArgumentParser reads as booleans (bool and bool | None fields of the config dataclass).
+    """
+    config = passed_on(path)
+    if config is not None:
+        return dataclass_yes_no_options(config)
+    return {param.name: param.opts[0] for param in click_command(path).params if getattr(param, "is_bool_flag", False)}
+
+
+@functools.cache
+def dataclass_yes_no_options(cls) -> dict[str, str]:
+    """The options of a config dataclass that HfArgumentParser reads with string_to_bool: name -> flag."""
+    from transformers import HfArgumentParser
+    from transformers.hf_argparser import string_to_bool
+
+    return {action.dest: action.option_strings[0] for action in HfArgumentParser(cls)._actions if action.type is string_to_bool}
+
+
+def negative_flags(name: str) -> list[str]:
+    """The two ways to turn the yes/no option `name` off without a value: --no_NAME and --no-NAME."""
+    return [f"--no_{name}", f"--no-{name.replace('_', '-')}"]
+
+
 def accepted_flags(command) -> set[str]:
     """The flags a click command declares (both spellings of a --flag/--no_flag pair)."""
     flags = {name for param in command.params for name in (*param.opts, *param.secondary_opts) if name.startswith("-")}
@@ -62,25 +126,15 @@ def accepted_flags(command) -> set[str]:
 
 
 def dataclass_flags(cls) -> set[str]:
-    """The flags of a config dataclass, and for its yes/no options the --no_NAME form `sdpo.config` reads as --NAME false."""
-    import dataclasses
-
+    """The flags HfArgumentParser makes of a config dataclass's fields."""
     from transformers import HfArgumentParser
 
-    flags = {name for name in HfArgumentParser(cls)._option_string_actions if name.startswith("--")}
-    return flags | {f"--no_{f.name}" for f in dataclasses.fields(cls) if "bool" in str(f.type)}
+    return {name for name in HfArgumentParser(cls)._option_string_actions if name.startswith("--")}
 
 
 def resolve(words_: list[str]):
-    """(the click command, its words after the subcommand path, the flags it accepts)."""
-    import typer
-
-    from sdpo.baselines.train import BaselineConfig
-    from sdpo.cli import app
-    from sdpo.training.preference import AlignConfig
-    from sdpo.training.sft import SFTConfig
-
-    command, path = typer.main.get_command(app), []
+    """(the click command's path, its words after the subcommand path, the flags it accepts)."""
+    command, path = root_command(), []
     rest = list(words_)
     while hasattr(command, "commands"):  # a group (typer vendors its own click)
         assert rest, f"sdpo {' '.join(path)}: no subcommand"
@@ -88,12 +142,104 @@ def resolve(words_: list[str]):
         assert name in command.commands, f"sdpo {' '.join([*path, name])}: no such command (known: {', '.join(command.commands)})"
         command, path = command.commands[name], [*path, name]
     flags = accepted_flags(command)
-    passed_on = {"sft": SFTConfig, "align": AlignConfig, "baseline": BaselineConfig}.get(path[0])
-    if passed_on is not None:
-        flags |= dataclass_flags(passed_on) | {"--output", "--help"}
+    if passed_on(path) is not None:
+        flags |= dataclass_flags(passed_on(path)) | {"--output", "--help"}
     if path == ["recommend"]:
         flags |= {"--history", "--candidates"}
+    flags |= {flag for name in yes_no_options(path) for flag in negative_flags(name)}  # every command's convention
     return path, rest, flags
+
+
+class Parsed(Exception):
+    """Raised in place of running a command: the values its parser read, by option name, and the words it left over."""
+
+    def __init__(self, values: dict, rest: list[str]):
+        super().__init__(values, rest)
+        self.values, self.rest = dict(values), list(rest)
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """parse(path, words): what `sdpo PATH WORDS...` reads, the command not run; or, as text, the error it ends with.
+
+    The whole command line goes through `sdpo.cli.main`. A typer command stops once click has
+    read its options; sft, align and baseline once HfArgumentParser has read theirs (their
+    dataclass is not built, so no option's checks or side effects run).
+    """
+    from transformers import HfArgumentParser
+    from typer.core import TyperCommand
+
+    from sdpo.cli import main
+
+    run_callback = TyperCommand.invoke
+    passes_options_on = {"now": False}  # sft, align, baseline: their callback runs, to hand its options to HfArgumentParser
+
+    def stop_after_click(self, ctx):
+        if passes_options_on["now"]:
+            return run_callback(self, ctx)
+        raise Parsed(ctx.params, ctx.args)
+
+    def stop_after_argparse(self, args=None, **_):
+        values, rest = self.parse_known_args(args)
+        raise Parsed(vars(values), rest)
+
+    monkeypatch.setattr(TyperCommand, "invoke", stop_after_click)
+    monkeypatch.setattr(HfArgumentParser, "parse_args_into_dataclasses", stop_after_argparse)
+
+    def parse_(path: list[str], words_: list[str]) -> Parsed | str:
+        passes_options_on["now"] = passed_on(path) is not None
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                main([*path, *words_])
+        except Parsed as parsed:
+            return parsed
+        except SystemExit as exit_:
+            return f"exit status {exit_.code}: {' '.join(out.getvalue().split())}"
+        return "the command ran instead of stopping after its parser"
+
+    return parse_
+
+
+def required_words(path: list[str]) -> dict[str, list[str]]:
+    """A placeholder for each option and argument `sdpo PATH` cannot run without: name -> its words (arguments first)."""
+    if passed_on(path) is not None:
+        return {}
+    params = [p for p in click_command(path).params if p.required]
+    return {p.name: [p.opts[0], "x"] if p.param_type_name == "option" else ["x"] for p in sorted(params, key=lambda p: p.param_type_name)}
+
+
+YES_WORDS = ["true", "YES", "1", "y", "True", "t"]
+NO_WORDS = ["false", "No", "0", "n", "FALSE", "f"]
+
+
+def spelled_every_way(options: dict[str, str]) -> list[tuple[str, list[str], dict[str, bool]]]:
+    """(which way, a command line setting every option that way, the values it must read).
+
+    --X alone, --X YES and --X NO (the words cycling through HfArgumentParser's, every other
+    option written --X=WORD), --no_X and --no-X.
+    """
+    names, flags = list(options), list(options.values())
+
+    def valued(values: list[str]) -> list[str]:
+        return [w for i, flag in enumerate(flags) for w in ([f"{flag}={values[i % 6]}"] if i % 2 else [flag, values[i % 6]])]
+
+    yes, no = dict.fromkeys(names, True), dict.fromkeys(names, False)
+    return [("--X", flags, yes), ("--X yes", valued(YES_WORDS), yes), ("--X no", valued(NO_WORDS), no),
+            ("--no_X", [negative_flags(name)[0] for name in names], no), ("--no-X", [negative_flags(name)[1] for name in names], no)]
+
+
+def parse_problem(parsed, expected: dict[str, bool], needed: dict[str, list[str]]) -> str | None:
+    """What is wrong with a parse: an error, a yes/no option read otherwise, words left over, a required value lost."""
+    if isinstance(parsed, str):
+        return parsed
+    wrong = {name: parsed.values.get(name) for name, value in expected.items() if parsed.values.get(name) is not value}
+    if wrong:
+        return f"read {wrong}"
+    if parsed.rest:
+        return f"left {parsed.rest} over"
+    lost = [name for name in needed if str(parsed.values.get(name)) != "x"]
+    return f"lost the value of {lost}" if lost else None
 
 
 def test_the_extractor_finds_what_a_page_quotes():
@@ -121,4 +267,23 @@ def test_every_quoted_command_parses():
         unknown = [w.split("=")[0] for w in rest if w.startswith("--") and w.split("=")[0] not in flags]
         if unknown:
             problems.append(f"{page}: sdpo {command}: `sdpo {' '.join(path)}` takes no {', '.join(unknown)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_yes_no_option_takes_every_spelling(parse):
+    """A flag copied from one command to another means the same: for every yes/no option of every subcommand,
+    --X, --X true|false (yes/no, 1/0, any case, or --X=VALUE), --no_X and --no-X all parse, to the same values."""
+    paths = subcommand_paths()
+    assert ["evaluate"] in paths and ["benchmark", "step"] in paths and ["sft"] in paths
+    problems = []
+    for path in paths:
+        options = yes_no_options(path)
+        if not options:
+            continue
+        needed = required_words(path)
+        for way, words_, expected in spelled_every_way(options):
+            # the required words follow the last yes/no option: the word after it is a flag or an argument, not its value
+            problem = parse_problem(parse(path, [*words_, *(w for ws in needed.values() for w in ws)]), expected, needed)
+            if problem:
+                problems.append(f"sdpo {' '.join(path)} {way}: {problem}"[:400])
     assert not problems, "\n".join(problems)

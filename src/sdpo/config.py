@@ -3,8 +3,8 @@
 Values come from a YAML file, then from command-line flags (``--learning_rate 3e-4`` or
 ``--learning-rate 3e-4``), which win. Unknown keys and values of the wrong type are refused
 with a clear message; a number YAML reads as text (``1e-4``, which YAML 1.1 takes for a
-string) is read as the number the option expects. Every yes/no option also takes
-``--no_NAME``.
+string) is read as the number the option expects. Flags are read as HfArgumentParser reads
+them; the ``sdpo`` commands first spell every yes/no option its way (`sdpo.cli.flags`).
 """
 
 from __future__ import annotations
@@ -80,17 +80,6 @@ def check_value(cls: type, name: str, value: Any, where: str) -> Any:
     raise UserError(f"{where}: option {name} must be {expected}{' (or null)' if optional else ''}, got {value!r}.")
 
 
-def _no_flags(cls: type, args: Sequence[str]) -> list[str]:
-    """``--no_NAME`` / ``--no-NAME`` for any yes/no option NAME becomes ``--NAME false``."""
-    hints = typing.get_type_hints(cls)
-    flags = {f.name for f in dataclasses.fields(cls) if _simple_type(hints.get(f.name))[0] is bool}
-    result = []
-    for arg in args:
-        name = arg[5:].replace("-", "_") if arg.startswith(("--no_", "--no-")) else None
-        result.extend([f"--{name}", "false"] if name in flags else [arg])
-    return result
-
-
 def build_config(cls: type[C], values: dict[str, Any] | None = None, args: Sequence[str] = (), where: str = "config", prog: str | None = None) -> C:
     """An instance of the dataclass `cls` from `values` (e.g. YAML) overridden by CLI `args`."""
     values = dict(values or {})
@@ -102,7 +91,7 @@ def build_config(cls: type[C], values: dict[str, Any] | None = None, args: Seque
     parser = ArgumentParser(cls, prog=prog or where)
     parser.set_defaults(**values)
     try:
-        config, rest = parser.parse_args_into_dataclasses(args=_no_flags(cls, args), return_remaining_strings=True)
+        config, rest = parser.parse_args_into_dataclasses(args=list(args), return_remaining_strings=True)
     except (ValueError, TypeError) as exc:  # raised by __post_init__ checks (e.g. TrainingArguments)
         raise UserError(f"{where}: {exc}") from None
     if rest:

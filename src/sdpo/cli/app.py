@@ -21,9 +21,13 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 
 def config_from(ctx: typer.Context, config: Path | None, cls, name: str, aliases: dict[str, str] | None = None):
-    """`cls` from an optional YAML file plus the command's pass-through flags (which win)."""
+    """`cls` from an optional YAML file plus the command's pass-through flags (which win).
+
+    Yes/no options follow the convention of every command (`sdpo.cli.flags`).
+    """
     from transformers import HfArgumentParser
 
+    from sdpo.cli.flags import normalise, parser_options
     from sdpo.config import build_config, read_yaml
 
     args = [(aliases or {}).get(a, a) for a in ctx.args]
@@ -33,6 +37,7 @@ def config_from(ctx: typer.Context, config: Path | None, cls, name: str, aliases
     if {"--help", "-h"} & set(args):
         HfArgumentParser(cls, prog=f"sdpo {name} [CONFIG.yaml]").print_help()
         raise typer.Exit()
+    args = normalise(args, parser_options(HfArgumentParser(cls)), f"sdpo {name}")  # --X, --X false, --no_X: as --X true|false
     return build_config(cls, read_yaml(config) if config else {}, args, where=str(config or name), prog=f"sdpo {name}")
 
 
