@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -58,19 +57,37 @@ def test_reference_table_reloads_equal_to_recomputed(tiny, small_data, tmp_path)
     calls = []
     cached_reference_logps([tmp_path / "ref.safetensors"], "key-2", lambda: calls.append(1) or first)
     assert calls == [1]  # another fingerprint: recomputed
-    # a read-only first place: the table goes to the next one, and is found there afterwards
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        places = [locked / "cache" / "t.safetensors", tmp_path / "fallback.safetensors"]
-        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check
-            return
-        cached_reference_logps(places, "key-3", lambda: first)
-        assert (tmp_path / "fallback.safetensors").is_file()
-        assert torch.equal(cached_reference_logps(places, "key-3", lambda: pytest.fail("recomputed")), first)
-    finally:
-        locked.chmod(0o700)
+
+
+def refuse_writes_under(folder, monkeypatch):
+    """Make the reference table's atomic writer raise PermissionError for any file under `folder`, as a read-only SFT folder does
+    for a user that is not root (root writes through permissions, so a chmod alone checks nothing under CI)."""
+    import sdpo.training.reference as reference
+
+    def replace_atomic(path, write):
+        if folder in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, write)
+
+    real = reference.replace_atomic
+    monkeypatch.setattr(reference, "replace_atomic", replace_atomic)
+
+
+@pytest.mark.parametrize("blocked", ["read-only folder", "parent is a file"])
+def test_a_table_that_cannot_be_written_in_the_first_place_goes_to_the_next(tmp_path, monkeypatch, blocked):
+    """The first place fails with an OSError (a refused write, or a file where a folder should be), whoever runs the test:
+    the table is saved in the second place and read from there afterwards."""
+    table = torch.arange(6.0).reshape(2, 3)
+    first = tmp_path / "sft" / "reference-cache" / "t.safetensors"
+    if blocked == "read-only folder":
+        (tmp_path / "sft").mkdir()
+        refuse_writes_under(tmp_path / "sft", monkeypatch)
+    else:
+        (tmp_path / "sft").write_text("a file, not a folder")
+    places = [first, tmp_path / "align" / "reference-train.safetensors"]
+    assert torch.equal(cached_reference_logps(places, "key", lambda: table), table)
+    assert not first.exists() and places[1].is_file()
+    assert torch.equal(cached_reference_logps(places, "key", lambda: pytest.fail("recomputed")), table)
 
 
 def test_sft_then_sdpo_then_evaluate_on_tiny(small_data, tmp_path):
