@@ -198,9 +198,12 @@ def test_shared_depth_from_saved_adapters(tmp_path):
     assert shared_trunk_depth([]) is None
     config = json.loads((folders["last"] / "adapter_config.json").read_text())
     for change in ({"target_modules": "model.layers.1.self_attn.q_proj"}, {"target_modules": ["model.layers.0.mlp.up_proj"]},
-                   {"modules_to_save": ["lm_head"]}, {"peft_type": "IA3"}):
+                   {"modules_to_save": ["lm_head"]}, {"modules_to_save": ["collaborative_tokens", "lm_head"]}, {"peft_type": "IA3"}):
         (folders["last"] / "adapter_config.json").write_text(json.dumps({**config, **change}))
         assert shared_trunk_depth([folders["last"]]) is None, change
+    # collaborative tokens' projectors saved beside LoRA: their soft tokens name the trunk cache's files, so the trunk is still shared
+    (folders["last"] / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["collaborative_tokens"]}))
+    assert shared_trunk_depth([folders["last"]]) == 1
 
 
 def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_path):
@@ -220,3 +223,4 @@ def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_
     for adapter in (None, tmp_path / "all"):
         with pytest.raises(UserError, match="--lora_layers N"):
             evaluate_model(adapter=adapter, output=tmp_path / "refused", trunk_cache=tmp_path / "cache", **common)
+
