@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -58,19 +57,37 @@ def test_reference_table_reloads_equal_to_recomputed(tiny, small_data, tmp_path)
     calls = []
     cached_reference_logps([tmp_path / "ref.safetensors"], "key-2", lambda: calls.append(1) or first)
     assert calls == [1]  # another fingerprint: recomputed
-    # a read-only first place: the table goes to the next one, and is found there afterwards
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        places = [locked / "cache" / "t.safetensors", tmp_path / "fallback.safetensors"]
-        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check
-            return
-        cached_reference_logps(places, "key-3", lambda: first)
-        assert (tmp_path / "fallback.safetensors").is_file()
-        assert torch.equal(cached_reference_logps(places, "key-3", lambda: pytest.fail("recomputed")), first)
-    finally:
-        locked.chmod(0o700)
+
+
+def refuse_writes_under(folder, monkeypatch):
+    """Make the reference table's atomic writer raise PermissionError for any file under `folder`, as a read-only SFT folder does
+    for a user that is not root (root writes through permissions, so a chmod alone checks nothing under CI)."""
+    import sdpo.training.reference as reference
+
+    def replace_atomic(path, write):
+        if folder in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, write)
+
+    real = reference.replace_atomic
+    monkeypatch.setattr(reference, "replace_atomic", replace_atomic)
+
+
+@pytest.mark.parametrize("blocked", ["read-only folder", "parent is a file"])
+def test_a_table_that_cannot_be_written_in_the_first_place_goes_to_the_next(tmp_path, monkeypatch, blocked):
+    """The first place fails with an OSError (a refused write, or a file where a folder should be), whoever runs the test:
+    the table is saved in the second place and read from there afterwards."""
+    table = torch.arange(6.0).reshape(2, 3)
+    first = tmp_path / "sft" / "reference-cache" / "t.safetensors"
+    if blocked == "read-only folder":
+        (tmp_path / "sft").mkdir()
+        refuse_writes_under(tmp_path / "sft", monkeypatch)
+    else:
+        (tmp_path / "sft").write_text("a file, not a folder")
+    places = [first, tmp_path / "align" / "reference-train.safetensors"]
+    assert torch.equal(cached_reference_logps(places, "key", lambda: table), table)
+    assert not first.exists() and places[1].is_file()
+    assert torch.equal(cached_reference_logps(places, "key", lambda: pytest.fail("recomputed")), table)
 
 
 def test_sft_then_sdpo_then_evaluate_on_tiny(small_data, tmp_path):
@@ -203,3 +220,18 @@ def test_rewards_are_zero_at_step_zero(small_data, tmp_path, bf16):
     assert rewards.abs().max() < (0.01 if bf16 else 1e-4), rewards.abs().max()
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16 if bf16 else torch.float32}
+
+
+def test_rewards_are_zero_at_the_first_step_with_collaborative_tokens(small_data, sasrec_dir, tmp_path):
+    """With collaborative prompts, the precomputed table scores them through the SFT run's own trained projectors, as the
+    policy does: the first logged step (the policy still the SFT model, no LoRA dropout) has zero rewards and margins."""
+    sft_dir = sft_run(small_data, tmp_path / "sft", lora_dropout=0.0, collaborative=str(sasrec_dir), collaborative_score=True,
+                      projector_learning_rate=1e-2, bf16=False)
+    out = run_align(build_config(AlignConfig, {
+        "sft": str(sft_dir), "output_dir": str(tmp_path / "sdpo"), "negatives": 3, "max_steps": 1, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "disable_tqdm": True, "train_limit": 4, "bf16": False,
+    }))
+    first = next(e for e in map(json.loads, (out / LOG_FILE).read_text().splitlines()) if "loss" in e)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[key]) < 1e-4, (key, first[key])
+    assert len(list((sft_dir / "reference-cache").glob("*.safetensors"))) == 1  # the reference was the precomputed table

@@ -198,9 +198,12 @@ def test_shared_depth_from_saved_adapters(tmp_path):
     assert shared_trunk_depth([]) is None
     config = json.loads((folders["last"] / "adapter_config.json").read_text())
     for change in ({"target_modules": "model.layers.1.self_attn.q_proj"}, {"target_modules": ["model.layers.0.mlp.up_proj"]},
-                   {"modules_to_save": ["lm_head"]}, {"peft_type": "IA3"}):
+                   {"modules_to_save": ["lm_head"]}, {"modules_to_save": ["collaborative_tokens", "lm_head"]}, {"peft_type": "IA3"}):
         (folders["last"] / "adapter_config.json").write_text(json.dumps({**config, **change}))
         assert shared_trunk_depth([folders["last"]]) is None, change
+    # collaborative tokens' projectors saved beside LoRA: their soft tokens name the trunk cache's files, so the trunk is still shared
+    (folders["last"] / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["collaborative_tokens"]}))
+    assert shared_trunk_depth([folders["last"]]) == 1
 
 
 def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_path):
@@ -220,3 +223,59 @@ def test_evaluate_with_a_trunk_cache_gives_the_same_predictions(small_data, tmp_
     for adapter in (None, tmp_path / "all"):
         with pytest.raises(UserError, match="--lora_layers N"):
             evaluate_model(adapter=adapter, output=tmp_path / "refused", trunk_cache=tmp_path / "cache", **common)
+
+
+@pytest.fixture(scope="module")
+def frozen_projector_sft(small_data, sasrec_dir, tmp_path_factory):
+    """A collaborative SFT run on the tiny model, LoRA on its last layer only, its projectors kept as they start (--no_train_projector)."""
+    from sdpo.config import build_config
+    from sdpo.training.sft import SFTConfig, run_sft
+
+    return run_sft(build_config(SFTConfig, {
+        "model": "tiny", "data": str(small_data), "output_dir": str(tmp_path_factory.mktemp("frozen-projectors") / "sft"), "max_steps": 2,
+        "learning_rate": 5e-2, "lora_dropout": 0.0, "disable_tqdm": True, "train_limit": 8, "bf16": False, "lora_layers": 1,
+        "collaborative": str(sasrec_dir), "collaborative_score": True, "train_projector": False,
+    }))
+
+
+def trunk_traffic(monkeypatch) -> dict[str, int]:
+    """Counts, from now on, of the batch files trunk caches write and of those they read back for ranking."""
+    traffic = {"saved": 0, "loaded": 0}
+    load, save = TrunkCache._load_hidden, TrunkCache._save
+
+    def loaded(*args):
+        hidden = load(*args)
+        traffic["loaded"] += hidden is not None
+        return hidden
+
+    def saved(*args):
+        traffic["saved"] += 1
+        save(*args)
+
+    monkeypatch.setattr(TrunkCache, "_load_hidden", staticmethod(loaded))
+    monkeypatch.setattr(TrunkCache, "_save", staticmethod(saved))
+    return traffic
+
+
+def test_sdpo_evaluate_ranks_a_frozen_projector_adapter_from_the_trunk_cache_bitwise(frozen_projector_sft, small_data, tmp_path,
+                                                                                      monkeypatch):
+    """`sdpo evaluate --trunk_cache` takes a collaborative adapter whose projectors stayed frozen. Its soft tokens are the base
+    model's, so the reward's reference pass reads the states the policy's pass saved, and a second evaluation reads every
+    batch; the log-probs, rewards and metrics are the full forward's, byte for byte. Generating with a cache is refused."""
+    from tests.helpers import assert_user_error, sdpo
+
+    command = ["evaluate", "--data", small_data, "--adapter", frozen_projector_sft, "--limit", 4, "--batch_size", 2, "--no_bf16"]
+    traffic = trunk_traffic(monkeypatch)
+    printed, saved = {}, {}
+    for run, cache, want in (("plain", [], {"saved": 0, "loaded": 0}), ("first", ["--trunk_cache", tmp_path / "cache"], {"saved": 2, "loaded": 2}),
+                             ("second", ["--trunk_cache", tmp_path / "cache"], {"saved": 2, "loaded": 6})):  # 2 batches, 2 passes each
+        result = sdpo(*command, "--output_dir", tmp_path / run, *cache)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert traffic == want, run
+        printed[run] = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+        metrics = json.loads((tmp_path / run / "metrics.json").read_text())
+        saved[run] = {key: value for key, value in metrics.items() if key != "seconds"}, (tmp_path / run / "predictions.jsonl").read_text()
+    assert saved["first"] == saved["plain"] == saved["second"] and '"reward"' in saved["plain"][1]
+    assert printed["first"] == printed["plain"] == printed["second"] and any("reward_hr@1" in line for line in printed["plain"])
+    generate = sdpo(*command, "--protocol", "generate", "--output_dir", tmp_path / "generate", "--trunk_cache", tmp_path / "cache")
+    assert_user_error(generate, "generating from collaborative prompts runs every layer")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from sdpo.data.sources.fetch import sha256_of
 from sdpo.errors import UserError
 from sdpo.io import replace_atomic
+from sdpo.lm.soft_tokens import MODULE as PROJECTORS
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # how an adapter's weights may be stored
@@ -72,7 +73,9 @@ def first_adapted_layer(model) -> int | None:
     """Index of the first decoder layer that any loaded adapter (active or not) changes; None if none does.
 
     0 when an adapter changes what comes before the layers (the embeddings, a prompt) or
-    depends on the input tokens themselves (activated LoRA).
+    depends on the input tokens themselves (activated LoRA). The collaborative tokens' projectors
+    (saved whole beside LoRA) do not count: what they make enters layer 0 as soft-token vectors,
+    and a trunk cache names each batch's file by those vectors (`sdpo.lm.trunk`).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
@@ -86,7 +89,7 @@ def first_adapted_layer(model) -> int | None:
             continue
         match = LAYER_INDEX.search(f".{name}.")
         if match is None:
-            if name.rsplit(".", 1)[-1] in _AFTER_THE_TRUNK:
+            if name.rsplit(".", 1)[-1] in (*_AFTER_THE_TRUNK, PROJECTORS):
                 continue
             return 0
         first = int(match.group(1)) if first is None else min(first, int(match.group(1)))
@@ -99,15 +102,17 @@ def shared_trunk_depth(adapters: Sequence[str | Path]) -> int | None:
     None when there is nothing to share or it cannot be told from the config: no adapters, a
     non-LoRA or activated-LoRA adapter, one on every layer (no ``layers_to_transform``), one
     whose targets PEFT matches without regard to layers (a regex, full module names, target
-    parameters), or one that saves whole modules or trains token embeddings.
+    parameters), or one that saves whole modules (other than the collaborative tokens' projectors,
+    as `first_adapted_layer` says) or trains token embeddings.
     """
     depth = None
     for folder in adapters:
         config = json.loads((Path(folder) / "adapter_config.json").read_text())
         layers, targets = config.get("layers_to_transform"), config.get("target_modules")
         plain_targets = isinstance(targets, list) and all(_PLAIN_NAME.match(t) for t in targets)
+        saves_other_modules = set(config.get("modules_to_save") or []) - {PROJECTORS}
         if (config.get("peft_type") != "LORA" or layers in (None, []) or not plain_targets or config.get("target_parameters")
-                or config.get("modules_to_save") or config.get("trainable_token_indices") or config.get("alora_invocation_tokens")):
+                or saves_other_modules or config.get("trainable_token_indices") or config.get("alora_invocation_tokens")):
             return None
         first = layers if isinstance(layers, int) else min(layers)
         depth = first if depth is None else min(depth, first)

@@ -8,6 +8,11 @@ LM head. A folder per trunk is named by a hash of what those states depend on be
 batch (the trunk's weights, the model config, D, the attention implementation, library
 versions, device, threads); a file by a hash of the batch (tokens, positions, segments).
 
+Prompts with collaborative tokens (`sdpo.lm.soft_tokens`) enter layer 0 with their soft tokens,
+so a batch's file is named by the soft tokens' vectors too: models with the same projectors
+(ones training left as they were, ``--no_train_projector``) read one another's states for
+ranking; others only fill their own. Generating from such prompts runs every layer.
+
 The first batch an evaluation loads is also computed in full, and the cache is used only if
 the two agree bit for bit; otherwise (an architecture that does more to its input embeddings
 than pass them to layer 0, say) the evaluation runs without it and says so. A file holds the

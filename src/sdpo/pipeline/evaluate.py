@@ -33,7 +33,8 @@ def evaluate_model(
     `top` items a trained baseline (`retriever`) picks from its whole catalogue, against the
     retriever alone (see `sdpo.recommend.evaluate_rerank`). With a `trunk_cache` folder, rank and
     generate keep what the layers below `trunk_depth` (default: the adapter's first layer) compute
-    there and reuse it (`sdpo.lm.trunk`). ``compress_predictions`` writes predictions.jsonl.gz. The model runs on
+    there and reuse it (`sdpo.lm.trunk`); with collaborative tokens, rank only, and only for an
+    adapter whose projectors stayed frozen in training. ``compress_predictions`` writes predictions.jsonl.gz. The model runs on
     `device` (default: the GPU if there is one, else the CPU); metrics.json records which, and the batch size.
     """
     from sdpo.lm.models import device_name, evaluation_device, load_model
@@ -84,8 +85,7 @@ def evaluate_model(
                                 compress_predictions)
     trunk = None
     if trunk_cache is not None and source is not None:
-        raise UserError("--trunk_cache: this adapter's collaborative tokens enter at layer 0 through its own projectors, so no "
-                        "layer's states are shared with another adapter; evaluate it without --trunk_cache.")
+        _check_trunk_cache_serves_collaborative(adapter, trained, protocol)
     if trunk_cache is not None:
         if trunk_depth is None:
             trunk_depth = shared_trunk_depth([a for a in (adapter, reference_adapter) if a is not None]) if adapter else None
@@ -110,6 +110,24 @@ def _evaluate_rerank(model, tokenizer, records, domain, prompt_seed, prompts, re
                       "seconds": round(time.perf_counter() - start, 2), **info}
     result.save(output, compress=compress_predictions)
     return result.metrics
+
+
+def _check_trunk_cache_serves_collaborative(adapter, trained: dict[str, Any], protocol: str) -> None:
+    """A user error unless a trunk cache serves this collaborative adapter: ranking, with projectors it did not train.
+
+    The soft tokens enter layer 0, and the cache names each batch's file by them (`sdpo.lm.trunk`), so it is exact
+    whatever made them; but only projectors that training left as they were (``--no_train_projector``) put the same
+    soft tokens in other models' prompts, so that another pass reads the states one pass saved: the align runs' that
+    kept them, and, where the SFT run froze them too, the base model's (the reward's reference). Generation from
+    collaborative prompts runs every layer (the cache keeps text prompts' passes only).
+    """
+    if protocol != "rank":
+        raise UserError("--trunk_cache: generating from collaborative prompts runs every layer (the cache keeps text prompts' "
+                        "passes); use it with --protocol rank, or leave it out.")
+    if trained.get("train_projector", True):
+        raise UserError(f"--trunk_cache: {adapter} trained its collaborative tokens' projectors, and those tokens enter at layer 0, "
+                        "so no other model's pass shares its trunk states; evaluate it without --trunk_cache "
+                        "(or train with --no_train_projector).")
 
 
 def _reference_label(adapter, reference_adapter, reference_scores) -> str | None:
