@@ -1,4 +1,5 @@
-"""Every `sdpo ...` command quoted in README.md and docs/*.md names a real subcommand and only flags it accepts."""
+"""Every `sdpo ...` command quoted in README.md and docs/*.md names a real subcommand and only flags it accepts; every number
+in the README's result tables is in a committed report."""
 
 import contextlib
 import functools
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
 SHELL_BREAKS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1"}
 COMMAND = re.compile(r"(?:^|(?<=[\s/`(]))sdpo ([a-z].*)$")
 
@@ -287,3 +289,37 @@ def test_every_yes_no_option_takes_every_spelling(parse):
             if problem:
                 problems.append(f"sdpo {' '.join(path)} {way}: {problem}"[:400])
     assert not problems, "\n".join(problems)
+
+
+def report_numbers() -> set[str]:
+    """Every number of the committed reports (sdpo report's results.md, result JSON files), as it reads rounded to 2, 3 and 4 places."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    found: set[str] = set()
+    paths = [*REPO.glob("docs/results/**/results.md"), *REPO.glob("docs/results/**/*.json")]
+    for path in paths:
+        for token in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", path.read_text(encoding="utf-8")):
+            value = Decimal(token)
+            for places in (2, 3, 4):
+                step = Decimal(1).scaleb(-places)
+                for rounded in (value.quantize(step, rounding=ROUND_HALF_UP), Decimal(f"{float(value):.{places}f}")):
+                    found.add(str(rounded + 0))  # + 0 turns -0.000 into 0.000
+    return found
+
+
+def readme_table_numbers() -> list[str]:
+    """The decimal numbers in the README's tables (signs kept, the typographic minus read as '-')."""
+    lines = [line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    return [token.replace("−", "-").lstrip("+") for line in lines for token in re.findall(r"[+−-]?\d+\.\d+", line)]
+
+
+def test_every_number_in_the_readme_tables_is_in_a_committed_report():
+    numbers = readme_table_numbers()
+    assert len(numbers) > 100
+    known = report_numbers()
+    missing = sorted({n for n in numbers if n not in known})
+    assert not missing, f"README table numbers that no committed report holds: {missing}"
+
+
+def test_the_readme_stays_a_page_with_the_reference_in_docs():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 150
