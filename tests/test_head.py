@@ -5,11 +5,16 @@ so what is left between the two is the head alone. `sdpo.lm.head` is imported in
 that call it, so the others also run (and fail) against the code before it.
 """
 
+import gzip
+import json
+
 import torch
 from torch.nn.functional import linear
 
 from sdpo.data.datasets import load_split
 from sdpo.evaluation.generation import generate_answers
+from sdpo.evaluation.journal import JOURNAL_FILE
+from sdpo.evaluation.protocols import evaluate
 from sdpo.lm.decoder import causal_lm_parts, final_hidden_states
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import compute_context
@@ -162,3 +167,19 @@ def test_bf16_generation_decodes_from_fp32_logits(small_data):
         assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
         assert torch.equal(logits, linear(hidden.float(), model.lm_head.weight.float()))
     assert "forward" not in vars(model.lm_head)
+
+
+def test_a_bf16_evaluation_journal_names_the_fp32_head(small_data, tmp_path):
+    """An interrupted bf16 evaluation of the all-bf16 head starts over instead of mixing heads; an fp32 one's settings are as they were.
+
+    Old code: no lm_head in the settings.
+    """
+    records = load_split(small_data, "test", 1)
+    settings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tokenizer = tiny_model(dtype)
+        folder = tmp_path / str(dtype)
+        evaluate(model, tokenizer, records, "music", "rank", progress=False, info={"model": "tiny", "adapter_sha256": None}, journal_dir=folder)
+        with gzip.open(folder / JOURNAL_FILE, "rt") as journal:
+            settings[dtype] = json.loads(journal.readline())["settings"]
+    assert "lm_head" not in settings[torch.float32] and settings[torch.bfloat16]["lm_head"] == "fp32"
