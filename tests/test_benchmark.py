@@ -2,8 +2,13 @@
 
 import json
 
-from sdpo.benchmarks.step import benchmark_step, format_table, naive_sequences, save_results
+import torch
+
+from sdpo.benchmarks.step import benchmark_step, format_table, naive_logps, naive_sequences, save_results
 from sdpo.data.datasets import load_split
+from sdpo.lm.models import load_model
+from sdpo.lm.precision import compute_context
+from tests.test_scoring import random_batch
 
 
 def test_benchmark_step_on_tiny(small_data, tmp_path):
@@ -24,6 +29,31 @@ def test_naive_sequences_layout():
     assert ids.tolist() == [[1, 2, 3, 0], [1, 2, 4, 5]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert labels.tolist() == [[-100, -100, 3, -100], [-100, -100, 4, 5]]
+
+
+def test_naive_reference_uses_the_fp32_head_in_bf16():
+    """The published way's log-probs come from the head the packed kernel uses: fp32 on a bf16 model.
+
+    Old code: the naive way's logits were bf16 (a gap of 0.0048 here against the fp32 head).
+    """
+    model, tokenizer = load_model("tiny", dtype=torch.bfloat16)
+    input_ids, attention, labels = naive_sequences(*random_batch(6, 2, 4), tokenizer.pad_token_id)
+    weight = model.lm_head.weight
+    with torch.no_grad():
+        got = naive_logps(model.eval(), input_ids, attention, labels)  # [R]
+        with compute_context(weight):
+            hidden = model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1][:, :-1]  # bf16
+        targets = labels[:, 1:]
+
+        def summed(logits: torch.Tensor) -> torch.Tensor:
+            token_logps = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+            return (token_logps * (targets != -100)).sum(-1)
+
+        fp32_head = summed(torch.nn.functional.linear(hidden.float(), weight.float()))
+        bf16_head = summed(torch.nn.functional.linear(hidden, weight).float())
+    assert hidden.dtype == torch.bfloat16
+    assert (got - fp32_head).abs().max() <= 1e-4
+    assert (bf16_head - fp32_head).abs().max() > 1e-3
 
 
 def test_benchmark_trunk_on_tiny(small_data, tmp_path):

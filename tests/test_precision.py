@@ -60,11 +60,25 @@ def test_matmul_probe_measures_a_ratio():
 
 
 def test_benchmark_precision_on_tiny(small_data, tmp_path):
+    """fp32, bf16 (fp32 LM head) and bf16_all (the head in bf16 too, as before) side by side.
+
+    Old code: two precisions only (no bf16_all, no packed-against-naive gaps, no --exact_records).
+    """
     result = benchmark_precision("tiny", small_data, ks=[3], n_records=2, repeats=1, rank_records=4, batch_size=2,
-                                 json_out=tmp_path / "p.json")
+                                 json_out=tmp_path / "p.json", exact_records=1)
     assert json.loads((tmp_path / "p.json").read_text()) == result
+    assert list(result["variants"]) == ["fp32", "bf16", "bf16_all"]
     assert [row["what"] for row in result["steps"]] == ["sft", "s-dpo K=3"]
+    for row in [*result["steps"], result["rank"]]:
+        assert all(row[f"{name}_seconds"] > 0 for name in result["variants"])
+        assert row["fp32_head_speedup"] == round(row["bf16_all_seconds"] / row["bf16_seconds"], 2)
     assert result["rank"]["records"] == 4 and result["agreement"]["records"] == 4
+    for name in ("bf16", "bf16_all"):
+        assert 0 < result["agreement"][name]["max_abs_logp_diff"] < 0.5 and 0 <= result["agreement"][name]["top1_agreement"] <= 1
+    exactness = result["packed_against_naive"]
+    assert exactness["records"] == 1 and exactness["negatives"] == [3]
+    assert exactness["fp32"]["K=3"] <= 1e-4 and all(0 <= exactness[name]["K=3"] < 0.1 for name in ("bf16", "bf16_all"))
     assert result["bf16_default"] == precision.bf16_supported("cpu")
     assert (result["cpu_bf16_matmul_speedup"] is None) == (not result["cpu_native_bf16"])
-    assert "sdpo's default here" in format_table(result)
+    table = format_table(result)
+    assert "sdpo's default here" in table and "bf16_all records/s" in table and "packed against one sequence per answer" in table

@@ -1,17 +1,23 @@
 """Benchmark fp32 against bf16, side by side in one process: speed and what bf16 changes.
 
-Measured on the same model, records and LoRA initialisation in both precisions:
+Three precisions on the same model, records and LoRA initialisation (`VARIANTS`): fp32; bf16,
+sdpo's (bf16 base weights and decoder, the LM head in fp32, `sdpo.lm.head`); and bf16_all, the
+bf16 sdpo computed before the fp32 head (the head in bf16 too, `sdpo.lm.head.low_precision_head`).
+Measured in each:
 
 - records per second of a full training step (forward, backward, AdamW step): SFT (the
   target only) and S-DPO at each K (target + K negatives, reference log-probs precomputed,
   as `sdpo align` does by default);
 - records per second of rank evaluation (all candidates of each test record scored);
-- on those ranked records: the largest and mean absolute log-prob difference between the
-  two precisions, and top-1 agreement (the share of records whose best candidate is the same).
+- on those ranked records, each bf16 against fp32: the largest and mean absolute log-prob
+  difference, and top-1 agreement (the share of records whose best candidate is the same);
+- the packed kernel against one sequence per answer: the largest absolute difference of the
+  summed log-probs of a few test records' target and K random negatives, drawn as
+  `sdpo benchmark step` draws them (the base model, no gradients).
 
-Step timings alternate between the precisions (fp32 first on even repeats, bf16 first on odd
-ones), so a slow phase of a shared machine hits both; medians are reported. Whether the CPU
-has native bf16 instructions, and where it has, how much faster it multiplies bf16 matrices
+Step timings rotate the order of the precisions from one repeat to the next, so a slow phase
+of a shared machine hits all of them; medians are reported. Whether the CPU has native bf16
+instructions, and where it has, how much faster it multiplies bf16 matrices
 (`sdpo.lm.precision.cpu_bf16_matmul_speedup`, which decides sdpo's default), are recorded with
 the results: without them (no AVX512-BF16 or AMX on x86) bf16 is emulated and slower.
 """
@@ -20,51 +26,92 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import set_seed
 
+from sdpo.benchmarks.step import naive_logps, naive_sequences, step_answers
 from sdpo.data.datasets import load_split, read_manifest
 from sdpo.data.prompts import encode_answer, record_prompt_ids
+from sdpo.data.records import Record
 from sdpo.evaluation.metrics import ranked_indices
 from sdpo.evaluation.protocols import candidate_logps
 from sdpo.io import write_json
+from sdpo.lm.head import low_precision_head
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import bf16_supported, cpu_bf16_matmul_speedup, cpu_has_bf16, cpu_name, model_dtype
 from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.training.losses import softmax_dpo_loss
 
-PRECISIONS = ("fp32", "bf16")
+VARIANTS = {
+    "fp32": "fp32 weights and compute",
+    "bf16": "bf16 base weights and decoder, fp32 LM head: sdpo's bf16",
+    "bf16_all": "bf16 base weights, decoder and LM head: sdpo's bf16 before the fp32 head",
+}
+LOW_PRECISION_VARIANTS = ("bf16", "bf16_all")
 
 
 class Trainee:
-    """A LoRA model in one precision with its optimizer: runs SFT and S-DPO steps."""
+    """A LoRA model in one of the `VARIANTS` with its optimizer: runs SFT and S-DPO steps, and scores, in that precision."""
 
-    def __init__(self, model_name: str, bf16: bool, seed: int = 0):
-        set_seed(seed)  # the same LoRA initialisation in both precisions
-        base, self.tokenizer = load_model(model_name, dtype=model_dtype(bf16))
+    def __init__(self, model_name: str, variant: str, seed: int = 0):
+        set_seed(seed)  # the same LoRA initialisation in every precision
+        base, self.tokenizer = load_model(model_name, dtype=model_dtype(variant != "fp32"))
         self.model = add_lora(base, LoraSettings()).train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        self.variant = variant
+
+    def precision(self) -> AbstractContextManager:
+        """The block in which the model computes as its variant says (bf16_all: the LM head in bf16 too)."""
+        return low_precision_head() if self.variant == "bf16_all" else nullcontext()
 
     def step(self, packed: dict[str, torch.Tensor], reference: torch.Tensor | None) -> None:
         """One optimizer step: token-mean NLL of the answers (SFT), or the S-DPO loss against `reference` [B, 1+K]."""
-        logps, n_tokens = answer_logprobs(self.model, packed)
-        if reference is None:
-            loss = -logps.sum() / n_tokens.sum()
-        else:
-            loss = softmax_dpo_loss(logps[:, 0], logps[:, 1:], reference[:, 0], reference[:, 1:], 1.0).mean()
-        loss.backward()
+        with self.precision():
+            logps, n_tokens = answer_logprobs(self.model, packed)
+            if reference is None:
+                loss = -logps.sum() / n_tokens.sum()
+            else:
+                loss = softmax_dpo_loss(logps[:, 0], logps[:, 1:], reference[:, 0], reference[:, 1:], 1.0).mean()
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def reference(self, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, A] summed log-probs of the packed answers, in eval mode: the S-DPO steps' reference."""
         self.model.eval()
-        logps, _ = answer_logprobs(self.model, packed)
+        with self.precision():
+            logps, _ = answer_logprobs(self.model, packed)
         self.model.train()
         return logps
+
+    @torch.no_grad()
+    def rank(self, records: list[Record], domain: str, batch_size: int) -> tuple[list[torch.Tensor], float]:
+        """Per record, the base model's log-probs [C] of its candidates (the steps moved the LoRA weights apart), and the seconds taken."""
+        with self.model.disable_adapter(), self.precision():
+            start = time.perf_counter()
+            scores = candidate_logps(self.model, self.tokenizer, records, domain, batch_size, progress=False)
+            return scores, time.perf_counter() - start
+
+    @torch.no_grad()
+    def packed_against_naive(self, records: list[Record], domain: str, k: int) -> float:
+        """Largest |packed - one sequence per answer| summed log-prob of `records`' target and K random negatives (the base model).
+
+        The answers are those `sdpo benchmark step` draws; each record's 1+K sequences run as one batch.
+        """
+        tokenizer, pad = self.tokenizer, self.tokenizer.pad_token_id
+        prompts = [record_prompt_ids(tokenizer, r, domain) for r in records]
+        answers = step_answers(tokenizer, records, k)
+        self.model.eval()
+        with self.model.disable_adapter(), self.precision():
+            packed, _ = answer_logprobs(self.model, pack_answers(prompts, answers, pad))  # [B, 1+K]
+            naive = [naive_logps(self.model, *naive_sequences([prompt], [row], pad)) for prompt, row in zip(prompts, answers, strict=True)]
+        self.model.train()
+        return float((packed - torch.stack(naive)).abs().max())
 
 
 def _packed(tokenizer, records, domain: str, k: int | None) -> dict[str, torch.Tensor]:
@@ -75,48 +122,61 @@ def _packed(tokenizer, records, domain: str, k: int | None) -> dict[str, torch.T
     return pack_answers(prompts, answers, tokenizer.pad_token_id)
 
 
-def _time_steps(trainees: dict[str, Trainee], batches: dict[str, dict], references: dict[str, torch.Tensor | None], repeats: int) -> dict[str, float]:
-    """Median seconds of one step per precision, the precisions alternating."""
+def _time_steps(trainees: dict[str, Trainee], batch: dict[str, torch.Tensor], references: dict[str, torch.Tensor | None],
+                repeats: int) -> dict[str, float]:
+    """Median seconds of one step per precision, the order of the precisions rotating from one repeat to the next."""
     for name, trainee in trainees.items():
-        trainee.step(batches[name], references[name])  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in trainees}
+        trainee.step(batch, references[name])  # warm-up
+    names = list(trainees)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
-        order = PRECISIONS if repeat % 2 == 0 else PRECISIONS[::-1]
-        for name in order:
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            trainees[name].step(batches[name], references[name])
+            trainees[name].step(batch, references[name])
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
+def _agreement(test: list[Record], scores: dict[str, list[torch.Tensor]], variant: str) -> dict[str, float]:
+    """`variant`'s log-probs against fp32's over every candidate: largest and mean |difference|, and top-1 agreement."""
+    gaps = torch.cat([(a - b).abs() for a, b in zip(scores["fp32"], scores[variant], strict=True)])
+    same_top = [ranked_indices(a.tolist(), r.id)[0] == ranked_indices(b.tolist(), r.id)[0]
+                for r, a, b in zip(test, scores["fp32"], scores[variant], strict=True)]
+    return {"max_abs_logp_diff": float(gaps.max()), "mean_abs_logp_diff": float(gaps.mean()), "top1_agreement": sum(same_top) / len(same_top)}
+
+
 def benchmark_precision(model_name: str, data: str | Path, ks: list[int], n_records: int, repeats: int, rank_records: int,
-                        batch_size: int, json_out: str | Path) -> dict[str, Any]:
-    """Measure, write `json_out` and return the results (see the module docstring)."""
+                        batch_size: int, json_out: str | Path, exact_records: int = 2, sft: bool = True) -> dict[str, Any]:
+    """Measure, write `json_out` and return the results (see the module docstring).
+
+    `exact_records` 0 skips packed against naive; `sft` False times the S-DPO steps only.
+    """
     domain = read_manifest(data).get("domain", "music")
     train = load_split(data, "train", n_records, seed=0)
     test = load_split(data, "test", rank_records, seed=0)
-    trainees = {name: Trainee(model_name, name == "bf16") for name in PRECISIONS}
+    trainees = {name: Trainee(model_name, name) for name in VARIANTS}
     tokenizer = trainees["fp32"].tokenizer
+
+    exactness: dict[str, Any] = {"records": exact_records, "negatives": ks if exact_records else []}
+    if exact_records:
+        chosen = load_split(data, "test", exact_records)  # the records `sdpo benchmark step --records N` takes
+        for name, trainee in trainees.items():
+            print(f"[benchmark] packed against one sequence per answer in {name}, {exact_records} records", flush=True)
+            exactness[name] = {f"K={k}": trainee.packed_against_naive(chosen, domain, k) for k in ks}
+
     steps = []
-    for k in [None, *ks]:
+    for k in [None, *ks] if sft else ks:
         label = "sft" if k is None else f"s-dpo K={k}"
         print(f"[benchmark] {label} step, {n_records} records", flush=True)
-        batches = {name: _packed(tokenizer, train, domain, k) for name in PRECISIONS}
-        references = {name: None if k is None else trainees[name].reference(batches[name]) for name in PRECISIONS}
-        seconds = _time_steps(trainees, batches, references, repeats)
-        steps.append(_speed_row(label, n_records, seconds))
+        batch = _packed(tokenizer, train, domain, k)
+        references = {name: None if k is None else trainee.reference(batch) for name, trainee in trainees.items()}
+        steps.append(_speed_row(label, n_records, _time_steps(trainees, batch, references, repeats)))
 
     scores, seconds = {}, {}
-    for name in PRECISIONS:
+    for name, trainee in trainees.items():
         print(f"[benchmark] ranking {len(test)} test records in {name}", flush=True)
-        model = trainees[name].model
-        with model.disable_adapter():  # the base model: the steps above moved the LoRA weights apart
-            start = time.perf_counter()
-            scores[name] = candidate_logps(model, tokenizer, test, domain, batch_size, progress=False)
-            seconds[name] = time.perf_counter() - start
-    gaps = torch.cat([(a - b).abs() for a, b in zip(scores["fp32"], scores["bf16"], strict=True)])
-    same_top = [ranked_indices(a.tolist(), r.id)[0] == ranked_indices(b.tolist(), r.id)[0]
-                for r, a, b in zip(test, scores["fp32"], scores["bf16"], strict=True)]
+        scores[name], seconds[name] = trainee.rank(test, domain, batch_size)
     result = {
         "model": model_name,
         "cpu": cpu_name(),
@@ -125,42 +185,48 @@ def benchmark_precision(model_name: str, data: str | Path, ks: list[int], n_reco
         "bf16_default": bf16_supported(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "variants": VARIANTS,
         "records_per_step": n_records,
         "repeats": repeats,
         "steps": steps,
         "rank": _speed_row("rank evaluation", len(test), seconds),
-        "agreement": {
-            "records": len(test),
-            "max_abs_logp_diff": float(gaps.max()),
-            "mean_abs_logp_diff": float(gaps.mean()),
-            "top1_agreement": sum(same_top) / len(same_top),
-        },
+        "agreement": {"records": len(test), **{name: _agreement(test, scores, name) for name in LOW_PRECISION_VARIANTS}},
+        "packed_against_naive": exactness,
     }
     write_json(json_out, result)
     return result
 
 
 def _speed_row(label: str, n_records: int, seconds: dict[str, float]) -> dict[str, Any]:
-    return {
-        "what": label,
-        "records": n_records,
-        "fp32_seconds": round(seconds["fp32"], 3),
-        "bf16_seconds": round(seconds["bf16"], 3),
-        "fp32_records_per_s": round(n_records / seconds["fp32"], 3),
-        "bf16_records_per_s": round(n_records / seconds["bf16"], 3),
-        "bf16_speedup": round(seconds["fp32"] / seconds["bf16"], 2),
-    }
+    """Seconds and records/s per precision; each bf16's speedup over fp32, and the fp32 head's over the all-bf16 one (above 1: faster)."""
+    row: dict[str, Any] = {"what": label, "records": n_records}
+    row.update({f"{name}_seconds": round(seconds[name], 3) for name in VARIANTS})
+    row.update({f"{name}_records_per_s": round(n_records / seconds[name], 3) for name in VARIANTS})
+    row.update({f"{name}_speedup": round(seconds["fp32"] / seconds[name], 2) for name in LOW_PRECISION_VARIANTS})
+    row["fp32_head_speedup"] = round(seconds["bf16_all"] / seconds["bf16"], 2)
+    return row
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = ["| what | records | fp32 s | bf16 s | fp32 records/s | bf16 records/s | bf16 speedup |", "|---|---|---|---|---|---|---|"]
+    """The speed table, then each bf16's agreement with fp32, packed against naive, and the CPU."""
+    columns = [f"{name} s" for name in VARIANTS] + [f"{name} records/s" for name in VARIANTS]
+    columns += [f"{name} speedup" for name in LOW_PRECISION_VARIANTS] + ["fp32-head speedup"]
+    keys = [f"{name}_seconds" for name in VARIANTS] + [f"{name}_records_per_s" for name in VARIANTS]
+    keys += [f"{name}_speedup" for name in LOW_PRECISION_VARIANTS] + ["fp32_head_speedup"]
+    lines = ["| what | records | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row in [*result["steps"], result["rank"]]:
-        lines.append(f"| {row['what']} | {row['records']} | {row['fp32_seconds']} | {row['bf16_seconds']} | "
-                     f"{row['fp32_records_per_s']} | {row['bf16_records_per_s']} | {row['bf16_speedup']} |")
-    agreement = result["agreement"]
+        lines.append(f"| {row['what']} | {row['records']} | " + " | ".join(str(row[key]) for key in keys) + " |")
     lines.append("")
-    lines.append(f"log-prob |fp32 - bf16| over {agreement['records']} records x all candidates: max {agreement['max_abs_logp_diff']:.3g}, "
-                 f"mean {agreement['mean_abs_logp_diff']:.3g}; top-1 agreement {agreement['top1_agreement']:.3f}")
+    agreement = result["agreement"]
+    for name in LOW_PRECISION_VARIANTS:
+        against = agreement[name]
+        lines.append(f"{name} ({VARIANTS[name]}) against fp32, {agreement['records']} records x all candidates: log-prob |diff| "
+                     f"max {against['max_abs_logp_diff']:.3g}, mean {against['mean_abs_logp_diff']:.3g}; "
+                     f"top-1 agreement {against['top1_agreement']:.3f}")
+    exactness = result["packed_against_naive"]
+    if exactness["records"]:
+        gaps = "; ".join(f"{name} " + ", ".join(f"{k} {gap:.2g}" for k, gap in exactness[name].items()) for name in VARIANTS)
+        lines.append(f"packed against one sequence per answer, max |diff| over {exactness['records']} test records: {gaps}")
     native = "yes" if result["cpu_native_bf16"] else "no"
     if result.get("cpu_bf16_matmul_speedup") is not None:
         native += f", bf16 matmul at {result['cpu_bf16_matmul_speedup']}x fp32"

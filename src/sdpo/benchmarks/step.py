@@ -28,6 +28,7 @@ from sdpo.data.negatives import random_negatives
 from sdpo.data.prompts import encode_answer, record_prompt_ids
 from sdpo.data.records import Record
 from sdpo.lm.allocator import return_freed_memory
+from sdpo.lm.head import fp32_head
 from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import compute_context, cpu_name, model_dtype
 from sdpo.lm.scoring import answer_logprobs, pack_answers
@@ -97,8 +98,13 @@ def naive_sequences(prompts, answers, pad_token_id):
 
 
 def naive_logps(model, input_ids, attention, labels) -> torch.Tensor:
-    """[R] summed answer log-probs the published way: full-vocabulary logits at every position."""
-    with compute_context(model.get_output_embeddings().weight):
+    """[R] summed answer log-probs the published way: full-vocabulary logits at every position.
+
+    The model's own forward computes the logits, with the head the packed kernel uses (fp32 on a
+    bf16 model, `sdpo.lm.head.fp32_head`), so the two ways differ only in how they lay out the work.
+    """
+    lm_head = model.get_output_embeddings()
+    with compute_context(lm_head.weight), fp32_head(lm_head):
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # [R, L-1, V]
     targets = labels[:, 1:]
     mask = targets != -100

@@ -120,14 +120,24 @@ def benchmark_precision_cmd(
     rank_records: int = typer.Option(200, "--rank_records", "--rank-records",
                                      help="test records ranked in each precision (speed, log-prob gap and top-1 agreement)"),
     batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass when ranking"),
+    sft: bool = typer.Option(True, "--sft/--no_sft", help="time an SFT step besides the S-DPO steps"),
+    exact_records: int = typer.Option(2, "--exact_records", "--exact-records",
+                                      help="test records whose target and K random negatives (each K of --negatives) are scored packed "
+                                           "and one sequence per answer in each precision, as `sdpo benchmark step` does; 0 skips it"),
 ) -> None:
-    """fp32 against bf16, side by side: records/s of SFT and S-DPO steps and of ranking, log-prob gaps, top-1 agreement."""
+    """fp32 against bf16 (fp32 LM head) against bf16_all (bf16 head, as before), side by side: records/s of SFT and S-DPO steps and of
+    ranking, log-prob gaps and top-1 agreement against fp32, packed against one sequence per answer."""
     from sdpo.benchmarks.precision import benchmark_precision, format_table
+    from sdpo.data.datasets import load_split
 
     ks = _parse_ks(negatives)
     if min(records, repeats, rank_records, batch_size) < 1:
         raise UserError("--records, --repeats, --rank_records and --batch_size must be at least 1.")
-    result = benchmark_precision(model, data, ks, records, repeats, rank_records, batch_size, json_out)
+    if exact_records < 0:
+        raise UserError("--exact_records must be 0 (skip) or more.")
+    if exact_records and any(not 1 <= k < len(r.candidates) for k in ks for r in load_split(data, "test", limit=exact_records)):
+        raise UserError("--negatives: with --exact_records, every K must be between 1 and the number of negatives per record (19).")
+    result = benchmark_precision(model, data, ks, records, repeats, rank_records, batch_size, json_out, exact_records, sft)
     _show(format_table(result), json_out)
 
 

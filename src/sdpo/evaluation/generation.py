@@ -19,6 +19,7 @@ from sdpo.evaluation.metrics import longest_match, paper_match
 from sdpo.evaluation.results import Evaluation
 from sdpo.evaluation.stats import bootstrap_cis
 from sdpo.lm.decoder import causal_lm_parts
+from sdpo.lm.head import fp32_head
 from sdpo.lm.precision import compute_context
 from sdpo.lm.soft_tokens import embed_with_soft_tokens, packed_soft_tokens
 
@@ -35,7 +36,8 @@ def generate_answers(model, tokenizer, records: list[Record], domain: str, batch
 
     With a `trunk` cache, the prompt's pass through the layers no adapter changes runs once per batch across evaluations.
     With collaborative tokens (`prompts`), the prompt enters as embeddings with the soft tokens in place, and the
-    whole prompt runs every layer (the trunk cache holds text prompts' passes only).
+    whole prompt runs every layer (the trunk cache holds text prompts' passes only). On a bf16 model the LM head computes
+    fp32 logits (`sdpo.lm.head.fp32_head`), so greedy decoding is not left to bf16's ties between near-equal tokens.
     """
     prompts = prompts or TextPrompts(tokenizer, domain, seed)
     model.eval()
@@ -53,7 +55,8 @@ def generate_answers(model, tokenizer, records: list[Record], domain: str, batch
         options = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False,
                    "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
         soft_inputs = prompts.soft_inputs(batch, prompt_ids)
-        with compute_context(model.get_output_embeddings().weight):
+        lm_head = model.get_output_embeddings()
+        with compute_context(lm_head.weight), fp32_head(lm_head):
             if soft_inputs:
                 options["inputs_embeds"] = _left_padded_embeds(model, input_ids, soft_inputs, [width - len(p) for p in prompt_ids])
                 output = model.generate(**options)

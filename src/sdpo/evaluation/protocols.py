@@ -34,6 +34,8 @@ from sdpo.evaluation.journal import JOURNAL_FILE, Journal, batches, journaled
 from sdpo.evaluation.metrics import per_record_ranking, ranked_indices, ranking_metrics
 from sdpo.evaluation.results import PREDICTIONS, Evaluation, predictions_file
 from sdpo.evaluation.stats import bootstrap_cis
+from sdpo.lm.decoder import causal_lm_parts
+from sdpo.lm.head import low_precision_linear
 from sdpo.lm.scoring import score_answers
 
 if TYPE_CHECKING:
@@ -194,6 +196,8 @@ def evaluate(
             raise ValueError("a journaled evaluation needs `info` naming the model and the adapter's hash (see evaluate_model)")
         settings = {"protocol": protocol, "domain": domain, "prompt_seed": seed, "batch_size": batch_size,
                     "records": [r.id for r in records], **info}
+        if low_precision_linear(causal_lm_parts(model)[1]) is not None:  # a bf16 model's fp32 head: not the all-bf16 journals
+            settings["lm_head"] = "fp32"
         journal = Journal(Path(journal_dir) / JOURNAL_FILE, settings)
         if len(journal):
             print(f"[evaluate] continuing: {len(journal)} outputs already in {journal.path}")

@@ -5,10 +5,10 @@
 - the frozen base weights are *stored* in bf16 (loaded that way, never recast per step);
 - LoRA weights, their gradients and the optimizer state stay in fp32 (PEFT upcasts adapter
   weights when it loads them onto a bf16 model);
-- matmuls and attention run in bf16 under ``torch.autocast``, so the LoRA products run in
-  bf16 too instead of upcasting every activation they touch to fp32;
-- log-softmax, logsumexp and the losses are computed in fp32 (`scoring.answer_logprobs`
-  upcasts the logits before normalising them).
+- the decoder's matmuls and attention run in bf16 under ``torch.autocast``, so the LoRA
+  products run in bf16 too instead of upcasting every activation they touch to fp32;
+- the LM head computes fp32 logits from the bf16 hidden states (`sdpo.lm.head`), and
+  log-softmax, logsumexp and the losses are computed in fp32.
 
 Whether a run uses bf16 is decided once, by `resolve_bf16`: on by default where the device
 computes bf16 natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX on x86, or

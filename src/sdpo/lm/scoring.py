@@ -12,7 +12,7 @@ it::
   stood alone behind the prompt.
 - The first token of every answer is predicted by the last prompt position (shared); token
   j > 0 by answer position j - 1. The LM head is applied only at those positions, each
-  distinct position once.
+  distinct position once, and in fp32 on a bf16 model (`sdpo.lm.head`).
 
 So the prompt is encoded once per record instead of once per answer, and the vocabulary
 projection is paid for answer tokens only. SFT, preference training and ranking all call
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdpo.lm.decoder import causal_lm_parts, final_hidden_states
+from sdpo.lm.head import head_logits
 from sdpo.lm.precision import compute_context
 from sdpo.lm.soft_tokens import embed_with_soft_tokens, packed_soft_tokens
 
@@ -136,8 +137,9 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
 
     Returns (logps, n_tokens), both [B, A]; entries where ``answer_mask`` is False are 0.
     Differentiable: SFT and preference losses backpropagate through it. With bf16 base
-    weights the decoder and the LM head run under bf16 autocast; the logits are upcast, so
-    the normalisation and the sums are fp32 either way. With a `trunk` cache (evaluation),
+    weights the decoder runs under bf16 autocast and the LM head in fp32 on the [U, H] hidden
+    rows it needs (`sdpo.lm.head.head_logits`), so the logits, the normalisation and the sums
+    are fp32 either way. With a `trunk` cache (evaluation),
     the layers below its depth run only for batches it does not hold yet (`sdpo.lm.trunk`).
     `soft` = (positions [B, S], vectors [B, S, H]) puts collaborative tokens at those prompt
     positions (`sdpo.lm.soft_tokens`; -1: an unused slot): the prompt opens every packed row, so
@@ -165,8 +167,7 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
             hidden = final_hidden_states(model, decoder, **inputs)  # [B, L, H]
         else:
             hidden = trunk.decoder_output(model, inputs, packed, soft)
-        logits = lm_head(hidden.reshape(batch * length, -1)[unique_source])  # [U, V]
-    logits = logits.float()
+        logits = head_logits(lm_head, hidden.reshape(batch * length, -1)[unique_source])  # [U, V], fp32
     log_norm = torch.logsumexp(logits, dim=-1)  # [U]
     token_logps = logits[inverse, packed["token_target"]] - log_norm[inverse]  # [N]
     n_slots = packed["answer_mask"].numel()

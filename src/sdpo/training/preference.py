@@ -29,6 +29,8 @@ from sdpo.errors import UserError
 from sdpo.evaluation.metrics import target_ranks
 from sdpo.evaluation.protocols import candidate_logps
 from sdpo.lm.adapters import adapter_sha256
+from sdpo.lm.decoder import causal_lm_parts
+from sdpo.lm.head import head_precision_key
 from sdpo.lm.models import load_model
 from sdpo.lm.precision import model_dtype
 from sdpo.lm.scoring import answer_logprobs
@@ -155,8 +157,8 @@ class PreferenceTrainer(ProjectorLearningRate, Trainer):
 def reference_table(model, tokenizer, records, config: AlignConfig, name: str, prompts=None) -> torch.Tensor:
     """[N, C] reference log-probs of `records`, from the shared cache in the SFT run folder when another run made them."""
     collaborative = {key: getattr(config, key) for key in ("collaborative_sha256", "collaborative_place", "collaborative_score")}
-    key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, str(model_dtype(config.bf16)),
-                      collaborative if config.collaborative else None)
+    precision = head_precision_key(causal_lm_parts(model)[1], model_dtype(config.bf16))
+    key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, precision, collaborative if config.collaborative else None)
     paths = [Path(config.sft) / REFERENCE_CACHE / f"{key}.safetensors", Path(config.output_dir) / f"reference-{name}.safetensors"]
     # Under accelerate/torchrun the main process computes and saves the table while the others
     # wait; they then read it from the cache: one pass over the data, one writer.
