@@ -224,12 +224,13 @@ def test_rewards_are_zero_at_step_zero(small_data, tmp_path, bf16):
 
 def test_rewards_are_zero_at_the_first_step_with_collaborative_tokens(small_data, sasrec_dir, tmp_path):
     """With collaborative prompts, the precomputed table scores them through the SFT run's own trained projectors, as the
-    policy does: the first logged step (the policy still the SFT model, no LoRA dropout) has zero rewards and margins."""
+    policy does: the first logged step (the policy still the SFT model, no LoRA dropout and no hidden titles) has zero rewards
+    and margins."""
     sft_dir = sft_run(small_data, tmp_path / "sft", lora_dropout=0.0, collaborative=str(sasrec_dir), collaborative_score=True,
                       projector_learning_rate=1e-2, bf16=False)
     out = run_align(build_config(AlignConfig, {
         "sft": str(sft_dir), "output_dir": str(tmp_path / "sdpo"), "negatives": 3, "max_steps": 1, "per_device_train_batch_size": 4,
-        "logging_steps": 1, "disable_tqdm": True, "train_limit": 4, "bf16": False,
+        "logging_steps": 1, "disable_tqdm": True, "train_limit": 4, "bf16": False, "collaborative_unknown_rate": 0.0,
     }))
     first = next(e for e in map(json.loads, (out / LOG_FILE).read_text().splitlines()) if "loss" in e)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):

@@ -47,10 +47,13 @@ def _unknown_vectors(model) -> list[torch.nn.Parameter]:
             for module in (tokens.items, tokens.user)]
 
 
+WAYS = ("learned", "zeros")
+
+
 def benchmark_unknown_titles(run: str | Path, data: str | Path, split: str = "val", limit: int = 500, share: float = 0.2,
-                             seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
+                             seed: int = 0, batch_size: int = 8, ways: tuple[str, ...] = WAYS) -> dict[str, Any]:
     """HR@1 of `run` on `limit` records of `split` (drawn with `seed`) with `share` of their history titles unseen,
-    with the learned unknown vectors and with zeros; and their paired difference."""
+    with the learned unknown vectors and with zeros (`ways`: one of them alone skips the other's pass); and their paired difference."""
     from sdpo.data.datasets import load_split
     from sdpo.evaluation.protocols import candidate_logps
     from sdpo.lm.adapters import check_adapter_folder
@@ -72,7 +75,7 @@ def benchmark_unknown_titles(run: str | Path, data: str | Path, split: str = "va
     learned = [v.detach().clone() for v in vectors]
     hits: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for way in ("learned", "zeros"):
+    for way in ways:
         with torch.no_grad():
             for vector, value in zip(vectors, learned, strict=True):
                 vector.copy_(value if way == "learned" else torch.zeros_like(value))
@@ -88,16 +91,20 @@ def benchmark_unknown_titles(run: str | Path, data: str | Path, split: str = "va
         "unknown_vector_norm": {"items": round(float(learned[0].norm()), 4), "user": round(float(learned[1].norm()), 4)},
         "hr@1": {way: sum(values) / len(values) for way, values in hits.items()},
         "ci95": {way: bootstrap_ci(values) for way, values in hits.items()},
-        "learned_minus_zeros": paired_difference(hits["learned"], hits["zeros"]),
+        "hits": {way: [int(hit) for hit in values] for way, values in hits.items()},  # per record, in `record_ids` order
+        "record_ids": [r.id for r in records],
+        **({"learned_minus_zeros": paired_difference(hits["learned"], hits["zeros"])} if set(WAYS) <= hits.keys() else {}),
         "seconds": seconds, "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
     lines = ["| unknown vector | HR@1 | 95% interval |", "|---|---|---|"]
-    for way in ("learned", "zeros"):
+    for way in result["hr@1"]:
         low, high = result["ci95"][way]
         lines.append(f"| {way} | {result['hr@1'][way]:.4f} | [{low:.3f}, {high:.3f}] |")
+    if "learned_minus_zeros" not in result:
+        return "\n".join(lines)
     difference = result["learned_minus_zeros"]
     low, high = difference["interval"]
     lines.append(f"\nlearned - zeros: {difference['difference']:+.4f} [{low:+.3f}, {high:+.3f}] (paired, {result['records']} records, "

@@ -97,14 +97,16 @@ def benchmark_unknown_cmd(
     share: float = typer.Option(0.2, help="share of each history's titles replaced by made-up titles no catalogue holds"),
     seed: int = typer.Option(0, help="seed of the record draw and of the replaced titles"),
     batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per forward pass"),
+    ways: str = typer.Option("learned,zeros", help="learned, zeros, or both (comma-separated): the unknown vectors ranked with"),
 ) -> None:
     """Rank records with unseen history titles twice: the run's learned unknown vector against zeros, paired."""
-    from sdpo.benchmarks.unknown_titles import benchmark_unknown_titles, format_table
+    from sdpo.benchmarks.unknown_titles import WAYS, benchmark_unknown_titles, format_table
     from sdpo.io import write_json
 
-    if limit < 1 or batch_size < 1 or not 0 <= share <= 1:
-        raise UserError("--limit and --batch_size must be at least 1, --share between 0 and 1.")
-    result = benchmark_unknown_titles(run, data, split, limit, share, seed, batch_size)
+    chosen = tuple(way.strip() for way in ways.split(","))
+    if limit < 1 or batch_size < 1 or not 0 <= share <= 1 or not chosen or not set(chosen) <= set(WAYS):
+        raise UserError("--limit and --batch_size must be at least 1, --share between 0 and 1, --ways learned, zeros or both.")
+    result = benchmark_unknown_titles(run, data, split, limit, share, seed, batch_size, chosen)
     write_json(json_out, result)
     _show(format_table(result), json_out)
 
