@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sdpo.baselines.collaborative import CollaborativeModel
+from sdpo.baselines.collaborative import CollaborativeModel, model_sha256
 from sdpo.baselines.items import UNKNOWN
 from sdpo.baselines.train import BaselineConfig, encode, model_scores, run_baseline
 from sdpo.data.datasets import load_split
@@ -49,13 +49,13 @@ def test_a_title_without_an_id_is_flagged_and_counted(trained):
     assert batch.history_known[0].tolist() == [True] * 5 + [False]
     assert batch.candidate_known[0].tolist() == [True] * 19 + [False]
     assert torch.equal(batch.candidates[0, -1], source.model.item_embedding.weight[UNKNOWN])
-    assert source.unknown_titles == {"No Such Band": 1, "Nobody Either": 1}
+    assert source.unknown_titles([unseen]) == {"No Such Band": 1, "Nobody Either": 1}
 
 
 def test_the_run_names_the_model_by_its_weights_and_refuses_another(trained, tmp_path):
     source = CollaborativeModel.load(trained)
-    assert source.describe() == {"path": str(trained), "sha256": sha256_of(trained / "model.safetensors"), "model": trained.name,
-                                 "dim": source.dim}
+    assert source.describe() == {"path": str(trained), "sha256": model_sha256(trained), "model": trained.name, "dim": source.dim}
+    assert source.weights_sha256 == sha256_of(trained / "model.safetensors") != source.sha256
     assert CollaborativeModel.load(trained, sha256=source.sha256).sha256 == source.sha256
     with pytest.raises(UserError, match="SHA-256 .* not the 000000000000... this run was trained with"):
         CollaborativeModel.load(trained, sha256="0" * 64)
