@@ -31,7 +31,7 @@ from sdpo.evaluation.protocols import candidate_logps
 from sdpo.lm.adapters import adapter_sha256
 from sdpo.lm.decoder import causal_lm_parts
 from sdpo.lm.head import head_precision_key
-from sdpo.lm.models import load_model
+from sdpo.lm.models import load_model, quiet_peft
 from sdpo.lm.precision import model_dtype
 from sdpo.lm.scoring import answer_logprobs
 from sdpo.lm.soft_tokens import set_unknown_rate
@@ -251,10 +251,12 @@ def run_align(config: AlignConfig) -> Path:
         prompts=prompts,
         trunks=trunks,
     )
-    trainer.train(resume_from_checkpoint=resume_from)
+    with quiet_peft():  # checkpoints are saved inside
+        trainer.train(resume_from_checkpoint=resume_from)
     if config.reference == "adapter":
         trainer.model.delete_adapter(REFERENCE_ADAPTER)  # the saved run holds the policy only
-    save_adapter(trainer, config)
+    with quiet_peft():
+        save_adapter(trainer, config)
     report_unknown(source, train, out)
     write_run_config(config, out)
     return out

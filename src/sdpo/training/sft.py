@@ -21,7 +21,7 @@ from sdpo.data.prompts import encode_answer
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.lm.adapters import WEIGHT_DTYPES, store_adapter_weights
-from sdpo.lm.models import LoraSettings, add_lora, load_model
+from sdpo.lm.models import LoraSettings, add_lora, load_model, quiet_peft
 from sdpo.lm.precision import model_dtype, resolve_bf16
 from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.lm.soft_tokens import set_unknown_rate
@@ -259,8 +259,10 @@ def run_sft(config: SFTConfig) -> Path:
         processing_class=tokenizer,
         callbacks=[JsonlLogger()],
     )
-    trainer.train(resume_from_checkpoint=resume_from)
-    save_adapter(trainer, config)
+    with quiet_peft():  # checkpoints are saved inside
+        trainer.train(resume_from_checkpoint=resume_from)
+    with quiet_peft():
+        save_adapter(trainer, config)
     report_unknown(source, train, out)
     write_run_config(config, out)
     return out
