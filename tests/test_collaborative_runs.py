@@ -202,7 +202,7 @@ def test_a_pipeline_trains_its_sasrec_first_reads_it_in_the_lm_stages_and_fuses(
     result = sdpo("pipeline", "collab.yaml", "--output_dir", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
-    assert "collaborative: out/baselines/sasrec" in (out / "sft" / "sdpo_config.yaml").read_text()
+    assert "collaborative: baselines/sasrec" in (out / "sft" / "sdpo_config.yaml").read_text()  # relative to the study folder
     assert "no trunk cache (collaborative tokens)" in result.stdout and not (out / "eval" / "trunk-cache").exists()
     rows = {(row["stage"], row["protocol"]): row for row in json.loads((out / "results.json").read_text())}
     fusion = rows["fusion-s-dpo", "rank"]

@@ -127,3 +127,16 @@ def test_the_whole_fingerprint_refuses_a_changed_item_table_config_or_weights(tm
         path.write_bytes(bytes(data))
     with pytest.raises(UserError, match="not the .* this run was trained with"):
         CollaborativeModel.load(copy, recorded)
+
+
+def test_a_study_rewriting_the_paths_in_a_baseline_config_keeps_its_fingerprint(tmp_path):
+    """sdpo.pipeline.study rewrites config.json's data and output_dir relative to the study: the model is the same one."""
+    from sdpo.baselines.collaborative import model_sha256
+
+    original = REPO / "adapters" / "lastfm-collab-sft-smollm2-135m" / "collaborative"
+    copy = tmp_path / "sasrec"
+    shutil.copytree(original, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(data="/somewhere/else/data", output_dir="baselines/sasrec", progress=False)
+    (copy / "config.json").write_text(json.dumps(config, indent=4))
+    assert model_sha256(copy) == model_sha256(original)

@@ -12,8 +12,8 @@ score is the dot product of the user state and the candidate's vector):
   model's item table (or at padding): there the LM reads its learned unknown vector.
 
 A run names the model by its folder and its SHA-256 (`describe`): the fingerprint of all three
-files of the folder (`model_sha256`: the weights, the title-to-id table, the config with its
-``max_len``), so a changed item table or config is refused like changed weights.
+files of the folder (`model_sha256`: the weights, the title-to-id table, the config's model entries
+with its ``max_len``), so a changed item table or config is refused like changed weights.
 ``CollaborativeModel.load(folder, sha256=...)`` refuses a folder that does not match; a run that
 recorded the older fingerprint, of the weights alone, still loads its model.
 """
@@ -39,11 +39,21 @@ WEIGHTS = "model.safetensors"
 FILES = ("config.json", "items.json", WEIGHTS)
 
 
+# config.json entries that say where and how the model was trained and reported, not what it is: a study rewrites its
+# paths relative to itself (sdpo.pipeline.study), which must not change the model's fingerprint
+RUN_ENTRIES = ("data", "output_dir", "progress", "resume", "overwrite", "compress_predictions", "eval_split", "eval_limit", "subset_seed")
+
+
 def model_sha256(folder: str | Path) -> str:
-    """The collaborative model's fingerprint: SHA-256 over the name and SHA-256 of each of its files (`FILES`)."""
+    """The collaborative model's fingerprint: SHA-256 over the SHA-256 of its weights, of its item table, and of its config's
+    model entries (all but `RUN_ENTRIES`: the architecture, ``max_len`` and the training settings)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model_entries = json.dumps({k: v for k, v in config.items() if k not in RUN_ENTRIES}, sort_keys=True).encode()
     digest = hashlib.sha256()
-    for name in FILES:
-        digest.update(f"{name} {sha256_of(Path(folder) / name)}\n".encode())
+    digest.update(f"config.json {hashlib.sha256(model_entries).hexdigest()}\n".encode())
+    for name in ("items.json", WEIGHTS):
+        digest.update(f"{name} {sha256_of(folder / name)}\n".encode())
     return digest.hexdigest()
 
 
@@ -86,7 +96,11 @@ class CollaborativeModel:
         if missing:
             raise UserError(f"{folder}: not a trained {role} ({', '.join(missing)} missing). Give the output folder "
                             "of sdpo baseline --model sasrec|gru4rec|caser.")
-        found, weights = model_sha256(folder), sha256_of(folder / WEIGHTS)
+        try:
+            found, weights = model_sha256(folder), sha256_of(folder / WEIGHTS)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{folder}: unreadable as a {role} ({type(exc).__name__}: {exc}). "
+                            "Train it again with sdpo baseline --model sasrec|gru4rec|caser.") from None
         if sha256 is not None and sha256 not in (found, weights):
             raise UserError(f"{folder}: its files (weights, item table, config) have SHA-256 {found[:12]}..., not the {sha256[:12]}... "
                             "this run was trained with. Give the collaborative model that run was trained with.")

@@ -59,7 +59,8 @@ def evaluate_model(
     bf16 = resolve_bf16(bf16, device)
     trained = _run_settings(adapter)
     source = load_collaborative(trained)
-    check_catalogue(source, records)
+    if source is not None:  # against the data's own catalogue: its training records, which a model of this data was built from
+        check_catalogue(source, load_split(data, "train"))
     model, tokenizer = load_model(model_name, adapter, dtype=model_dtype(bf16), soft_tokens=soft_token_spec(trained, source))
     model.to(device)
     prompts = run_prompts(tokenizer, domain, prompt_seed, trained, source)

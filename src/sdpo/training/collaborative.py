@@ -79,7 +79,9 @@ MIN_KNOWN_SHARE = 0.5  # a model of the data's own catalogue knows nearly every 
 
 
 def check_catalogue(source: CollaborativeModel | None, records: list[Record]) -> None:
-    """A user error when the collaborative model knows fewer than half of the distinct titles of `records` (another catalogue's model)."""
+    """A user error when the collaborative model knows fewer than half of the distinct titles of `records` (another catalogue's model).
+
+    Given training records, a model of this data knows every title of them (its item table was built from them)."""
     if source is None or not records:
         return
     titles = {title for record in records for title in (*record.history, *record.candidates)}
