@@ -97,13 +97,16 @@ def test_pipeline_on_tiny(tiny_study, tmp_path):
     (work / "changed.yaml").write_text(yaml.safe_dump(changed))
     assert_user_error(pipeline("changed.yaml"), "stage dpo", "beta 1.0 -> 0.5", "remove")
     # an evaluation of another adapter of the stage (trained again since) is not reused
+    from sdpo.data.datasets import data_fingerprint, load_split
     from sdpo.pipeline.run import _finished_evaluation
 
+    data = config["data"]["path"]
+    records, fingerprint = load_split(data, "test", 3, 0), data_fingerprint(data)
     sft_eval = json.loads((run / "eval" / "sft-rank" / "metrics.json").read_text())
-    assert _finished_evaluation(run / "eval" / "sft-rank", str(run / "sft")) == sft_eval
-    (tmp_path / "older").mkdir()
+    assert _finished_evaluation(run / "eval" / "sft-rank", str(run / "sft"), None, records, fingerprint) == sft_eval
+    shutil.copytree(run / "eval" / "sft-rank", tmp_path / "older")
     (tmp_path / "older" / "metrics.json").write_text(json.dumps({**sft_eval, "adapter_sha256": "0" * 64}))
-    assert _finished_evaluation(tmp_path / "older", str(run / "sft")) is None
+    assert _finished_evaluation(tmp_path / "older", str(run / "sft"), None, records, fingerprint) is None
 
     # same seed, same machine, same numbers: a fresh run (LoRA dropout on) gives the same table and files
     # (and without the trunk cache: the same numbers, byte for byte)
@@ -333,7 +336,7 @@ def test_the_study_config_runs_end_to_end_on_tiny(small_data, tmp_path):
     assert {r["stage"] for r in rows} == {"zero-shot", "sft", *stages, "popularity"}
     # every align stage started from the same SFT run, on the same records, for the same steps
     configs = [yaml.safe_load((tmp_path / "study" / s / "sdpo_config.yaml").read_text()) for s in stages]
-    assert {c["sft"] for c in configs} == {str(tmp_path / "study" / "sft")}
+    assert {c["sft"] for c in configs} == {"sft"}  # recorded relative to the study folder
     assert len({(c["train_limit"], c["subset_seed"], c["seed"], c["max_steps"]) for c in configs}) == 1
     assert sorted(c["negatives"] for c in configs) == [1, 3, 7, 19]
     report = sdpo("report", tmp_path / "study", "--out", tmp_path / "report")
@@ -368,7 +371,7 @@ def test_the_ml100k_study_config_runs_both_families_on_tiny(small_data, tmp_path
     for family, sft in (("text", "sft"), ("collab", "collab-sft")):
         names = [n for n, s in stages.items() if s["from"] == sft]
         configs = [yaml.safe_load((study / n / "sdpo_config.yaml").read_text()) for n in names]
-        assert {c["sft"] for c in configs} == {str(study / sft)}, family
+        assert {c["sft"] for c in configs} == {sft}, family  # relative to the study folder
         assert sorted(c["negatives"] for c in configs) == [1, 3, 19], family
         assert len({(c["train_limit"], c["subset_seed"], c["seed"], c["max_steps"]) for c in configs}) == 1, family
         assert all(c["share_trunk"] == (family == "text") for c in configs), family
