@@ -52,6 +52,8 @@ def test_no_tracked_file_records_an_absolute_path_of_a_machine():
     assert len(files) > 100
     found = []
     for name in filter(None, files):
+        if name == "tests/test_portable.py":  # this file: the patterns and their examples
+            continue
         text = tracked_text(REPO / name)
         if text is not None:
             found += [f"{name}:{number}: {line}" for number, line in machine_paths(text)]

@@ -143,7 +143,7 @@ def test_a_study_imports_stages_trained_elsewhere_and_generates_with_the_stages_
     out = tmp_path / "out"
     assert "[text-sft] importing" in result.stdout and "training into" not in result.stdout
     assert (out / "text-dpo" / "adapter_model.safetensors").read_bytes() == (trained / "dpo" / "adapter_model.safetensors").read_bytes()
-    assert yaml.safe_load((out / "text-dpo" / "sdpo_config.yaml").read_text())["sft"] == "../text-sft"
+    assert yaml.safe_load((out / "text-dpo" / "sdpo_config.yaml").read_text())["sft"] == "text-sft"  # relative to the study folder
     rows = {(row["stage"], row["protocol"]) for row in json.loads((out / "results.json").read_text())}
     assert {("text-sft", "generate"), ("text-dpo", "rank-reward")} <= rows and ("text-dpo", "generate") not in rows
     # the imported stages score as they did where they were trained (same records, prompts and weights)
