@@ -143,10 +143,13 @@ def test_pipeline_on_tiny(tiny_study, tmp_path):
         (work / "typo.yaml").write_text(yaml.safe_dump({**tiny_study.config, section: {**tiny_study.config[section], **value}}))
         assert_user_error(pipeline("typo.yaml", "typo-run"), message)
         assert not (work / "typo-run").exists()
-    # a stage's reward is against its own reference stage's log-probs, or the pipeline stops: never another reference
+    # a stage's reward is against its own reference stage's log-probs: a reference ranking that lost its predictions is
+    # ranked again (a damaged evaluation is redone, not reused), then the reward is computed from it
     shutil.rmtree(work / "run2" / "eval" / "dpo-rank")
     (work / "run2" / "eval" / "sft-rank" / "predictions.jsonl.gz").unlink()
-    assert_user_error(pipeline("uncached.yaml", "run2"), "dpo's reward needs sft's rank predictions")
+    repaired = pipeline("uncached.yaml", "run2")
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert "sft-rank: its files are damaged" in repaired.stdout and "[evaluate] dpo, rank protocol" in repaired.stdout
 
 
 def test_baseline_and_align_commands(small_data, tmp_path):
