@@ -71,7 +71,8 @@ def test_benchmark_precision_on_tiny(small_data, tmp_path):
     assert [row["what"] for row in result["steps"]] == ["sft", "s-dpo K=3"]
     for row in [*result["steps"], result["rank"]]:
         assert all(row[f"{name}_seconds"] > 0 for name in result["variants"])
-        assert row["fp32_head_speedup"] == round(row["bf16_all_seconds"] / row["bf16_seconds"], 2)
+        # the ratio of the unrounded seconds; the row keeps the seconds to 1 ms, so the ratio recomputed here may differ by ~0.01
+        assert row["fp32_head_speedup"] == pytest.approx(row["bf16_all_seconds"] / row["bf16_seconds"], abs=0.02)
     assert result["rank"]["records"] == 4 and result["agreement"]["records"] == 4
     for name in ("bf16", "bf16_all"):
         assert 0 < result["agreement"][name]["max_abs_logp_diff"] < 0.5 and 0 <= result["agreement"][name]["top1_agreement"] <= 1
