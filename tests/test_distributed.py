@@ -58,11 +58,16 @@ def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path
     # files are written once: one config, one log line per step
     assert len(train_logs(tmp_path / "sft-2")) == 3
 
+    # with DynamicPO: its choices are per record, so they are the same however the batch is split
     align = ["align", "--sft", tmp_path / "sft-1", "--negatives", 3, "--max_steps", 3, "--learning_rate", 5e-3, "--logging_steps", 1,
-             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 16, "--no_bf16", "--use_cpu", "true"]
+             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 16, "--no_bf16", "--use_cpu", "true",
+             "--boundary_negatives", "--dynamic_beta"]
     launch(1, *align, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "sdpo-1")
     launch(2, *align, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sdpo-2")
     assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")
+    for one, two in zip(train_logs(tmp_path / "sdpo-1"), train_logs(tmp_path / "sdpo-2")):
+        assert one["dynamicpo/selected"] == pytest.approx(two["dynamicpo/selected"], abs=1e-6)
+        assert one["dynamicpo/beta"] == pytest.approx(two["dynamicpo/beta"], abs=1e-5)
     # the reference table was computed once, by the first run; the second read it from the SFT run's cache
     assert len(list((tmp_path / "sft-1" / "reference-cache").glob("*.safetensors"))) == 1
 
@@ -78,7 +83,12 @@ def test_two_processes_match_one_with_collaborative_tokens(small_data, sasrec_di
     assert any("collaborative_tokens" in name for name in load_file(str(tmp_path / "sft-2" / "adapter_model.safetensors")))
 
     align = ["align", "--sft", tmp_path / "sft-1", "--negatives", 3, "--max_steps", 2, "--learning_rate", 5e-3, "--logging_steps", 1,
-             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 8, "--no_bf16", "--use_cpu", "true"]
+             "--save_steps", 100, "--disable_tqdm", "true", "--train_limit", 8, "--no_bf16", "--use_cpu", "true", "--sft_weight", 0.5]
     launch(1, *align, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "sdpo-1")
     launch(2, *align, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sdpo-2")
     assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")
+    # the SFT term is in the loss, and every logged term is the whole batch's, not the main process's half
+    for one, two in zip(train_logs(tmp_path / "sdpo-1"), train_logs(tmp_path / "sdpo-2")):
+        assert one["loss"] == pytest.approx(one["loss/preference"] + 0.5 * one["loss/sft"], abs=1e-4)
+        for key in ("loss/preference", "loss/sft", "rewards/margins", "logps/chosen"):
+            assert one[key] == pytest.approx(two[key], abs=1e-5), key

@@ -1,11 +1,13 @@
 """S-DPO and DPO losses against slow, obvious formulas."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sdpo.training.losses import dpo_loss, softmax_dpo_loss
+from sdpo.training.losses import chosen_nll, dpo_loss, softmax_dpo_loss
+from sdpo.training.preference import align_losses
 
 
 def brute_force_sdpo(pc, pr, rc, rr, beta):
@@ -79,3 +81,37 @@ def test_gradient_raises_the_positive_against_the_negatives():
 def test_shape_checks():
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         softmax_dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), 1.0)
+
+
+def test_chosen_nll_is_the_positives_nll_per_token():
+    assert chosen_nll(torch.tensor([-6.0, -1.5]), torch.tensor([3, 1])).tolist() == [2.0, 1.5]
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        chosen_nll(torch.zeros(2), torch.ones(2, 1))
+
+
+# One record, K = 2: policy log-probs (positive first) -2, -3, -5 over 4, 2 and 3 answer tokens; reference -2.5, -2, -5.
+# Rewards (beta 1): positive 0.5, negatives -1 and 0. S-DPO = log(1 + e^-1.5 + e^-0.5) = 0.604131;
+# DPO = (log(1 + e^-1.5) + log(1 + e^-0.5)) / 2 = 0.337745; the positive's NLL per token = 2 / 4 = 0.5.
+@pytest.mark.parametrize("loss, preference", [("sdpo", 0.6041306053), ("dpo", 0.3377451311)])
+@pytest.mark.parametrize("sft_weight", [0.0, 0.1, 1.0])
+def test_align_losses_add_alpha_times_the_positives_nll_to_the_hand_computed_preference_loss(loss, preference, sft_weight):
+    align = SimpleNamespace(loss=loss, beta=1.0, sft_weight=sft_weight, boundary_negatives=False, dynamic_beta=False)
+    logps, reference = torch.tensor([[-2.0, -3.0, -5.0]]), torch.tensor([[-2.5, -2.0, -5.0]])
+    losses, metrics = align_losses(logps, torch.tensor([[4, 2, 3]]), reference, align)
+    assert losses.tolist() == pytest.approx([preference + sft_weight * 0.5], abs=1e-6)
+    assert metrics["loss/preference"] == pytest.approx(preference, abs=1e-6)
+    assert metrics["loss/sft"] == pytest.approx(0.5)  # logged at every weight, 0 included
+    assert metrics["rewards/chosen"] == pytest.approx(0.5) and metrics["rewards/margins"] == pytest.approx(1.0)
+
+
+def test_the_sft_term_adds_alpha_over_the_answer_length_to_the_pull_on_the_positive():
+    """The preference term's pull on the positive fades as its margin grows; the SFT term's stays alpha / |e_p|."""
+    def positive_gradient(sft_weight):
+        logps = torch.tensor([[-2.0, -3.0]], requires_grad=True)
+        losses, _ = align_losses(logps, torch.tensor([[2, 2]]), torch.tensor([[-1.0, -1.0]]), SimpleNamespace(loss="sdpo", beta=1.0, sft_weight=sft_weight,
+                                                                                                     boundary_negatives=False, dynamic_beta=False))
+        losses.sum().backward()
+        return logps.grad[0, 0].item()
+
+    assert -0.5 < positive_gradient(0.0) < 0  # sigmoid(-margin) = 0.27 here
+    assert positive_gradient(1.0) == pytest.approx(positive_gradient(0.0) - 0.5)  # d(alpha * -logp / 2) = -alpha / 2

@@ -8,7 +8,8 @@ from sdpo.evaluation.stats import bootstrap_ci
 from sdpo.io import replace_atomic
 from sdpo.report.loading import PROTOCOL_ORDER, Result, Run
 
-CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen")
+CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+          "loss/sft")  # loss/sft: the positive's NLL per token, logged by align runs since it was added
 
 
 def _figure(rows: int = 1, cols: int = 1, size=(6.4, 4.2)):
@@ -33,7 +34,7 @@ def plot_training_curves(run: Run, path: Path) -> bool:
     stages = {s: entries for s, entries in stages.items() if entries}
     if not stages:
         return False
-    plt, fig, axes = _figure(2, 3, (13, 7))
+    plt, fig, axes = _figure(2, 4, (17, 7))
     colors = {stage: f"C{i % 10}" for i, stage in enumerate(stages)}  # one colour per stage in every panel
     for ax, key in zip(axes.flat, CURVES, strict=True):
         for stage, entries in stages.items():

@@ -44,7 +44,12 @@ class AlignConfig(SFTConfig):
     negatives: int = field(default=3, metadata={"help": "K, negatives per record (1..19)"})
     negative_sampling: str = field(default="random", metadata={"help": "random (drawn once), resample (each epoch) or hard"})
     beta: float = field(default=1.0, metadata={"help": "reward temperature"})
-    sft_weight: float = field(default=0.0, metadata={"help": "weight of an extra NLL term on the positive (0 = off)"})
+    sft_weight: float = field(default=0.0, metadata={"help": "alpha: adds alpha times the positive's per-token NLL to the preference loss, as RPO does (0: the paper's loss)"})
+    boundary_negatives: bool = field(default=False, metadata={
+        "help": "DynamicPO: each step trains on the negatives the policy scores at or above the positive (none: the top k-means cluster)"})
+    dynamic_beta: bool = field(default=False, metadata={
+        "help": "DynamicPO: a beta per negative from two margins of the policy's log-probs, within (0.5, 1.38) times --beta"})
+    dynamic_beta_margin: float = field(default=6.0, metadata={"help": "DynamicPO's m in the dual-margin beta (the authors' code: 6)"})
     reference: str = field(default="precomputed", metadata={
         "help": "precomputed (scores cached once) or adapter (a frozen copy of the SFT adapter, run each step)"})
     share_trunk: bool = field(default=False, metadata={
@@ -64,6 +69,8 @@ class AlignConfig(SFTConfig):
             raise ValueError(f"--hr_limit must be at least 1, got {self.hr_limit}")
         if self.sft_weight < 0:
             raise ValueError(f"--sft_weight must be 0 or more, got {self.sft_weight}")
+        if self.dynamic_beta_margin < 0:
+            raise ValueError(f"--dynamic_beta_margin must be 0 or more, got {self.dynamic_beta_margin}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.negative_sampling not in STRATEGIES:

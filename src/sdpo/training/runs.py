@@ -32,7 +32,8 @@ TRAINING_KEYS = (
     "model", "data", "data_sha256", "domain", "prompt_seed", "train_limit", "subset_seed", "lora_r", "lora_alpha", "lora_dropout",
     "lora_target_modules", "lora_layers", "bf16", "load_in_4bit", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "sft", "sft_sha256", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "reference",
+    "gradient_accumulation_steps", "sft", "sft_sha256", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "boundary_negatives",
+    "dynamic_beta", "dynamic_beta_margin", "reference",
     "collaborative", "collaborative_place", "collaborative_score", "collaborative_unknown_rate", "train_projector", "projector_learning_rate", "adapter_dtype",
 )
 # Options an align run takes from its SFT run when left out: compared only where given.
