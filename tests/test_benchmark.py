@@ -96,3 +96,19 @@ def test_benchmark_train_trunk_on_tiny(small_data, tmp_path):
     assert result["max_abs_logp_diff"] < 1e-5 and result["max_abs_grad_diff"] < 1e-5  # the same step, from the shared states
     assert len(result["full_seconds"]) == len(result["shared_seconds"]) == 2 and result["speedup"] > 0
     assert "shared trunk" in format_table(result)
+
+
+def test_benchmark_generate_on_tiny(small_data, tmp_path):
+    from sdpo.benchmarks.generation import WAYS, benchmark_generation
+    from sdpo.benchmarks.generation import format_table as generation_table
+    from tests.test_preference import sft_run
+
+    run = sft_run(small_data, tmp_path / "sft", lora_dropout=0.0, bf16=False, lora_layers=1)
+    result = benchmark_generation("tiny", run, small_data, n_records=5, repeats=1, batch_size=2, json_out=tmp_path / "g.json")
+    assert json.loads((tmp_path / "g.json").read_text()) == result
+    rows = {row["way"]: row for row in result["ways"]}
+    assert list(rows) == list(WAYS) and result["records"] == 5
+    assert rows["today"]["answers_differing"] == 0 and rows["today"]["speedup"] == 1.0
+    assert rows["by_length"]["answers_differing"] == 0  # the same answers, in the records' order
+    assert rows["today"]["hr@1_minus_today"]["difference"] == 0.0
+    assert "| combined |" in generation_table(result)

@@ -44,6 +44,30 @@ def test_generate_decodes_only_new_tokens(tiny, small_data):
     assert texts == [generate_answers(model, tokenizer, [r], "music", progress=False)[0] for r in records]
 
 
+def test_generating_by_prompt_length_gives_todays_answers_in_the_records_order(tiny, small_data):
+    model, tokenizer = tiny
+    records = load_split(small_data, "test", limit=7)
+    today = generate_answers(model, tokenizer, records, "music", batch_size=3, progress=False)
+    assert generate_answers(model, tokenizer, records, "music", batch_size=3, progress=False, by_length=True) == today
+    lengths = [len(record_prompt_ids(tokenizer, r, "music")) for r in records]
+    assert lengths != sorted(lengths)  # the records are not in prompt-length order already: the reordering did something
+
+
+def test_stopping_after_the_longest_title_keeps_the_start_of_todays_answers(tiny, small_data):
+    from sdpo.evaluation.generation import MAX_NEW_TOKENS, _answer_budget
+
+    model, tokenizer = tiny
+    records = load_split(small_data, "test", limit=4)
+    budget = _answer_budget(tokenizer, records)
+    longest = max(len(encode_answer(tokenizer, t)) for r in records for t in r.candidates)
+    assert budget == min(MAX_NEW_TOKENS, longest) and budget < MAX_NEW_TOKENS  # LastFM's titles are shorter than 20 tokens
+    today = generate_answers(model, tokenizer, records, "music", batch_size=4, progress=False)
+    stopped = generate_answers(model, tokenizer, records, "music", batch_size=4, progress=False, stop_after_titles=True)
+    for full, short in zip(today, stopped, strict=True):
+        assert full.startswith(short)  # greedy decoding: the same tokens, fewer of them
+    assert any(len(short) < len(full) for full, short in zip(today, stopped, strict=True))  # the random tiny model rambles: cut
+
+
 def test_evaluate_model_writes_files(small_data, tmp_path):
     metrics = evaluate_model(small_data, "test", "tiny", None, "rank", 4, tmp_path / "out", progress=False)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""`sdpo benchmark step|precision|trunk|baseline`: speed and memory, side by side in one run."""
+"""`sdpo benchmark step|precision|trunk|generate|baseline`: speed and memory, side by side in one run."""
 
 from __future__ import annotations
 
@@ -169,6 +169,27 @@ def benchmark_trunk_cmd(
         _show(train_trunk.format_table(result), json_out)
         return
     result = benchmark_trunk(model, data, lora_layers, records, repeats, batch_size, json_out, protocol=protocol)
+    _show(format_table(result), json_out)
+
+
+@bench_app.command("generate")
+def benchmark_generate_cmd(
+    adapter: Path = typer.Option(..., help="a text sdpo sft or align run folder (adapters/lastfm-sft-smollm2-135m, say)"),
+    data: Path = typer.Option(..., help="prepared dataset folder"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    split: str = typer.Option("test", help="the split whose records answer"),
+    records: int = typer.Option(48, help="records drawn at random with --seed"),
+    seed: int = typer.Option(0, help="seed of the record draw"),
+    repeats: int = typer.Option(2, help="timed repeats of each way, the order rotating (medians reported)"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per generate call"),
+) -> None:
+    """Greedy generation today against batching by prompt length, stopping after the longest title, merged LoRA, and all three."""
+    from sdpo.benchmarks.generation import benchmark_generation, format_table
+
+    if min(records, repeats, batch_size) < 1:
+        raise UserError("--records, --repeats and --batch_size must be at least 1.")
+    result = benchmark_generation(model, adapter, data, records, repeats, batch_size, json_out, split, seed)
     _show(format_table(result), json_out)
 
 
