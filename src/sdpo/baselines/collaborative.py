@@ -41,7 +41,8 @@ FILES = ("config.json", "items.json", WEIGHTS)
 
 # config.json entries that say where and how the model was trained and reported, not what it is: a study rewrites its
 # paths relative to itself (sdpo.pipeline.study), which must not change the model's fingerprint
-RUN_ENTRIES = ("data", "output_dir", "progress", "resume", "overwrite", "compress_predictions", "eval_split", "eval_limit", "subset_seed")
+RUN_ENTRIES = ("data", "output_dir", "progress", "resume", "overwrite", "compress_predictions", "eval_split", "eval_limit", "subset_seed",
+               "folds", "fold_seed")  # the fold models trained beside it do not change it
 
 
 def model_sha256(folder: str | Path) -> str:

@@ -7,6 +7,9 @@ item table; SASRec and GRU4Rec at every history position, Caser after the last o
 test records are scored on their own 20 candidates and go through the same metric code as
 `sdpo evaluate --protocol rank`.
 
+With ``--folds k`` it then trains k more models on user folds of the training split, each without
+its fold's users (`sdpo.baselines.folds`): out-of-fold signals for a collaborative LM.
+
 After every epoch the whole search (finished L2 weights, the best model so far, and the
 model, optimizer and random states of the weight in training) is saved to
 ``checkpoint.pt`` in the output folder; ``--resume`` continues from it and ends with the
@@ -25,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sdpo.baselines.folds import check_users, train_folds
 from sdpo.baselines.items import PAD, ItemTable
 from sdpo.baselines.models import Caser, GRU4Rec, SASRec, SequentialRecommender
 from sdpo.data.datasets import data_fingerprint, load_split
@@ -61,10 +65,17 @@ class BaselineConfig:
     resume: bool = field(default=False, metadata={"help": "continue the search saved in output_dir/checkpoint.pt"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
     compress_predictions: bool = field(default=False, metadata={"help": "write predictions.jsonl.gz (as a pipeline does)"})
+    folds: int = field(default=0, metadata={
+        "help": "k: also train k models on user folds, each without its fold's users (out-of-fold signals for a collaborative LM; 0: none)"})
+    fold_seed: int = field(default=0, metadata={"help": "seed of the users' split into folds"})
+
+    def __post_init__(self):
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"--folds must be 0 (none) or at least 2, got {self.folds}")
 
     def training_settings(self) -> dict[str, Any]:
         """The options a checkpoint must share with the run that resumes it."""
-        keys = ("model", "data", "l2", "learning_rate", "batch_size", "max_epochs", "patience", "dim", "max_len", "seed")
+        keys = ("model", "data", "l2", "learning_rate", "batch_size", "max_epochs", "patience", "dim", "max_len", "seed", "folds", "fold_seed")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -236,9 +247,12 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
         result = rank_records(eval_records, popularity_scores(train_records, eval_records))
     else:
         keep_freed_memory()
+        if config.folds:
+            check_users(train_records, "training records")  # before any training
         items = ItemTable.from_records(train_records)
         train = encode(train_records, items, config.max_len)
-        val = encode(load_split(config.data, "val"), items, config.max_len)
+        val_records = load_split(config.data, "val")
+        val = encode(val_records, items, config.max_len)
         search = saved["search"] if saved else []  # finished weights: l2, val_hr@1, epochs, val_hr@1_by_epoch
         best = saved["best"] if saved else None  # {"l2", "val_hr@1", "state"} of the best finished weight
 
@@ -263,6 +277,8 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
         replace_atomic(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp)))
         items.save(out / "items.json")
         info.update({"l2": best["l2"], "val_hr@1": best["val_hr@1"], "l2_search": search, **items.coverage(eval_records)})
+        if config.folds:
+            info["folds"] = train_folds(config, train_records, val_records, items, best["l2"])
     result.metrics = {**result.metrics, "n_records": len(eval_records), "seconds": round(time.perf_counter() - started, 2), **info}
     write_json(out / "config.json", {k: v for k, v in vars(config).items()})
     result.save(out, compress=config.compress_predictions)

@@ -109,6 +109,10 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
             if metrics.get("data_sha256", fingerprint) != fingerprint:
                 raise UserError(f"{plan.path}: baseline {name}: {target} was trained on other prepared data than {data_dir} holds now "
                                 f"(it was prepared again since). Remove {target} to train it again.")
+            wanted = {**section, **options}.get("folds") or 0
+            if name != "popularity" and wanted and (metrics.get("folds") is None or len(metrics["folds"]) != wanted):
+                raise UserError(f"{plan.path}: baseline {name}: {target} was trained without the {wanted} fold models the config "
+                                f"asks for now. Remove {target} to train it again with them.")
             print(f"[baseline] reusing {target}")
         else:
             resume = (target / CHECKPOINT).is_file()

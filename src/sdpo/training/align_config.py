@@ -40,6 +40,8 @@ class AlignConfig(SFTConfig):
     collaborative: str = field(default="", metadata={"help": "the collaborative model; default: the SFT run's (another one is refused)"})
     collaborative_place: str | None = field(default=None, metadata={"help": "default: the SFT run's (another one is refused)"})
     collaborative_score: bool | None = field(default=None, metadata={"help": "default: the SFT run's (another one is refused)"})
+    collaborative_folds: bool | None = field(default=None, metadata={
+        "help": "out-of-fold signals for the training windows (sdpo baseline --folds K); default: as the SFT run read them"})
     loss: str = field(default="sdpo", metadata={"help": "sdpo (softmax over K negatives) or dpo (pairwise, averaged over K)"})
     negatives: int = field(default=3, metadata={"help": "K, negatives per record (1..19)"})
     negative_sampling: str = field(default="random", metadata={"help": "random (drawn once), resample (each epoch) or hard"})
@@ -106,6 +108,9 @@ def inherit_from_sft(config: AlignConfig, sft_run: dict) -> None:
         elif theirs is not None and key not in PATHS and mine != theirs:
             raise UserError(f"--{key} {mine!r} differs from the SFT run's {theirs!r} ({config.sft}). "
                             f"The policy and its reference must see the same {key}: leave --{key} out.")
+    if config.collaborative_folds is None:
+        config.collaborative_folds = bool(sft_run.get("collaborative_folds"))
+        config.collaborative_folds_sha256 = config.collaborative_folds_sha256 or sft_run.get("collaborative_folds_sha256")
     if config.prompt_seed is None:
         config.prompt_seed = 0
     if config.subset_seed is None:

@@ -59,6 +59,20 @@ def run_prompts(tokenizer, domain: str, seed: int, settings: Any, source: Collab
                                 bool(_get(settings, "collaborative_score")))
 
 
+def cross_fitted(config: Any, source: CollaborativeModel | None, train: list[Record]):
+    """`source`, or with ``--collaborative_folds`` its fold models for the `train` records (`CrossFitted`), recorded in `config`."""
+    if source is None or not config.collaborative_folds:
+        return source
+    from sdpo.baselines.crossfit import CrossFitted
+
+    fitted = CrossFitted.load(source, config.collaborative_folds_sha256 or None)
+    config.collaborative_folds_sha256 = [model.sha256 for model in fitted.folds]
+    for entry in fitted.describe():
+        print(f"[collaborative] fold model {entry['sha256'][:12]}...: its space is {entry['alignment_error']:.1%} from the main "
+              "model's after the orthogonal map", file=sys.stderr)
+    return fitted.for_training(train)
+
+
 def record_collaborative(config: Any, source: CollaborativeModel | None) -> None:
     """Fill in the run's collaborative settings as they resolved (the model's SHA-256, the token place)."""
     if source is not None:

@@ -41,6 +41,7 @@ from sdpo.training.align_config import LOSSES, AlignConfig, inherit_from_sft, re
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
     check_catalogue,
+    cross_fitted,
     freeze_projectors,
     load_collaborative,
     record_collaborative,
@@ -190,6 +191,8 @@ class PreferenceTrainer(ProjectorLearningRate, Trainer):
 def reference_table(model, tokenizer, records, config: AlignConfig, name: str, prompts=None) -> torch.Tensor:
     """[N, C] reference log-probs of `records`, from the shared cache in the SFT run folder when another run made them."""
     collaborative = {key: getattr(config, key) for key in ("collaborative_sha256", "collaborative_place", "collaborative_score")}
+    if config.collaborative_folds:  # the training records read the fold models: another table (the key of a run without stays as it was)
+        collaborative["collaborative_folds_sha256"] = config.collaborative_folds_sha256
     precision = head_precision_key(causal_lm_parts(model)[1], model_dtype(config.bf16))
     key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, precision, collaborative if config.collaborative else None)
     paths = [Path(config.sft) / REFERENCE_CACHE / f"{key}.safetensors", Path(config.output_dir) / f"reference-{name}.safetensors"]
@@ -248,7 +251,7 @@ def run_align(config: AlignConfig) -> Path:
     set_unknown_rate(model, config.collaborative_unknown_rate)
     if not config.train_projector:
         freeze_projectors(model)
-    prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, source)
+    prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, cross_fitted(config, source, train))
     out = Path(config.output_dir)
     start_run(config, resume_from)
 

@@ -28,6 +28,7 @@ from sdpo.lm.soft_tokens import set_unknown_rate
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
     check_catalogue,
+    cross_fitted,
     freeze_projectors,
     load_collaborative,
     record_collaborative,
@@ -72,6 +73,11 @@ class ModelArguments:
     collaborative_unknown_rate: float = field(default=0.0, metadata={
         "help": "in training, the share of known titles that read the learned unknown vector instead of their own, so that "
                 "vector learns what a title the collaborative model never saw should read (0: it never trains)"})
+    collaborative_folds: bool | None = field(default=False, metadata={
+        "help": "out-of-fold signals: each training window reads the fold model that never saw its user (sdpo baseline --folds K); "
+                "val, test and recommend read the model trained on all training users"})
+    collaborative_folds_sha256: list[str] | None = field(default=None, metadata={
+        "help": "the fold models' fingerprints; recorded from --collaborative (others are refused)"})
     train_projector: bool = field(default=True, metadata={"help": "train the projectors of the collaborative tokens (else keep them as they are)"})
     projector_learning_rate: float | None = field(default=None, metadata={"help": "the projectors' learning rate (default: the learning rate)"})
     adapter_dtype: str = field(default="fp32", metadata={
@@ -95,6 +101,8 @@ class ModelArguments:
             raise ValueError(f"--collaborative_unknown_rate must be in [0, 1), got {self.collaborative_unknown_rate}")
         if self.collaborative_unknown_rate and not self.collaborative and not getattr(self, "sft", ""):  # align: inherited later
             raise ValueError("--collaborative_unknown_rate trains the unknown vector of collaborative tokens: give --collaborative DIR too")
+        if self.collaborative_folds and not self.collaborative and not getattr(self, "sft", ""):
+            raise ValueError("--collaborative_folds reads the fold models of a collaborative model: give --collaborative DIR too")
         if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
             raise ValueError(f"--projector_learning_rate must be above 0, got {self.projector_learning_rate}")
         if not 0 <= self.lora_dropout < 1:
@@ -243,7 +251,7 @@ def run_sft(config: SFTConfig) -> Path:
     set_unknown_rate(model, config.collaborative_unknown_rate)
     if not config.train_projector:
         freeze_projectors(model)
-    prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, source)
+    prompts = run_prompts(tokenizer, config.domain, config.prompt_seed, config, cross_fitted(config, source, train))
     eval_dataset = None
     if config.eval_strategy != "no":
         val = load_split(config.data, "val", config.eval_limit, config.subset_seed)
