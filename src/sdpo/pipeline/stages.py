@@ -99,7 +99,7 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
     from sdpo.baselines.train import CHECKPOINT, BaselineConfig, run_baseline
     from sdpo.data.datasets import data_fingerprint
 
-    section = {k: v for k, v in plan.baselines.items() if k != "models"}
+    section = {k: v for k, v in plan.baselines.items() if k not in ("models", "ensemble", "ensemble_val_limit")}
     fingerprint = data_fingerprint(data_dir)
     rows = []
     for name, options in plan.baselines["models"]:
@@ -122,4 +122,6 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
                       "resume": resume, "overwrite": True, "compress_predictions": True}
             metrics = run_baseline(build_config(BaselineConfig, values, where=f"{plan.path}: baselines"))
         rows.append({**metrics, "stage": name, "protocol": "rank"})
-    return rows
+    from sdpo.pipeline.ensemble import run_ensemble
+
+    return rows + run_ensemble(plan, data_dir)
