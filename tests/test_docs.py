@@ -240,7 +240,10 @@ def parse_problem(parsed, expected: dict[str, bool], needed: dict[str, list[str]
         return f"read {wrong}"
     if parsed.rest:
         return f"left {parsed.rest} over"
-    lost = [name for name in needed if str(parsed.values.get(name)) != "x"]
+    def read(value):  # a variadic argument (report's runs) reads its one placeholder as a list of one
+        return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+    lost = [name for name in needed if str(read(parsed.values.get(name))) != "x"]
     return f"lost the value of {lost}" if lost else None
 
 

@@ -76,10 +76,13 @@ def report_cmd(
     config: Path | None = typer.Option(None, help="for a records CSV: the pipeline config that produced it "
                                                      "(stage relations, for the paired comparisons and HR@1 against K)"),
     data: Path | None = typer.Option(None, help="for a records CSV without a user column: the prepared dataset "
-                                                   "folder, for intervals over users"),
+                                                   "folder, for intervals over users (and for --slices)"),
+    slices: bool = typer.Option(False, "--slices", help="HR@1 on cold and warm targets and short histories, with paired "
+                                                         "differences against --versus"),
+    versus: str | None = typer.Option(None, help="--slices: the stage every row is compared with (default: ensemble, else sasrec)"),
 ) -> None:
     """Tables with 95% intervals, paired comparisons, per-record CSVs and plots from pipeline runs (or their records CSVs)."""
     from sdpo.report import write_report
 
-    for path in write_report(runs, out, config, data):
+    for path in write_report(runs, out, config, data, slices, versus):
         typer.echo(f"wrote {path}")

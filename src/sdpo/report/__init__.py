@@ -19,6 +19,8 @@ For every pipeline output folder given (``sdpo pipeline`` writes ``results.json`
   text), one row per (record id, stage, protocol) with the target's ``rank`` (rank protocols)
   or ``hit``/``valid`` (generate), and the record's ``user`` where users repeat: the input of
   every number in the tables;
+- with ``--slices``: HR@1 on cold targets, warm targets and short histories, with intervals over
+  records and users, and paired differences against one stage (`sdpo.report.slices`);
 - plots (PNG): training curves (loss, rewards, reward accuracy, chosen log-prob against step),
   validation HR@1 against step where it was logged, HR@1 per stage with intervals, HR@1 against K.
 
@@ -35,25 +37,46 @@ from pathlib import Path
 
 from sdpo.errors import UserError
 from sdpo.io import write_text_atomic
-from sdpo.report.loading import load_run
+from sdpo.report.loading import evaluated_ids, load_run, run_data
 from sdpo.report.plots import plot_hr_vs_k, plot_stage_hr, plot_training_curves, plot_val_hr
+from sdpo.report.slices import default_versus, slice_ids, slice_tables
 from sdpo.report.records import is_records_table, load_records_table, write_records_csv
 from sdpo.report.tables import comparison_table, comparisons, summary_table, wide_table
 
 __all__ = ["comparisons", "load_records_table", "load_run", "write_report"]
 
 
+def _run_slices(run, config: str | Path | None, data: str | Path | None) -> dict[str, set[str]]:
+    """The slices of the run's evaluated records, from the prepared data it evaluated (its own, or `data`)."""
+    from sdpo.config import read_yaml
+    from sdpo.data.datasets import load_split
+
+    found = run_data(run.folder) if run.table is None else None
+    if found is None and data is not None:
+        found = (Path(data), ((read_yaml(config) if config else {}).get("evaluate") or {}).get("split", "test"))
+    if found is None:
+        raise UserError(f"report --slices: the prepared data {run.name} evaluated is not here; give it with --data DIR.")
+    evaluated = evaluated_ids(run)
+    records = [r for r in load_split(*found) if r.id in evaluated]
+    if len(records) != len(evaluated):
+        raise UserError(f"report --slices: {len(evaluated) - len(records)} evaluated record(s) of {run.name} are not in "
+                        f"{found[0]} ({found[1]}); give the prepared data the run evaluated with --data DIR.")
+    return slice_ids(records, load_split(found[0], "train"))
+
+
 def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path | None = None,
-                 data: str | Path | None = None) -> list[Path]:
+                 data: str | Path | None = None, slices: bool = False, versus: str | None = None) -> list[Path]:
     """Write results.md, one CSV per run and the plots into `out`; returns the files written.
 
     Each of `run_dirs` is a pipeline output folder or a records CSV (`load_records_table`, which
-    reads `config` and `data`).
+    reads `config` and `data`). With `slices`, each run's rank rows are also split into cold and warm
+    targets and short histories (`sdpo.report.slices`), compared with `versus` (default: the ensemble, else SASRec).
     """
     if not run_dirs:
         raise UserError("report: give at least one pipeline output folder.")
     # every input is checked before anything is written
     runs = [load_records_table(source, config, data) if is_records_table(source) else load_run(source) for source in run_dirs]
+    sliced = {run.name: _run_slices(run, config, data) for run in runs} if slices else {}
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise UserError(f"report: run folders must have distinct names, got {names}.")
@@ -74,6 +97,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
                          "to read.", ""]
         rows = comparisons(run)
         sections += [wide_table(run), ""] + ([comparison_table(run, rows), ""] if rows else [])
+        if slices:
+            sections += [slice_tables(run, sliced[run.name], versus or default_versus(run)), ""]
         plots = [(out / f"{run.name}-hr1.png", lambda p, r=run: plot_stage_hr(r, p) or True),
                  (out / f"{run.name}-training.png", lambda p, r=run: plot_training_curves(r, p)),
                  (out / f"{run.name}-val-hr1.png", lambda p, r=run: plot_val_hr(r, p)),

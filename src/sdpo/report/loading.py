@@ -84,14 +84,9 @@ def generate_result(stage: str, rows: list[dict[str, Any]]) -> Result:
     return Result(stage, "generate", values, records)
 
 
-def _record_users(folder: Path) -> dict[str, str] | None:
-    """Record id -> user over the split the run evaluated, if every record of it names a user.
-
-    The split is the one an evaluation's (or a baseline's) metrics.json names, read from the data
-    folder it names or from the run's own ``data``; None when neither is here.
-    """
-    from sdpo.data.datasets import load_split
-
+def run_data(folder: Path) -> tuple[Path, str] | None:
+    """(the prepared data folder, the split) a run evaluated: named by an evaluation's (or a baseline's) metrics.json, read
+    from the data folder it names or from the run's own ``data``; None when neither is here."""
     for metrics_path in sorted(folder.glob("eval/*/metrics.json")) + sorted(folder.glob("baselines/*/metrics.json")):
         try:
             info = json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -100,9 +95,19 @@ def _record_users(folder: Path) -> dict[str, str] | None:
         split = info.get("split")
         for data in (info.get("data"), folder / "data"):
             if split and data and (Path(data) / f"{split}.jsonl").is_file():
-                users = {r.id: r.user for r in load_split(data, split)}
-                return None if None in users.values() else users
+                return Path(data), split
     return None
+
+
+def _record_users(folder: Path) -> dict[str, str] | None:
+    """Record id -> user of the split the run evaluated, or None where the data is not here or has no users."""
+    from sdpo.data.datasets import load_split
+
+    found = run_data(folder)
+    if found is None:
+        return None
+    users = {r.id: r.user for r in load_split(*found)}
+    return None if None in users.values() else users
 
 
 def load_run(folder: str | Path) -> Run:
