@@ -65,7 +65,7 @@ def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path
     launch(1, *align, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "sdpo-1")
     launch(2, *align, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sdpo-2")
     assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")
-    for one, two in zip(train_logs(tmp_path / "sdpo-1"), train_logs(tmp_path / "sdpo-2")):
+    for one, two in zip(train_logs(tmp_path / "sdpo-1"), train_logs(tmp_path / "sdpo-2"), strict=True):
         assert one["dynamicpo/selected"] == pytest.approx(two["dynamicpo/selected"], abs=1e-6)
         assert one["dynamicpo/beta"] == pytest.approx(two["dynamicpo/beta"], abs=1e-5)
     # the reference table was computed once, by the first run; the second read it from the SFT run's cache
@@ -88,7 +88,7 @@ def test_two_processes_match_one_with_collaborative_tokens(small_data, sasrec_di
     launch(2, *align, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "sdpo-2")
     assert_same_run(tmp_path / "sdpo-1", tmp_path / "sdpo-2")
     # the SFT term is in the loss, and every logged term is the whole batch's, not the main process's half
-    for one, two in zip(train_logs(tmp_path / "sdpo-1"), train_logs(tmp_path / "sdpo-2")):
+    for one, two in zip(train_logs(tmp_path / "sdpo-1"), train_logs(tmp_path / "sdpo-2"), strict=True):
         assert one["loss"] == pytest.approx(one["loss/preference"] + 0.5 * one["loss/sft"], abs=1e-4)
         for key in ("loss/preference", "loss/sft", "rewards/margins", "logps/chosen"):
             assert one[key] == pytest.approx(two[key], abs=1e-5), key

@@ -45,11 +45,12 @@ def test_a_pipeline_ensemble_needs_two_models_with_vectors(tmp_path):
         read_pipeline(path)
 
 
-def test_a_pipeline_adds_the_ensemble_row_and_reuses_it(small_data, tmp_path):
+def test_a_pipeline_adds_the_ensemble_row_and_the_stack_and_reuses_them(small_data, tmp_path):
     from tests.helpers import sdpo
 
     config = {"data": {"path": str(small_data)}, "evaluate": {"split": "test", "protocols": []},
-              "baselines": {"models": ["sasrec", "gru4rec"], "ensemble": True, "l2": "1e-4", "max_epochs": 1, "max_len": 6}}
+              "baselines": {"models": ["sasrec", "gru4rec"], "ensemble": True, "stack": True, "l2": "1e-4", "max_epochs": 1,
+                            "max_len": 6}}
     (tmp_path / "e.yaml").write_text(yaml.safe_dump(config))
     result = sdpo("pipeline", "e.yaml", "--output_dir", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,6 +62,7 @@ def test_a_pipeline_adds_the_ensemble_row_and_reuses_it(small_data, tmp_path):
     assert [row["hr@1"] for row in ensemble["val_tried"] if row["weights"] == list(ensemble["weights"].values())] == [best]
     again = sdpo("pipeline", "e.yaml", "--output_dir", "out", cwd=tmp_path)
     assert again.returncode == 0 and "reusing out/baselines/ensemble" in again.stdout
+    assert (tmp_path / "out" / "baselines" / "stack" / "stack.json").is_file() and "reusing out/baselines/stack" in again.stdout
     report = sdpo("report", "out", "--out", "report", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| ensemble | rank |" in (tmp_path / "report" / "results.md").read_text()

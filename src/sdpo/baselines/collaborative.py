@@ -90,9 +90,12 @@ class CollaborativeModel:
         """
         from safetensors.torch import load_file
 
+        from sdpo.baselines.stack import StackedCollaborative, is_stack
         from sdpo.baselines.train import BaselineConfig, build_model
 
         folder = Path(folder)
+        if is_stack(folder):  # several models side by side (sdpo stack): read where one model is
+            return StackedCollaborative.load(folder, sha256)
         missing = [name for name in FILES if not (folder / name).is_file()]
         if missing:
             raise UserError(f"{folder}: not a trained {role} ({', '.join(missing)} missing). Give the output folder "
@@ -124,6 +127,10 @@ class CollaborativeModel:
     @property
     def dim(self) -> int:
         return self.model.item_embedding.embedding_dim
+
+    def files(self) -> list[Path]:
+        """The model's files, relative to its folder (what an export or an import copies)."""
+        return [Path(name) for name in FILES]
 
     def describe(self) -> dict[str, Any]:
         """What a run records of the model it read."""

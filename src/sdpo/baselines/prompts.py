@@ -10,14 +10,15 @@ soft tokens (`sdpo.lm.soft_tokens.SOFT_KEYS`):
 - ``soft_vectors`` [B, S, D]: the item vector of each history and candidate title, then the user state;
 - ``soft_user`` [B, S]: True at the user slot; ``soft_known`` [B, S]: False where a title has no id;
 - ``soft_scores`` [B, S] (with the score feature): the model's score of the slot's item, the dot product
-  of the user state and its vector, minus the record's best score of a known candidate (0 for the model's top pick).
+  of the user state and its vector, minus the record's best score of a known candidate (0 for the model's top pick);
+  ``soft_scores`` [B, S, M] for a stack of M models (`sdpo.baselines.stack`), each member's own.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sdpo.baselines.collaborative import CollaborativeModel
+from sdpo.baselines.collaborative import CollaborativeBatch, CollaborativeModel
 from sdpo.data.collaborative_prompts import collaborative_prompt_ids, placeholder_token
 from sdpo.data.records import Record
 
@@ -56,8 +57,28 @@ class CollaborativePrompts:
             known[b, :n] = torch.cat([batch.history_known[b, start:], batch.candidate_known[b, :n_candidates], torch.ones(1, dtype=torch.bool)])
         inputs = {"soft_positions": positions, "soft_vectors": vectors, "soft_user": is_user, "soft_known": known}
         if self.score:
-            best = batch.scores.masked_fill(~batch.candidate_known, float("-inf")).max(dim=-1).values  # [B], over known candidates
-            best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-            scores = torch.einsum("bd,bsd->bs", batch.user, vectors) - best[:, None]
-            inputs["soft_scores"] = scores.masked_fill(is_user | (positions < 0), 0.0)
+            segments = getattr(self.model, "segments", None)
+            inputs["soft_scores"] = (self._scores(batch, vectors) if segments is None else
+                                     torch.stack([self._scores(part, part_vectors) for part, part_vectors in _members(batch, vectors, segments)],
+                                                 dim=-1))  # a stack: [B, S, M], one score per member
+            unused = is_user | (positions < 0)
+            inputs["soft_scores"] = inputs["soft_scores"].masked_fill(unused if segments is None else unused[..., None], 0.0)
         return inputs
+
+    @staticmethod
+    def _scores(batch: CollaborativeBatch, vectors: torch.Tensor) -> torch.Tensor:
+        """[B, S]: each slot's score (user state . vector) minus the record's best score of a known candidate."""
+        best = batch.scores.masked_fill(~batch.candidate_known, float("-inf")).max(dim=-1).values  # [B], over known candidates
+        best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+        return torch.einsum("bd,bsd->bs", batch.user, vectors) - best[:, None]
+
+
+def _members(batch: CollaborativeBatch, vectors: torch.Tensor, segments: list[int]):
+    """A stack's batch and slot vectors [B, S, sum D] cut into its members' ([B, S, D_m] each, their scores [B, C])."""
+    start = 0
+    for m, width in enumerate(segments):
+        part = CollaborativeBatch(user=batch.user[..., start:start + width], history=batch.history[..., start:start + width],
+                                  history_known=batch.history_known, candidates=batch.candidates[..., start:start + width],
+                                  candidate_known=batch.candidate_known, scores=batch.scores[..., m])
+        yield part, vectors[..., start:start + width]
+        start += width

@@ -37,6 +37,17 @@ def baseline(ctx: typer.Context, config: Path | None = CONFIG_ARGUMENT) -> None:
     typer.echo(f"{metrics['model']} on {metrics['n_records']} {metrics['split']} records: {shown}")
 
 
+@app.command("stack")
+def stack(
+    models: list[Path] = typer.Argument(..., help="trained sdpo baseline folders (sasrec, gru4rec, caser) of one prepared dataset"),
+    output_dir: Path = typer.Option(..., "--output_dir", "--output-dir", help="the new stack folder"),
+) -> None:
+    """Several ID models as one collaborative model (--collaborative STACK): each title carries all their vectors and scores."""
+    from sdpo.baselines.stack import make_stack
+
+    typer.echo(f"stack: {make_stack(models, output_dir)}")
+
+
 @app.command("export")
 def export_cmd(
     run: Path = typer.Argument(..., help="run folder of sdpo sft or sdpo align"),

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 # Soft-token inputs of a batch: positions [B, S] (-1: unused slot), raw vectors [B, S, D], whether a slot is the
-# user token [B, S], whether its item has a vector [B, S], and the collaborative score of its item [B, S] (optional).
+# user token [B, S], whether its item has a vector [B, S], and the collaborative score of its item [B, S] (optional;
+# [B, S, M] for a stack of M models).
 SOFT_KEYS = ("soft_positions", "soft_vectors", "soft_user", "soft_known", "soft_scores")
 MODULE = "collaborative_tokens"
 
@@ -74,11 +75,13 @@ def embed_with_soft_tokens(model, input_ids: torch.Tensor, positions: torch.Tens
 
 @dataclass(frozen=True)
 class SoftTokenSpec:
-    """The shape of a run's projectors: the collaborative model's vector size and whether items carry their score."""
+    """The shape of a run's projectors: the collaborative model's vector size, whether items carry their score, and how many
+    scores (one per model of a stack, `sdpo.baselines.stack`)."""
 
     dim: int
     score_feature: bool = False
     seed: int = 0  # the projectors' initial weights are a function of it: the untrained reference is reproducible
+    scores: int = 1
 
 
 class CollaborativeTokens(nn.Module):
@@ -90,16 +93,16 @@ class CollaborativeTokens(nn.Module):
         self.unknown_rate = 0.0  # in train mode, the share of known items that read the unknown vector instead
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            self.items = Projector(spec.dim + int(spec.score_feature), hidden_size, norm)
+            self.items = Projector(spec.dim + spec.scores * int(spec.score_feature), hidden_size, norm)
             self.user = Projector(spec.dim, hidden_size, norm)
 
     def forward(self, vectors: torch.Tensor, is_user: torch.Tensor, known: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        """`vectors` [B, S, D], `is_user` and `known` [B, S] bool, `scores` [B, S] (with the score feature) -> [B, S, H]."""
+        """`vectors` [B, S, D], `is_user` and `known` [B, S] bool, `scores` [B, S] or [B, S, M] (with the score feature) -> [B, S, H]."""
         items = vectors
         if self.score_feature:
             if scores is None:
                 raise ValueError("these projectors read each item's collaborative score; the batch has none")
-            items = torch.cat([vectors, scores[..., None].to(vectors.dtype)], dim=-1)
+            items = torch.cat([vectors, (scores[..., None] if scores.dim() == 2 else scores).to(vectors.dtype)], dim=-1)
         if self.training and self.unknown_rate > 0:
             known = known & (torch.rand(known.shape, device=known.device) >= self.unknown_rate)
         return torch.where(is_user[..., None], self.user(vectors), self.items(items, known))

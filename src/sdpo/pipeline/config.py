@@ -15,7 +15,7 @@ SHARED_KEYS = ("domain", "prompt_seed", "subset_seed", "bf16")  # set once, at t
 PIPELINE_KEYS = {"output_dir", "model", "seed", "data", "sft", "align", "baselines", "evaluate", "fusion", *SHARED_KEYS}
 FUSION_KEYS = {"collaborative", "stages", "val_limit"}
 EVALUATE_KEYS = {"split", "limit", "protocols", "batch_size", "score", "stages", "generate_stages", "trunk_cache"}
-RESERVED_NAMES = ("zero-shot", "data", "eval", "baselines", "runs", "reference-cache", "trunk-cache", "ensemble")  # and checkpoint-N
+RESERVED_NAMES = ("zero-shot", "data", "eval", "baselines", "runs", "reference-cache", "trunk-cache", "ensemble", "stack")  # and checkpoint-N
 
 
 @dataclass
@@ -80,9 +80,10 @@ def read_pipeline(path: str | Path, output_dir: str | Path | None = None) -> Pip
     if baselines is not None:
         baselines["models"] = baseline_models(baselines.get("models", ["popularity", "sasrec"]), path)
         vectors = [name for name, _ in baselines["models"] if name != "popularity"]
-        if baselines.get("ensemble") and len(vectors) < 2:
-            raise UserError(f"{path}: baselines.ensemble sums the scores of two or more of sasrec, gru4rec and caser; "
-                            f"baselines.models has {', '.join(vectors) or 'none'}.")
+        for key in ("ensemble", "stack"):
+            if baselines.get(key) and len(vectors) < 2:
+                raise UserError(f"{path}: baselines.{key} needs two or more of sasrec, gru4rec and caser; "
+                                f"baselines.models has {', '.join(vectors) or 'none'}.")
     fusion = fusion_section(config, path, evaluate.get("stages", labels), evaluate.get("protocols", PROTOCOLS), baselines)
     out = Path(output_dir if output_dir is not None else config.get("output_dir", "runs/pipeline"))
     return Pipeline(path, out, str(config.get("model", "smollm2-135m")), seed, shared,

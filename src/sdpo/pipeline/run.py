@@ -104,9 +104,9 @@ def train_stages(plan: Pipeline, data_dir: Path) -> list[tuple[str, str | None, 
 
 
 def collaborative_folder(plan: Pipeline, options: dict[str, Any]) -> dict[str, Any]:
-    """A stage's options with ``collaborative: NAME`` (a model of the baselines section) as that baseline's folder."""
+    """A stage's options with ``collaborative: NAME`` (a model of the baselines section, or ``stack``) as that baseline's folder."""
     name = options.get("collaborative")
-    if plan.baselines is not None and name in [model for model, _ in plan.baselines["models"]]:
+    if plan.baselines is not None and (name in [model for model, _ in plan.baselines["models"]] or (name == "stack" and plan.baselines.get("stack"))):
         return {**options, "collaborative": str(plan.out / "baselines" / name)}
     return options
 

@@ -51,7 +51,6 @@ def import_stage(name: str, source: str | Path, out: Path, start: Path | None = 
     """
     import yaml
 
-    from sdpo.baselines.collaborative import FILES
     from sdpo.lm.adapters import ADAPTER_WEIGHTS, adapter_sha256, check_adapter_folder
     from sdpo.training.collaborative import load_collaborative
     from sdpo.training.export import EXPORTED_FROM, EXPORTED_SHA256
@@ -84,8 +83,8 @@ def import_stage(name: str, source: str | Path, out: Path, start: Path | None = 
             if item.is_file() and item.name != CONFIG_FILE:
                 shutil.copy2(item, staging / item.name)
         if collaborative is not None:
-            (staging / "collaborative").mkdir()
-            for file in FILES:
+            for file in collaborative.files():  # a stack's members lie in subfolders
+                (staging / "collaborative" / file).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(collaborative.folder / file, staging / "collaborative" / file)
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
 
@@ -99,7 +98,7 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
     from sdpo.baselines.train import CHECKPOINT, BaselineConfig, run_baseline
     from sdpo.data.datasets import data_fingerprint
 
-    section = {k: v for k, v in plan.baselines.items() if k not in ("models", "ensemble", "ensemble_val_limit")}
+    section = {k: v for k, v in plan.baselines.items() if k not in ("models", "ensemble", "ensemble_val_limit", "stack")}
     fingerprint = data_fingerprint(data_dir)
     rows = []
     for name, options in plan.baselines["models"]:
@@ -124,4 +123,25 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
         rows.append({**metrics, "stage": name, "protocol": "rank"})
     from sdpo.pipeline.ensemble import run_ensemble
 
+    if plan.baselines.get("stack"):
+        stack_baselines(plan)
     return rows + run_ensemble(plan, data_dir)
+
+
+def stack_baselines(plan: Pipeline) -> Path:
+    """OUTPUT/baselines/stack: the baselines with item vectors side by side (`sdpo.baselines.stack`), made again if they changed."""
+    import shutil
+
+    from sdpo.baselines.collaborative import CollaborativeModel
+    from sdpo.baselines.stack import is_stack, make_stack
+
+    members = [plan.out / "baselines" / name for name, _ in plan.baselines["models"] if name != "popularity"]
+    target = plan.out / "baselines" / "stack"
+    if is_stack(target):
+        made = CollaborativeModel.load(target)
+        if [m.sha256 for m in made.members] == [CollaborativeModel.load(folder).sha256 for folder in members]:
+            print(f"[baseline] reusing {target}")
+            return target
+        shutil.rmtree(target)
+    print(f"[baseline] stack of {', '.join(folder.name for folder in members)}")
+    return make_stack(members, target)

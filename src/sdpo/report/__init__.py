@@ -39,8 +39,8 @@ from sdpo.errors import UserError
 from sdpo.io import write_text_atomic
 from sdpo.report.loading import evaluated_ids, load_run, run_data
 from sdpo.report.plots import plot_hr_vs_k, plot_stage_hr, plot_training_curves, plot_val_hr
-from sdpo.report.slices import default_versus, slice_ids, slice_tables
 from sdpo.report.records import is_records_table, load_records_table, write_records_csv
+from sdpo.report.slices import default_versus, slice_ids, slice_tables
 from sdpo.report.tables import comparison_table, comparisons, summary_table, wide_table
 
 __all__ = ["comparisons", "load_records_table", "load_run", "write_report"]

@@ -46,7 +46,8 @@ class AlignConfig(SFTConfig):
     negatives: int = field(default=3, metadata={"help": "K, negatives per record (1..19)"})
     negative_sampling: str = field(default="random", metadata={"help": "random (drawn once), resample (each epoch) or hard"})
     beta: float = field(default=1.0, metadata={"help": "reward temperature"})
-    sft_weight: float = field(default=0.0, metadata={"help": "alpha: adds alpha times the positive's per-token NLL to the preference loss, as RPO does (0: the paper's loss)"})
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "alpha: adds alpha times the positive's per-token NLL to the preference loss, as RPO does (0: the paper's loss)"})
     boundary_negatives: bool = field(default=False, metadata={
         "help": "DynamicPO: each step trains on the negatives the policy scores at or above the positive (none: the top k-means cluster)"})
     dynamic_beta: bool = field(default=False, metadata={

@@ -48,7 +48,9 @@ def load_collaborative(settings: Any) -> CollaborativeModel | None:
 
 def soft_token_spec(settings: Any, source: CollaborativeModel | None) -> SoftTokenSpec | None:
     """The shape of the run's projectors (None without collaborative tokens)."""
-    return None if source is None else SoftTokenSpec(source.dim, bool(_get(settings, "collaborative_score")))
+    if source is None:
+        return None
+    return SoftTokenSpec(source.dim, bool(_get(settings, "collaborative_score")), scores=len(getattr(source, "segments", None) or [source.dim]))
 
 
 def run_prompts(tokenizer, domain: str, seed: int, settings: Any, source: CollaborativeModel | None):

@@ -58,20 +58,21 @@ def export_adapter(run_dir: str | Path, out: str | Path, reference: str | Path |
         if (run_dir / "log.jsonl").is_file():
             shutil.copy2(run_dir / "log.jsonl", staging / "log.jsonl")
         if collaborative:
-            (staging / COLLABORATIVE_DIR).mkdir()
-            for file in collaborative:
-                shutil.copy2(file, staging / COLLABORATIVE_DIR / file.name)
+            folder, files = collaborative
+            for file in files:  # a stack's members lie in subfolders
+                (staging / COLLABORATIVE_DIR / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(folder / file, staging / COLLABORATIVE_DIR / file)
 
     return write_folder_atomic(out, fill)
 
 
-def _collaborative_files(run_dir: Path, config: dict) -> list[Path]:
-    """The files of the run's collaborative model (none for a text-only run), checked against the SHA-256 it recorded."""
-    from sdpo.baselines.collaborative import FILES
+def _collaborative_files(run_dir: Path, config: dict) -> tuple[Path, list[Path]] | None:
+    """The run's collaborative model folder and its files relative to it (None for a text-only run), checked against the
+    SHA-256 it recorded."""
     from sdpo.training.collaborative import load_collaborative
 
     source = load_collaborative(config)
-    return [] if source is None else [source.folder / name for name in FILES]
+    return None if source is None else (Path(source.folder), source.files())
 
 
 def _checked_reference(run_dir: Path, config: dict, reference: str | Path | None) -> Path:

@@ -49,8 +49,8 @@ from sdpo.training.collaborative import (
     run_prompts,
     soft_token_spec,
 )
-from sdpo.training.logs import LOG_FILE, JsonlLogger
 from sdpo.training.dynamic_po import boundary_negatives, dual_margin_beta
+from sdpo.training.logs import LOG_FILE, JsonlLogger
 from sdpo.training.losses import chosen_nll, mean_dpo_loss, softmax_dpo_loss
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
@@ -182,7 +182,7 @@ class PreferenceTrainer(ProjectorLearningRate, Trainer):
         if self._stored[split]:  # every process logs at the same steps with the same keys: the mean over all of them
             keys = sorted(self._stored[split])
             means = torch.tensor([sum(self._stored[split][k]) / len(self._stored[split][k]) for k in keys], device=self.args.device)
-            for key, value in zip(keys, self.accelerator.reduce(means, "mean").tolist()):
+            for key, value in zip(keys, self.accelerator.reduce(means, "mean").tolist(), strict=True):
                 logs[prefix + key] = value
         self._stored[split].clear()
         super().log(logs, start_time)
