@@ -203,7 +203,7 @@ def test_a_pipeline_trains_its_sasrec_first_reads_it_in_the_lm_stages_and_fuses(
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     assert "collaborative: baselines/sasrec" in (out / "sft" / "sdpo_config.yaml").read_text()  # relative to the study folder
-    assert "no trunk cache (collaborative tokens)" in result.stdout and not (out / "eval" / "trunk-cache").exists()
+    assert "no trunk cache (collaborative tokens at the input)" in result.stdout and not (out / "eval" / "trunk-cache").exists()
     rows = {(row["stage"], row["protocol"]): row for row in json.loads((out / "results.json").read_text())}
     fusion = rows["fusion-s-dpo", "rank"]
     assert fusion["weight"] in WEIGHTS and fusion["lm_score"] == "reward" and len(fusion["val_tried"]) == len(WEIGHTS)

@@ -21,7 +21,7 @@ from sdpo.evaluation.stats import bootstrap_cis
 from sdpo.lm.decoder import causal_lm_parts
 from sdpo.lm.head import fp32_head
 from sdpo.lm.precision import compute_context
-from sdpo.lm.soft_tokens import embed_with_soft_tokens, packed_soft_tokens
+from sdpo.lm.soft_tokens import embed_with_soft_tokens, injected_at, injection_layer, packed_soft_tokens
 
 if TYPE_CHECKING:
     from sdpo.lm.trunk import TrunkCache
@@ -80,23 +80,29 @@ def _generate_batch(model, tokenizer, prompts, batch: list[Record], prompt_ids: 
                "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     soft_inputs = prompts.soft_inputs(batch, prompt_ids)
     lm_head = model.get_output_embeddings()
+    layer = injection_layer(model) if soft_inputs else 0
     with compute_context(lm_head.weight), fp32_head(lm_head):
-        if soft_inputs:
-            options["inputs_embeds"] = _left_padded_embeds(model, input_ids, soft_inputs, [width - len(p) for p in prompt_ids])
+        if soft_inputs and layer == 0:
+            decoder, _ = causal_lm_parts(model)
+            options["inputs_embeds"] = embed_with_soft_tokens(decoder, input_ids, *_left_padded_soft(model, input_ids, soft_inputs, width, prompt_ids))
             output = model.generate(**options)
+        elif soft_inputs:  # late injection: the prompt's pass gets its soft tokens at that layer, the layers below read text
+            decoder, _ = causal_lm_parts(model)
+            with injected_at(decoder.layers[layer], *_left_padded_soft(model, input_ids, soft_inputs, width, prompt_ids)):
+                output = trunk.generate(model, **options) if trunk is not None else model.generate(**options)
         else:
             output = trunk.generate(model, **options) if trunk is not None else model.generate(**options)
     return tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 
 
-def _left_padded_embeds(model, input_ids: torch.Tensor, soft_inputs: dict[str, torch.Tensor], shifts: list[int]) -> torch.Tensor:
-    """[B, L, H] input embeddings of left-padded prompts with their soft tokens in place (positions moved by each row's padding)."""
+def _left_padded_soft(model, input_ids: torch.Tensor, soft_inputs: dict[str, torch.Tensor], width: int,
+                      prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, S], soft tokens [B, S, H]) of left-padded prompts: each row's positions moved by its padding."""
     inputs = {k: v.to(input_ids.device) for k, v in soft_inputs.items()}
     positions = inputs["soft_positions"]
-    shift = torch.tensor(shifts, device=positions.device)[:, None]
+    shift = torch.tensor([width - len(p) for p in prompt_ids], device=positions.device)[:, None]
     inputs["soft_positions"] = torch.where(positions >= 0, positions + shift, positions)
-    decoder, _ = causal_lm_parts(model)
-    return embed_with_soft_tokens(decoder, input_ids, *packed_soft_tokens(model, inputs))
+    return packed_soft_tokens(model, inputs)
 
 
 def score_generations(records: list[Record], texts: list[str]) -> Evaluation:

@@ -54,10 +54,13 @@ def only_layers(decoder, start: int = 0, stop: int | None = None):
 
 @contextmanager
 def states_entering(layer):
-    """A list that collects the hidden states [B, L, H] of every call into `layer`, while in the block."""
+    """A list that collects the hidden states [B, L, H] of every call into `layer`, while in the block.
+
+    It sees them before any other pre-hook of the layer (soft tokens injected there, say): what enters from below.
+    """
     kept = []
     hook = layer.register_forward_pre_hook(lambda module, args, kwargs: kept.append(args[0] if args else kwargs["hidden_states"]),
-                                           with_kwargs=True)
+                                           with_kwargs=True, prepend=True)
     try:
         yield kept
     finally:

@@ -22,6 +22,7 @@ projection is paid for answer tokens only. SFT, preference training and ranking 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from sdpo.lm.decoder import causal_lm_parts, final_hidden_states
 from sdpo.lm.head import head_logits
 from sdpo.lm.precision import compute_context
-from sdpo.lm.soft_tokens import embed_with_soft_tokens, packed_soft_tokens
+from sdpo.lm.soft_tokens import embed_with_soft_tokens, injected_at, injection_layer, packed_soft_tokens
 
 if TYPE_CHECKING:
     from sdpo.lm.trunk import TrunkCache
@@ -161,12 +162,16 @@ def answer_logprobs(model, packed: dict[str, torch.Tensor], trunk: TrunkCache | 
         }
         if soft is None:
             soft = packed_soft_tokens(model, packed)
-        if soft is not None:
+        layer = injection_layer(model) if soft is not None else 0
+        if soft is not None and layer == 0:
             inputs["inputs_embeds"] = embed_with_soft_tokens(decoder, inputs.pop("input_ids"), *soft)
-        if trunk is None:
-            hidden = final_hidden_states(model, decoder, **inputs)  # [B, L, H]
-        else:
-            hidden = trunk.decoder_output(model, inputs, packed, soft)
+        with injected_at(decoder.layers[layer], *soft) if layer else nullcontext():  # late injection: the layers below read text
+            if trunk is None:
+                hidden = final_hidden_states(model, decoder, **inputs)  # [B, L, H]
+            else:
+                if layer and trunk.depth > layer:
+                    raise ValueError(f"a trunk of {trunk.depth} layers would skip the soft tokens, which enter layer {layer}")
+                hidden = trunk.decoder_output(model, inputs, packed, None if layer else soft)
         logits = head_logits(lm_head, hidden.reshape(batch * length, -1)[unique_source])  # [U, V], fp32
     log_norm = torch.logsumexp(logits, dim=-1)  # [U]
     token_logps = logits[inverse, packed["token_target"]] - log_norm[inverse]  # [N]

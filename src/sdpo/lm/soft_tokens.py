@@ -14,6 +14,11 @@ learned unknown vector. So that vector learns, training can hide a share of the 
 (``unknown_rate``, like dropout: in train mode only): they read the unknown vector as an unseen
 item would.
 
+By default soft tokens enter at the input. With late injection (``--collaborative_inject lora``) they
+enter the first decoder layer that has LoRA instead (`injected_at`): the prompt runs the frozen layers
+below as plain text (its placeholders as ordinary tokens), so those layers' states are the same for
+every stage and are computed once (`sdpo.lm.trunk`, `sdpo.training.trunk_states`).
+
 `CollaborativeTokens` holds the two projectors a run trains (items, and the user state) and is
 attached to the base model as its ``collaborative_tokens`` module (`attach_collaborative_tokens`);
 LoRA saves it beside the adapter (PEFT's ``modules_to_save``), so a checkpoint, a resumed run, a
@@ -24,6 +29,7 @@ projected by the model's active copy in `packed_soft_tokens`; the scoring kernel
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +88,7 @@ class SoftTokenSpec:
     score_feature: bool = False
     seed: int = 0  # the projectors' initial weights are a function of it: the untrained reference is reproducible
     scores: int = 1
+    layer: int = 0  # the decoder layer the soft tokens enter: 0 at the input, or the first layer with LoRA (late injection)
 
 
 class CollaborativeTokens(nn.Module):
@@ -90,6 +97,7 @@ class CollaborativeTokens(nn.Module):
     def __init__(self, spec: SoftTokenSpec, hidden_size: int, norm: float):
         super().__init__()
         self.score_feature = spec.score_feature
+        self.layer = spec.layer  # 0: soft tokens replace input embeddings; L > 0: the states entering layer L (`injected_at`)
         self.unknown_rate = 0.0  # in train mode, the share of known items that read the unknown vector instead
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
@@ -141,3 +149,52 @@ def packed_soft_tokens(model, packed: dict[str, torch.Tensor]) -> tuple[torch.Te
         raise ValueError("the batch holds collaborative tokens, but the model has no projectors for them")
     vectors = tokens(packed["soft_vectors"], packed["soft_user"], packed["soft_known"], packed.get("soft_scores"))
     return packed["soft_positions"], vectors
+
+
+def injection_layer(model) -> int:
+    """The decoder layer the model's soft tokens enter (0: at the input; also for a model without them)."""
+    tokens = collaborative_tokens_of(model)
+    return 0 if tokens is None else tokens.layer
+
+
+def inject(hidden: torch.Tensor, positions: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """`hidden` [B, L, H] with row b's position ``positions[b, s]`` replaced by ``soft[b, s]`` scaled to the norm it replaces.
+
+    Late injection: the states entering a middle layer are far larger than token embeddings, so each
+    soft token takes the norm of the state it replaces (its direction is the projector's).
+    """
+    used = positions >= 0  # [B, S]
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+    replaced = hidden[rows[used], positions[used]]  # [U, H]
+    vectors = soft[used].to(hidden.dtype)
+    vectors = vectors * (replaced.norm(dim=-1, keepdim=True) / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    return hidden.index_put((rows[used], positions[used]), vectors)
+
+
+@contextmanager
+def injected_at(layer: nn.Module, positions: torch.Tensor, soft: torch.Tensor):
+    """While in the block, every call of `layer` over the whole prompt gets the soft tokens in its input states (`inject`).
+
+    A call over fewer positions than the prompt holds (a generation step, the prompt in the key-value cache) is left as it is.
+    """
+    needed = int(positions.max()) + 1 if positions.numel() else 0
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if needed == 0 or hidden.shape[1] < needed:
+            return None
+        hidden = inject(hidden, positions.to(hidden.device), soft.to(hidden.device))
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def set_injection_layer(model, layer: int) -> None:
+    """Make every copy of the model's projectors (PEFT keeps one per adapter) put its soft tokens into layer `layer`."""
+    for module in model.modules():
+        if isinstance(module, CollaborativeTokens):
+            module.layer = layer

@@ -122,6 +122,8 @@ def _check_trunk_cache_serves_collaborative(adapter, trained: dict[str, Any], pr
     kept them, and, where the SFT run froze them too, the base model's (the reward's reference). Generation from
     collaborative prompts runs every layer (the cache keeps text prompts' passes only).
     """
+    if trained.get("collaborative_layer"):  # late injection: the layers below the soft tokens read text, whatever the projectors
+        return
     if protocol != "rank":
         raise UserError("--trunk_cache: generating from collaborative prompts runs every layer (the cache keeps text prompts' "
                         "passes); use it with --protocol rank, or leave it out.")

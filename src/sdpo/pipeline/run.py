@@ -117,10 +117,12 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
     # the layers no evaluated adapter changes run once per batch for all stages (sdpo.lm.trunk)
     trunk_dir, trunk_depth = plan.out / "eval" / TRUNK_CACHE, None
     generated = plan.evaluate.get("generate_stages", evaluated)
-    collaborative = {label for label, a, _ in models if _reads_collaborative(a)}
+    # soft tokens that enter layer 0 through each stage's own projectors change every layer's states: no shared trunk;
+    # late ones (--collaborative_inject lora) leave the layers below them to text, which every stage shares
+    collaborative = {label for label, a, _ in models if _reads_collaborative(a, at_input=True)}
     adapters = [a for label, a, _ in models if label in evaluated and a and label not in collaborative]
-    if collaborative & set(evaluated):  # their soft tokens enter layer 0 through each stage's own projectors
-        print(f"[evaluate] {', '.join(sorted(collaborative & set(evaluated)))}: no trunk cache (collaborative tokens)")
+    if collaborative & set(evaluated):
+        print(f"[evaluate] {', '.join(sorted(collaborative & set(evaluated)))}: no trunk cache (collaborative tokens at the input)")
     if plan.evaluate.get("trunk_cache", True) and {"rank", "generate"} & set(plan.protocols):
         trunk_depth = shared_trunk_depth(adapters)
         print(f"[evaluate] layers 0-{trunk_depth - 1} are shared by every stage and computed once (trunk cache)" if trunk_depth
@@ -162,11 +164,15 @@ def evaluate_stages(plan: Pipeline, data_dir: Path, models) -> dict[tuple[str, s
     return results
 
 
-def _reads_collaborative(adapter: str | None) -> bool:
-    """Whether the run that wrote `adapter` reads collaborative tokens (then zero-shot's text prompts are not its reference)."""
+def _reads_collaborative(adapter: str | None, at_input: bool = False) -> bool:
+    """Whether the run that wrote `adapter` reads collaborative tokens (then zero-shot's text prompts are not its reference);
+    with `at_input`, only where they enter at the input (not late, at the first LoRA layer)."""
     from sdpo.training.runs import CONFIG_FILE, read_run_config
 
-    return adapter is not None and (Path(adapter) / CONFIG_FILE).is_file() and bool(read_run_config(adapter).get("collaborative"))
+    if adapter is None or not (Path(adapter) / CONFIG_FILE).is_file():
+        return False
+    settings = read_run_config(adapter)
+    return bool(settings.get("collaborative")) and not (at_input and settings.get("collaborative_layer"))
 
 
 def _remove_trunk_cache(folder: Path, why: str) -> None:

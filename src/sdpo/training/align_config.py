@@ -40,6 +40,7 @@ class AlignConfig(SFTConfig):
     collaborative: str = field(default="", metadata={"help": "the collaborative model; default: the SFT run's (another one is refused)"})
     collaborative_place: str | None = field(default=None, metadata={"help": "default: the SFT run's (another one is refused)"})
     collaborative_score: bool | None = field(default=None, metadata={"help": "default: the SFT run's (another one is refused)"})
+    collaborative_inject: str | None = field(default=None, metadata={"help": "default: the SFT run's (another one is refused)"})
     collaborative_folds: bool | None = field(default=None, metadata={
         "help": "out-of-fold signals for the training windows (sdpo baseline --folds K); default: as the SFT run read them"})
     loss: str = field(default="sdpo", metadata={"help": "sdpo (softmax over K negatives) or dpo (pairwise, averaged over K)"})

@@ -23,7 +23,8 @@ from sdpo.errors import UserError
 from sdpo.io import write_json
 from sdpo.lm.soft_tokens import SoftTokenSpec, collaborative_tokens_of
 
-SETTINGS = ("collaborative", "collaborative_sha256", "collaborative_place", "collaborative_score")
+SETTINGS = ("collaborative", "collaborative_sha256", "collaborative_place", "collaborative_score", "collaborative_inject",
+            "collaborative_layer")
 REPORT_FILE = "collaborative.json"
 
 
@@ -50,7 +51,8 @@ def soft_token_spec(settings: Any, source: CollaborativeModel | None) -> SoftTok
     """The shape of the run's projectors (None without collaborative tokens)."""
     if source is None:
         return None
-    return SoftTokenSpec(source.dim, bool(_get(settings, "collaborative_score")), scores=len(getattr(source, "segments", None) or [source.dim]))
+    return SoftTokenSpec(source.dim, bool(_get(settings, "collaborative_score")), scores=len(getattr(source, "segments", None) or [source.dim]),
+                         layer=_get(settings, "collaborative_layer") or 0)
 
 
 def run_prompts(tokenizer, domain: str, seed: int, settings: Any, source: CollaborativeModel | None):

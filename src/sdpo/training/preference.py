@@ -191,6 +191,8 @@ class PreferenceTrainer(ProjectorLearningRate, Trainer):
 def reference_table(model, tokenizer, records, config: AlignConfig, name: str, prompts=None) -> torch.Tensor:
     """[N, C] reference log-probs of `records`, from the shared cache in the SFT run folder when another run made them."""
     collaborative = {key: getattr(config, key) for key in ("collaborative_sha256", "collaborative_place", "collaborative_score")}
+    if config.collaborative_layer:  # late injection: other prompts' states (the key of a run at the input stays as it was)
+        collaborative["collaborative_layer"] = config.collaborative_layer
     if config.collaborative_folds:  # the training records read the fold models: another table (the key of a run without stays as it was)
         collaborative["collaborative_folds_sha256"] = config.collaborative_folds_sha256
     precision = head_precision_key(causal_lm_parts(model)[1], model_dtype(config.bf16))
@@ -211,9 +213,11 @@ def shared_trunks(model, tokenizer, prompts, config: AlignConfig, source, train_
     if not depth:
         raise UserError(f"--share_trunk shares the layers below the first LoRA layer; {config.sft} has LoRA on layer 0. "
                         "Train the SFT run with --lora_layers N.")
-    if source is not None and config.train_projector:
+    if source is not None and config.train_projector and not (config.collaborative_layer or 0) >= depth:
         raise UserError("--share_trunk: collaborative tokens enter at layer 0 through the projectors; freeze them "
-                        "(--no_train_projector) or leave --share_trunk out.")
+                        "(--no_train_projector), train the SFT run with --collaborative_inject lora, or leave --share_trunk out.")
+    if source is not None and 0 < (config.collaborative_layer or 0) < depth:
+        raise UserError(f"--share_trunk: the soft tokens enter layer {config.collaborative_layer}, below the first LoRA layer {depth}.")
     print(f"[align] layers 0-{depth - 1} are computed once per record (shared trunk)")
     trunks = {"train": RecordTrunk.compute(model, tokenizer, train_dataset.records, prompts, depth, config.per_device_eval_batch_size)}
     if eval_dataset is not None:

@@ -34,11 +34,12 @@ TRAINING_KEYS = (
     "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "sft", "sft_sha256", "loss", "negatives", "negative_sampling", "beta", "sft_weight", "boundary_negatives",
     "dynamic_beta", "dynamic_beta_margin", "reference",
-    "collaborative", "collaborative_place", "collaborative_score", "collaborative_unknown_rate", "collaborative_folds",
-    "collaborative_folds_sha256", "train_projector", "projector_learning_rate", "adapter_dtype",
-)
+    "collaborative", "collaborative_place", "collaborative_score", "collaborative_unknown_rate", "collaborative_inject",
+    "collaborative_folds", "train_projector", "projector_learning_rate", "adapter_dtype",
+)  # (collaborative_layer and collaborative_folds_sha256 are recorded from these, as collaborative_sha256 is)
 # Options an align run takes from its SFT run when left out: compared only where given.
-INHERITABLE = ("collaborative", "collaborative_place", "collaborative_score", "collaborative_folds", "collaborative_folds_sha256")
+INHERITABLE = ("collaborative", "collaborative_place", "collaborative_score", "collaborative_folds", "collaborative_folds_sha256",
+               "collaborative_inject", "collaborative_layer")
 PATH_KEYS = ("data", "sft", "collaborative", "output_dir")  # options that name a folder
 
 

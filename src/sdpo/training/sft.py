@@ -24,7 +24,7 @@ from sdpo.lm.adapters import WEIGHT_DTYPES, store_adapter_weights
 from sdpo.lm.models import LoraSettings, add_lora, load_model, quiet_peft
 from sdpo.lm.precision import model_dtype, resolve_bf16
 from sdpo.lm.scoring import answer_logprobs, pack_answers
-from sdpo.lm.soft_tokens import set_unknown_rate
+from sdpo.lm.soft_tokens import set_injection_layer, set_unknown_rate
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
     check_catalogue,
@@ -38,6 +38,7 @@ from sdpo.training.collaborative import (
 )
 from sdpo.training.logs import JsonlLogger
 from sdpo.training.runs import CONFIG_FILE, resume_point, start_run, write_run_config
+from sdpo.training.trunk_states import lora_depth
 
 __all__ = ["CONFIG_FILE", "ModelArguments", "SFTConfig", "run_sft"]
 
@@ -73,6 +74,10 @@ class ModelArguments:
     collaborative_unknown_rate: float = field(default=0.0, metadata={
         "help": "in training, the share of known titles that read the learned unknown vector instead of their own, so that "
                 "vector learns what a title the collaborative model never saw should read (0: it never trains)"})
+    collaborative_inject: str | None = field(default="input", metadata={
+        "help": "where the soft tokens enter: input (replacing token embeddings) or lora (the first layer with LoRA; the layers "
+                "below then read text and are shared by every stage: give --lora_layers N)"})
+    collaborative_layer: int | None = field(default=None, metadata={"help": "the layer the soft tokens enter; recorded from --collaborative_inject"})
     collaborative_folds: bool | None = field(default=False, metadata={
         "help": "out-of-fold signals: each training window reads the fold model that never saw its user (sdpo baseline --folds K); "
                 "val, test and recommend read the model trained on all training users"})
@@ -101,6 +106,11 @@ class ModelArguments:
             raise ValueError(f"--collaborative_unknown_rate must be in [0, 1), got {self.collaborative_unknown_rate}")
         if self.collaborative_unknown_rate and not self.collaborative and not getattr(self, "sft", ""):  # align: inherited later
             raise ValueError("--collaborative_unknown_rate trains the unknown vector of collaborative tokens: give --collaborative DIR too")
+        if self.collaborative_inject not in (None, "input", "lora"):
+            raise ValueError(f"--collaborative_inject must be input or lora, got {self.collaborative_inject!r}")
+        if self.collaborative_inject == "lora" and not getattr(self, "sft", "") and not (self.collaborative and self.lora_layers):
+            raise ValueError("--collaborative_inject lora puts the soft tokens into the first layer with LoRA: give --collaborative DIR "
+                             "and --lora_layers N (LoRA on the last N layers)")
         if self.collaborative_folds and not self.collaborative and not getattr(self, "sft", ""):
             raise ValueError("--collaborative_folds reads the fold models of a collaborative model: give --collaborative DIR too")
         if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
@@ -248,6 +258,9 @@ def run_sft(config: SFTConfig) -> Path:
     model, tokenizer = load_model(config.model, attn_implementation=config.attn_implementation, dtype=model_dtype(config.bf16),
                                   load_in_4bit=config.load_in_4bit, soft_tokens=soft_token_spec(config, source))
     model = add_lora(model, config.lora_settings())
+    if source is not None:  # the layer the soft tokens enter: the input, or the first layer with LoRA
+        config.collaborative_layer = lora_depth(model) if config.collaborative_inject == "lora" else 0
+        set_injection_layer(model, config.collaborative_layer)
     set_unknown_rate(model, config.collaborative_unknown_rate)
     if not config.train_projector:
         freeze_projectors(model)

@@ -24,7 +24,7 @@ from sdpo.data.records import Record
 from sdpo.lm.decoder import causal_lm_parts, final_hidden_states, only_layers, states_entering
 from sdpo.lm.precision import compute_context
 from sdpo.lm.scoring import attention_mask_for, pack_answers
-from sdpo.lm.soft_tokens import embed_with_soft_tokens, packed_soft_tokens
+from sdpo.lm.soft_tokens import embed_with_soft_tokens, injection_layer, packed_soft_tokens
 
 
 def lora_depth(model) -> int | None:
@@ -104,7 +104,7 @@ class RecordTrunk:
 def _model_inputs(model, decoder, packed: dict, dtype: torch.dtype) -> dict:
     inputs = {"attention_mask": attention_mask_for(decoder, packed["segment_ids"], dtype), "position_ids": packed["position_ids"]}
     soft = packed_soft_tokens(model, packed)
-    if soft is None:
+    if soft is None or injection_layer(model) > 0:  # late injection: the trunk below the soft tokens' layer reads text
         inputs["input_ids"] = packed["input_ids"]
     else:
         inputs["inputs_embeds"] = embed_with_soft_tokens(decoder, packed["input_ids"], *soft)
