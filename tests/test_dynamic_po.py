@@ -9,8 +9,8 @@ import torch
 
 from sdpo.config import build_config
 from sdpo.training.dynamic_po import boundary_negatives, dual_margin_beta, top_cluster
-from sdpo.training.losses import mean_dpo_loss, softmax_dpo_loss
-from sdpo.training.preference import LOG_FILE, AlignConfig, align_losses, run_align
+from sdpo.training.losses import align_losses, mean_dpo_loss, softmax_dpo_loss
+from sdpo.training.preference import LOG_FILE, AlignConfig, run_align
 from tests.test_preference import sft_run
 
 

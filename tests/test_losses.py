@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sdpo.training.losses import chosen_nll, dpo_loss, softmax_dpo_loss
-from sdpo.training.preference import align_losses
+from sdpo.training.losses import align_losses, chosen_nll, dpo_loss, softmax_dpo_loss
 
 
 def brute_force_sdpo(pc, pr, rc, rr, beta):

@@ -27,8 +27,8 @@ def stack_dir(small_data, sasrec_dir, tmp_path_factory):
 
 
 def test_a_stack_is_its_members_side_by_side(stack_dir, sasrec_dir, small_data):
-    stack = CollaborativeModel.load(stack_dir)
-    assert isinstance(stack, StackedCollaborative) and [m.name for m in stack.members] == ["sasrec", "gru4rec"]
+    stack = StackedCollaborative.load(stack_dir)
+    assert [m.name for m in stack.members] == ["sasrec", "gru4rec"]
     sasrec, gru4rec = stack.members
     assert stack.dim == sasrec.dim + 32 and stack.segments == [sasrec.dim, 32]
     records = load_split(small_data, "test", 3)
@@ -41,7 +41,7 @@ def test_a_stack_is_its_members_side_by_side(stack_dir, sasrec_dir, small_data):
 
 
 def test_each_member_scores_its_own_slot_in_the_prompts(stack_dir, small_data):
-    stack = CollaborativeModel.load(stack_dir)
+    stack = StackedCollaborative.load(stack_dir)
     tokenizer = load_tokenizer("tiny")
     records = load_split(small_data, "test", 2)
     together = CollaborativePrompts(tokenizer, "music", 0, stack, score=True)
@@ -58,7 +58,7 @@ def test_a_run_reads_a_stack_trains_on_it_and_exports_it(stack_dir, small_data, 
         "model": "tiny", "data": str(small_data), "output_dir": str(tmp_path / "sft"), "max_steps": 1, "train_limit": 4,
         "disable_tqdm": True, "collaborative": str(stack_dir), "collaborative_score": True, "bf16": False,
     }))
-    stack = CollaborativeModel.load(stack_dir)
+    stack = StackedCollaborative.load(stack_dir)
     recommender = Recommender.load(run, bf16=False)
     projector = recommender.model.get_base_model().collaborative_tokens.items.net[0]
     assert projector.in_features == stack.dim + 2  # the stacked vector and one score per member

@@ -20,7 +20,6 @@ recorded the older fingerprint, of the weights alone, still loads its model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -29,33 +28,14 @@ from typing import Any
 
 import torch
 
+from sdpo.baselines.fingerprint import WEIGHTS, model_sha256
 from sdpo.baselines.items import PAD, UNKNOWN, ItemTable
 from sdpo.baselines.models import SequentialRecommender
 from sdpo.data.records import Record
 from sdpo.data.sources.fetch import sha256_of
 from sdpo.errors import UserError
 
-WEIGHTS = "model.safetensors"
 FILES = ("config.json", "items.json", WEIGHTS)
-
-
-# config.json entries that say where and how the model was trained and reported, not what it is: a study rewrites its
-# paths relative to itself (sdpo.pipeline.study), which must not change the model's fingerprint
-RUN_ENTRIES = ("data", "output_dir", "progress", "resume", "overwrite", "compress_predictions", "eval_split", "eval_limit", "subset_seed",
-               "folds", "fold_seed")  # the fold models trained beside it do not change it
-
-
-def model_sha256(folder: str | Path) -> str:
-    """The collaborative model's fingerprint: SHA-256 over the SHA-256 of its weights, of its item table, and of its config's
-    model entries (all but `RUN_ENTRIES`: the architecture, ``max_len`` and the training settings)."""
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model_entries = json.dumps({k: v for k, v in config.items() if k not in RUN_ENTRIES}, sort_keys=True).encode()
-    digest = hashlib.sha256()
-    digest.update(f"config.json {hashlib.sha256(model_entries).hexdigest()}\n".encode())
-    for name in ("items.json", WEIGHTS):
-        digest.update(f"{name} {sha256_of(folder / name)}\n".encode())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -90,12 +70,9 @@ class CollaborativeModel:
         """
         from safetensors.torch import load_file
 
-        from sdpo.baselines.stack import StackedCollaborative, is_stack
         from sdpo.baselines.train import BaselineConfig, build_model
 
         folder = Path(folder)
-        if is_stack(folder):  # several models side by side (sdpo stack): read where one model is
-            return StackedCollaborative.load(folder, sha256)
         missing = [name for name in FILES if not (folder / name).is_file()]
         if missing:
             raise UserError(f"{folder}: not a trained {role} ({', '.join(missing)} missing). Give the output folder "

@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from sdpo.baselines.collaborative import model_sha256
+from sdpo.baselines.fingerprint import model_sha256
 from sdpo.baselines.items import ItemTable
 from sdpo.data.records import Record
 from sdpo.errors import UserError
@@ -50,13 +51,14 @@ def check_users(records: list[Record], what: str) -> None:
                         "Prepare the data again with sdpo data prepare, which records users, or leave --folds out.")
 
 
-def train_folds(config, train_records: list[Record], val_records: list[Record], items: ItemTable, l2: float) -> list[dict[str, Any]]:
-    """Train the `config.folds` fold models into OUT/folds/<i>/ (a finished one is kept) and write OUT/folds.json; returns its entries."""
-    from sdpo.baselines.train import encode, train_one
+def train_folds(config, train_records: list[Record], items: ItemTable, l2: float,
+                train_model: Callable[[list[Record]], tuple[dict, float, list[float]]]) -> list[dict[str, Any]]:
+    """Train the `config.folds` fold models into OUT/folds/<i>/ (a finished one is kept) and write OUT/folds.json; returns its entries.
 
+    `train_model(records)` trains one model on `records` as the main one was trained: (its weights, val HR@1, val HR@1 per epoch).
+    """
     check_users(train_records, "training records")
     out = Path(config.output_dir)
-    val = encode(val_records, items, config.max_len)
     entries = []
     for fold in range(config.folds):
         folder = out / FOLDS_DIR / str(fold)
@@ -70,7 +72,7 @@ def train_folds(config, train_records: list[Record], val_records: list[Record], 
             if folder.exists():
                 shutil.rmtree(folder)  # a fold that stopped before its summary: trained again whole
             folder.mkdir(parents=True)
-            state, hr, curve = train_one(config.model, len(items), encode(kept, items, config.max_len), val, l2, config)
+            state, hr, curve = train_model(kept)
             weights = {k: v.contiguous() for k, v in state.items()}
             replace_atomic(folder / "model.safetensors", lambda tmp, weights=weights: save_file(weights, str(tmp)))
             items.save(folder / "items.json")

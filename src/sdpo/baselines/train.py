@@ -278,7 +278,8 @@ def run_baseline(config: BaselineConfig) -> dict[str, Any]:
         items.save(out / "items.json")
         info.update({"l2": best["l2"], "val_hr@1": best["val_hr@1"], "l2_search": search, **items.coverage(eval_records)})
         if config.folds:
-            info["folds"] = train_folds(config, train_records, val_records, items, best["l2"])
+            info["folds"] = train_folds(config, train_records, items, best["l2"],
+                                        lambda kept: train_one(config.model, len(items), encode(kept, items, config.max_len), val, best["l2"], config))
     result.metrics = {**result.metrics, "n_records": len(eval_records), "seconds": round(time.perf_counter() - started, 2), **info}
     write_json(out / "config.json", {k: v for k, v in vars(config).items()})
     result.save(out, compress=config.compress_predictions)

@@ -133,12 +133,12 @@ def stack_baselines(plan: Pipeline) -> Path:
     import shutil
 
     from sdpo.baselines.collaborative import CollaborativeModel
-    from sdpo.baselines.stack import is_stack, make_stack
+    from sdpo.baselines.stack import StackedCollaborative, is_stack, make_stack
 
     members = [plan.out / "baselines" / name for name, _ in plan.baselines["models"] if name != "popularity"]
     target = plan.out / "baselines" / "stack"
     if is_stack(target):
-        made = CollaborativeModel.load(target)
+        made = StackedCollaborative.load(target)
         if [m.sha256 for m in made.members] == [CollaborativeModel.load(folder).sha256 for folder in members]:
             print(f"[baseline] reusing {target}")
             return target

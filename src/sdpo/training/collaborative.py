@@ -16,6 +16,7 @@ from typing import Any
 
 from sdpo.baselines.collaborative import CollaborativeModel
 from sdpo.baselines.prompts import CollaborativePrompts
+from sdpo.baselines.stack import StackedCollaborative, is_stack
 from sdpo.data.collaborative_prompts import PLACES
 from sdpo.data.prompts import TextPrompts
 from sdpo.data.records import Record
@@ -44,6 +45,8 @@ def load_collaborative(settings: Any) -> CollaborativeModel | None:
     place = _get(settings, "collaborative_place") or "before"
     if place not in PLACES:
         raise UserError(f"--collaborative_place must be before or after, got {place!r}.")
+    if is_stack(folder):  # several models side by side (sdpo stack), read where one model is
+        return StackedCollaborative.load(folder, _get(settings, "collaborative_sha256") or None)
     return CollaborativeModel.load(folder, _get(settings, "collaborative_sha256") or None)
 
 

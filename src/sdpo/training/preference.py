@@ -49,9 +49,8 @@ from sdpo.training.collaborative import (
     run_prompts,
     soft_token_spec,
 )
-from sdpo.training.dynamic_po import boundary_negatives, dual_margin_beta
 from sdpo.training.logs import LOG_FILE, JsonlLogger
-from sdpo.training.losses import chosen_nll, mean_dpo_loss, softmax_dpo_loss
+from sdpo.training.losses import align_losses
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
 from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
 from sdpo.training.runs import resume_point, start_run, write_run_config
@@ -83,53 +82,6 @@ def frozen_adapter_logps(model, packed: dict[str, torch.Tensor], train_projector
             freeze_projectors(model)
         model.train(was_training)
     return logps
-
-
-def align_losses(logps: torch.Tensor, n_tokens: torch.Tensor, reference: torch.Tensor, align: AlignConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-record align losses, and the step's metrics.
-
-    Args:
-        logps: [B, 1+K] summed log-probs under the policy, the positive first, then the K negatives.
-        n_tokens: [B, 1+K] the answers' token counts.
-        reference: [B, 1+K] the same log-probs under the frozen reference (SFT) model.
-        align: the loss (sdpo: softmax over the K; dpo: pairwise, averaged over the K), beta, sft_weight, and
-            DynamicPO's boundary_negatives and dynamic_beta (`sdpo.training.dynamic_po`).
-
-    Returns:
-        [B] losses: the preference loss (over the boundary negatives only, with DynamicPO's selection; with
-        its beta per negative) plus sft_weight times the positive's per-token NLL; and the batch means of
-        the two terms, the rewards (at the base beta), the log-probs (TRL's names) and DynamicPO's choices.
-    """
-    chosen, rejected = logps[:, 0], logps[:, 1:]
-    ref_chosen, ref_rejected = reference[:, 0], reference[:, 1:]
-    beta, metrics = align.beta, {}
-    selected, loss_beta = None, beta
-    if align.boundary_negatives:
-        selected, fallback = boundary_negatives(chosen, rejected)
-        metrics |= {"dynamicpo/selected": selected.float().sum(-1).mean().item(), "dynamicpo/fallback": fallback.float().mean().item()}
-    if align.dynamic_beta:
-        everyone = torch.ones_like(rejected, dtype=torch.bool)
-        loss_beta = dual_margin_beta(chosen, rejected, everyone if selected is None else selected, beta, align.dynamic_beta_margin)
-        kept = torch.ones_like(loss_beta) if selected is None else selected.to(loss_beta.dtype)
-        per_record = (loss_beta * kept).sum(-1) / kept.sum(-1)  # [B]: a mean per record, so every process's share weighs alike
-        metrics |= {"dynamicpo/beta": per_record.mean().item()}
-    loss_function = softmax_dpo_loss if align.loss == "sdpo" else mean_dpo_loss
-    losses = loss_function(chosen, rejected, ref_chosen, ref_rejected, loss_beta, selected)
-    nll = chosen_nll(chosen, n_tokens[:, 0])  # logged whatever its weight: it shows the positive's likelihood fall
-    metrics |= {"loss/preference": losses.detach().mean().item(), "loss/sft": nll.detach().mean().item()}
-    if align.sft_weight:
-        losses = losses + align.sft_weight * nll
-    chosen_rewards = (beta * (chosen - ref_chosen)).detach()  # [B]
-    rejected_rewards = (beta * (rejected - ref_rejected)).detach()  # [B, K]
-    metrics |= {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards.mean(-1)).mean().item(),
-        "rewards/accuracies": (chosen_rewards[:, None] > rejected_rewards).all(-1).float().mean().item(),
-        "logps/chosen": chosen.detach().mean().item(),
-        "logps/rejected": rejected.detach().mean().item(),
-    }
-    return losses, metrics
 
 
 class PreferenceTrainer(ProjectorLearningRate, Trainer):
