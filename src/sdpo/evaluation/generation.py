@@ -50,14 +50,16 @@ def generate_answers(model, tokenizer, records: list[Record], domain: str, batch
     prompts = prompts or TextPrompts(tokenizer, domain, seed)
     model.eval()
     device = next(model.parameters()).device
-    prompt_ids = [prompts.ids(r) for r in records]
+    # prompts are encoded as their batch comes (a journaled batch needs none), all at once only to order them by length
+    prompt_ids = {i: prompts.ids(r) for i, r in enumerate(records)} if by_length else {}
     order = sorted(range(len(records)), key=lambda i: len(prompt_ids[i])) if by_length else list(range(len(records)))
     texts: list[str | None] = [None] * len(records)
     for batch_order in tqdm(list(batches(order, batch_size)), desc="generate", disable=not progress):
         batch = [records[i] for i in batch_order]
         done = journaled(journal, "text", batch)
         if done is None:
-            done = _generate_batch(model, tokenizer, prompts, batch, [prompt_ids[i] for i in batch_order], device, trunk,
+            ids = [prompt_ids[i] if i in prompt_ids else prompts.ids(records[i]) for i in batch_order]
+            done = _generate_batch(model, tokenizer, prompts, batch, ids, device, trunk,
                                    _answer_budget(tokenizer, batch) if stop_after_titles else MAX_NEW_TOKENS)
             if journal is not None:
                 journal.add("text", [(record.id, text) for record, text in zip(batch, done, strict=True)])
