@@ -37,7 +37,8 @@ def generate_answers(model, tokenizer, records: list[Record], domain: str, batch
 
     With a `trunk` cache, the prompt's pass through the layers no adapter changes runs once per batch across evaluations.
     With collaborative tokens (`prompts`), the prompt enters as embeddings with the soft tokens in place, and the
-    whole prompt runs every layer (the trunk cache holds text prompts' passes only). On a bf16 model the LM head computes
+    whole prompt runs every layer (the trunk cache holds text prompts' passes only); with late injection the prompt
+    enters as text and its soft tokens join the states entering their layer (`injected_at`), so the trunk cache serves it. On a bf16 model the LM head computes
     fp32 logits (`sdpo.lm.head.fp32_head`), so greedy decoding is not left to bf16's ties between near-equal tokens.
 
     Two ways to generate faster on a CPU (`sdpo benchmark generate` measures them):

@@ -165,7 +165,7 @@ def shared_trunks(model, tokenizer, prompts, config: AlignConfig, source, train_
     if not depth:
         raise UserError(f"--share_trunk shares the layers below the first LoRA layer; {config.sft} has LoRA on layer 0. "
                         "Train the SFT run with --lora_layers N.")
-    if source is not None and config.train_projector and not (config.collaborative_layer or 0) >= depth:
+    if source is not None and config.train_projector and (config.collaborative_layer or 0) < depth:
         raise UserError("--share_trunk: collaborative tokens enter at layer 0 through the projectors; freeze them "
                         "(--no_train_projector), train the SFT run with --collaborative_inject lora, or leave --share_trunk out.")
     if source is not None and 0 < (config.collaborative_layer or 0) < depth:
