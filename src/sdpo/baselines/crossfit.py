@@ -40,9 +40,10 @@ class CrossFitted:
         self.main, self.folds, self.fold_seed = main, folds, fold_seed
         self.training_ids = training_ids  # the records read out of fold (None: every record); the others read the main model
         table = main.model.item_embedding.weight.detach()[UNKNOWN + 1:]  # every item id, not padding or unknown
-        self.rotations = [procrustes(f.model.item_embedding.weight.detach()[UNKNOWN + 1:], table) for f in folds]
-        self.alignment_error = [float((f.model.item_embedding.weight.detach()[UNKNOWN + 1:] @ r - table).norm() / table.norm())
-                                for f, r in zip(folds, self.rotations, strict=True)]
+        fold_tables = [f.model.item_embedding.weight.detach()[UNKNOWN + 1:] for f in folds]
+        self.rotations = [procrustes(fold_table, table) for fold_table in fold_tables]
+        self.alignment_error = [float((fold_table @ r - table).norm() / table.norm())
+                                for fold_table, r in zip(fold_tables, self.rotations, strict=True)]
 
     @classmethod
     def load(cls, main: CollaborativeModel, recorded: list[str] | None = None) -> CrossFitted:

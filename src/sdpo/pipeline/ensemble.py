@@ -20,7 +20,7 @@ from sdpo.data.datasets import data_fingerprint, load_split
 from sdpo.evaluation.protocols import score_rankings
 from sdpo.evaluation.results import predictions_file
 from sdpo.pipeline.config import Pipeline
-from sdpo.pipeline.fusion import _baseline_scores
+from sdpo.pipeline.fusion import baseline_scores
 
 ENSEMBLE = "ensemble"
 
@@ -42,10 +42,10 @@ def run_ensemble(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
         if all(finished.get(k) == v for k, v in key.items()):
             print(f"[baseline] reusing {target}")
             return [{**finished, "stage": ENSEMBLE, "protocol": "rank"}]
-    weights, tried = choose_weights(val, [_baseline_scores(m, val) for m in models])
+    weights, tried = choose_weights(val, [baseline_scores(m, val) for m in models])
     print(f"[baseline] ensemble: {' + '.join(f'{w:g} x {n}' for w, n in zip(weights, names, strict=True))} "
           f"(chosen on {len(val)} val records)")
-    result = score_rankings(test, ensemble_scores([_baseline_scores(m, test) for m in models], weights), label="score")
+    result = score_rankings(test, ensemble_scores([baseline_scores(m, test) for m in models], weights), label="score")
     result.metrics.update({"n_records": len(test), "protocol": "rank", "split": plan.split, "model": ENSEMBLE, "data": str(data_dir),
                            **key, "weights": dict(zip(names, weights, strict=True)), "val_tried": tried})
     result.save(target, compress=True)

@@ -49,9 +49,9 @@ def run_fusion(plan: Pipeline, data_dir: Path, models: list[tuple[str, str | Non
             score = "reward" if aligned else "logp"
             val_scores = _stage_scores(plan, data_dir, stage, adapter, val, "val", score, by_label[reference][0] if aligned else None)
             test_scores = _stage_scores(plan, data_dir, stage, adapter, test, plan.split, score, by_label[reference][0] if aligned else None)
-            weight, tried = choose_weight(val, val_scores, _baseline_scores(source, val))
+            weight, tried = choose_weight(val, val_scores, baseline_scores(source, val))
             print(f"[fusion] {stage} + {weight:g} x {name} (chosen on {len(val)} val records)")
-            result = score_rankings(test, fused_scores(test_scores, _baseline_scores(source, test), weight), label="fused")
+            result = score_rankings(test, fused_scores(test_scores, baseline_scores(source, test), weight), label="fused")
             result.metrics.update({"n_records": len(test), "protocol": "rank", "split": plan.split, "stage": stage, "lm_score": score,
                                    "collaborative": source.describe(), "weight": weight, "val_records": len(val), "val_tried": tried,
                                    "adapter_sha256": adapter_sha256(adapter) if adapter else None, **_precision(plan)})
@@ -108,7 +108,7 @@ def _covers(folder: Path, records: list[Record], score: str, adapter: str | None
     return all(r.id in rows and (score == "logp" or "reward" in rows[r.id]["ranking"][0]) for r in records)
 
 
-def _baseline_scores(source: CollaborativeModel, records: list[Record], batch: int = 256) -> list[list[float]]:
+def baseline_scores(source: CollaborativeModel, records: list[Record], batch: int = 256) -> list[list[float]]:
     """Per record, the baseline's score of each candidate (candidate order)."""
     scores = []
     for start in range(0, len(records), batch):

@@ -132,14 +132,14 @@ def stack_baselines(plan: Pipeline) -> Path:
     """OUTPUT/baselines/stack: the baselines with item vectors side by side (`sdpo.baselines.stack`), made again if they changed."""
     import shutil
 
-    from sdpo.baselines.collaborative import CollaborativeModel
+    from sdpo.baselines.fingerprint import model_sha256
     from sdpo.baselines.stack import StackedCollaborative, is_stack, make_stack
 
     members = [plan.out / "baselines" / name for name, _ in plan.baselines["models"] if name != "popularity"]
     target = plan.out / "baselines" / "stack"
     if is_stack(target):
         made = StackedCollaborative.load(target)
-        if [m.sha256 for m in made.members] == [CollaborativeModel.load(folder).sha256 for folder in members]:
+        if [m.sha256 for m in made.members] == [model_sha256(folder) for folder in members]:
             print(f"[baseline] reusing {target}")
             return target
         shutil.rmtree(target)
