@@ -112,3 +112,22 @@ def test_benchmark_generate_on_tiny(small_data, tmp_path):
     assert rows["by_length"]["answers_differing"] == 0  # the same answers, in the records' order
     assert rows["today"]["hr@1_minus_today"]["difference"] == 0.0
     assert "| combined |" in generation_table(result)
+
+
+def test_benchmark_inject_on_tiny(small_data, sasrec_dir, tmp_path):
+    from tests.helpers import sdpo
+
+    result = sdpo("benchmark", "inject", "--model", "tiny", "--collaborative", sasrec_dir, "--data", small_data, "--lora_layers", 1,
+                  "--records", 2, "--negatives", 3, "--repeats", 2, "--rank_records", 4, "--batch_size", 2, "--json", tmp_path / "i.json",
+                  "--no_bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((tmp_path / "i.json").read_text())
+    step, rank = saved["step"], saved["rank"]
+    assert saved["injection_layer"] == 1 and rank["records"] == 4
+    assert all(len(step[f"{way}_seconds"]) == 2 for way in ("input", "late", "late_shared"))
+    # late injection from the shared trunk computes the step that runs every layer, and the cache reads what it saved
+    assert step["shared_max_abs_logp_diff"] < 1e-5 and step["shared_max_abs_grad_diff"] < 1e-5
+    assert rank["read_max_abs_logp_diff"] < 1e-5
+    assert step["projector_gradients"] == {"input": True, "late": True, "late_shared": True}
+    assert rank["input_s_per_record"] > 0 and rank["late_read_s_per_record"] > 0
+    assert "shared trunk" in result.stdout

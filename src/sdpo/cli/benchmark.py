@@ -172,6 +172,29 @@ def benchmark_trunk_cmd(
     _show(format_table(result), json_out)
 
 
+@bench_app.command("inject")
+def benchmark_inject_cmd(
+    collaborative: Path = typer.Option(..., help="a trained sdpo baseline (sasrec, gru4rec, caser): the collaborative model"),
+    data: Path = typer.Option(..., help="prepared dataset folder: train records step, test records are ranked"),
+    json_out: Path = typer.Option(..., "--json", help="result file to write"),
+    model: str = typer.Option("smollm2-135m", help="alias, local HF folder or cached hub id"),
+    lora_layers: int = typer.Option(8, "--lora_layers", "--lora-layers", help="LoRA on the last N layers; late injection enters the first of them"),
+    negatives: int = typer.Option(19, help="K, negatives per record in each S-DPO step"),
+    records: int = typer.Option(4, help="train records per step"),
+    repeats: int = typer.Option(3, help="timed steps of each way, the order rotating (medians reported)"),
+    rank_records: int = typer.Option(24, "--rank_records", "--rank-records", help="test records ranked in each way"),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="records per ranking pass"),
+    bf16: bool | None = typer.Option(None, "--bf16/--no_bf16", help="bf16 weights and matmuls (default: on where the hardware computes bf16 natively)"),
+) -> None:
+    """Collaborative tokens entering at the input against late injection (with and without the shared trunk): S-DPO step and ranking."""
+    from sdpo.benchmarks.injection import benchmark_injection, format_table
+
+    if min(records, repeats, rank_records, batch_size, negatives) < 1:
+        raise UserError("--records, --repeats, --rank_records, --batch_size and --negatives must be at least 1.")
+    result = benchmark_injection(model, data, collaborative, lora_layers, records, negatives, repeats, rank_records, batch_size, json_out, bf16)
+    _show(format_table(result), json_out)
+
+
 @bench_app.command("generate")
 def benchmark_generate_cmd(
     adapter: Path = typer.Option(..., help="a text sdpo sft or align run folder (adapters/lastfm-sft-smollm2-135m, say)"),
