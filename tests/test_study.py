@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sdpo.data.datasets import load_split
 from sdpo.evaluation.journal import Journal
 from sdpo.pipeline.study import gitignore_text, kept_files
 from tests.helpers import sdpo
@@ -242,6 +243,28 @@ def test_an_evaluation_whose_predictions_are_damaged_is_redone(tmp_path, capsys,
     assert _finished_evaluation(tmp_path, None, None, records, "d1") is None
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"[evaluate] {tmp_path}: ") and line.endswith("evaluating again") and len(line.splitlines()) == 1
+
+
+def test_a_baseline_whose_predictions_were_cut_short_is_trained_again(small_data, tmp_path, capsys):
+    from sdpo.evaluation.results import read_whole_evaluation
+    from sdpo.pipeline.run import run_pipeline
+
+    config = {"output_dir": str(tmp_path / "study"), "data": {"path": str(small_data)},
+              "evaluate": {"split": "test", "limit": 3, "protocols": []}, "baselines": {"models": ["popularity"]}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    run_pipeline(tmp_path / "p.yaml")
+    folder = tmp_path / "study" / "baselines" / "popularity"
+    path = folder / "predictions.jsonl.gz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+    run_pipeline(tmp_path / "p.yaml")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[baseline]")]
+    assert said[0].startswith(f"[baseline] {folder}: its files are damaged") and said[0].endswith("training it again")
+    assert "reusing" not in "\n".join(said)
+    metrics, problem = read_whole_evaluation(folder, load_split(small_data, "test", 3, 0))
+    assert problem is None and metrics["n_records"] == 3
+    run_pipeline(tmp_path / "p.yaml")
+    assert f"[baseline] reusing {folder}" in capsys.readouterr().out
 
 
 def test_a_stage_whose_weights_git_did_not_keep_is_trained_again(tmp_path):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdpo.data.records import Record
 from sdpo.evaluation.journal import JOURNAL_FILE, PLAIN_JOURNAL_FILE, float32_compact
-from sdpo.io import write_json, write_jsonl
+from sdpo.io import read_jsonl, write_json, write_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -36,3 +39,18 @@ def predictions_file(out_dir: str | Path) -> Path:
     """The per-record predictions an evaluation wrote into `out_dir`: predictions.jsonl.gz, else predictions.jsonl."""
     compressed = Path(out_dir) / (PREDICTIONS + ".gz")
     return compressed if compressed.is_file() else Path(out_dir) / PREDICTIONS
+
+
+def read_whole_evaluation(out_dir: str | Path, records: list[Record]) -> tuple[dict[str, Any] | None, str | None]:
+    """(metrics, None) of a finished evaluation in `out_dir` whose files are whole, one prediction per record of `records`;
+    (None, what is wrong) where they are unreadable or cut short."""
+    out_dir = Path(out_dir)
+    try:
+        metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+        predictions = read_jsonl(predictions_file(out_dir))
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # gzip raises EOFError for a file cut short
+        return None, f"its files are damaged ({type(exc).__name__}: {exc})"
+    ids = [row.get("id") for row in predictions if isinstance(row, dict)]
+    if len(ids) != metrics.get("n_records") or sorted(ids) != sorted(r.id for r in records):
+        return None, f"{predictions_file(out_dir).name} holds {len(ids)} predictions, not one per each of the {len(records)} records"
+    return metrics, None

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +11,8 @@ from sdpo.data.datasets import data_fingerprint, load_split, read_manifest, reso
 from sdpo.data.prepare import prepare_dataset
 from sdpo.data.records import Record
 from sdpo.errors import UserError
-from sdpo.evaluation.results import predictions_file
-from sdpo.io import folder_bytes, read_jsonl, write_json, write_text_atomic
+from sdpo.evaluation.results import read_whole_evaluation
+from sdpo.io import folder_bytes, write_json, write_text_atomic
 from sdpo.lm.adapters import adapter_sha256, shared_trunk_depth
 from sdpo.pipeline.config import Pipeline, read_pipeline
 from sdpo.pipeline.evaluate import evaluate_model, in_pinned_precision, read_candidate_logps
@@ -187,11 +185,10 @@ def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None, r
     pinned precision if any; None (evaluate it, saying why in one line) where any of that is not so."""
     if not (target / "metrics.json").is_file():
         return None
-    problem = damaged_evaluation(target, records)
+    metrics, problem = read_whole_evaluation(target, records)
     if problem:
         print(f"[evaluate] {target}: {problem}: evaluating again")
         return None
-    metrics = json.loads((target / "metrics.json").read_text())
     if adapter is not None and metrics.get("adapter_sha256", "unrecorded") not in ("unrecorded", adapter_sha256(adapter)):
         print(f"[evaluate] {target} evaluated another adapter of that stage (it was trained again since): evaluating again")
         return None
@@ -202,16 +199,3 @@ def _finished_evaluation(target: Path, adapter: str | None, bf16: bool | None, r
         print(f"[evaluate] {target} ran in {'bf16' if metrics['bf16'] else 'fp32'}, the pipeline pins the other: evaluating again")
         return None
     return metrics
-
-
-def damaged_evaluation(target: Path, records: list[Record]) -> str | None:
-    """What is wrong with a finished evaluation's files (unreadable, or not one prediction per record), or None."""
-    try:
-        metrics = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
-        predictions = read_jsonl(predictions_file(target))
-    except (OSError, ValueError, EOFError, zlib.error) as exc:  # gzip raises EOFError for a file cut short
-        return f"its files are damaged ({type(exc).__name__}: {exc})"
-    ids = [row.get("id") for row in predictions if isinstance(row, dict)]
-    if len(ids) != metrics.get("n_records") or sorted(ids) != sorted(r.id for r in records):
-        return f"{predictions_file(target).name} holds {len(ids)} predictions, not one per each of the {len(records)} records"
-    return None

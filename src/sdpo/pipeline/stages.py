@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -96,15 +95,19 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
     if plan.baselines is None:
         return []
     from sdpo.baselines.train import CHECKPOINT, BaselineConfig, run_baseline
-    from sdpo.data.datasets import data_fingerprint
+    from sdpo.data.datasets import data_fingerprint, load_split
+    from sdpo.evaluation.results import read_whole_evaluation
 
     section = {k: v for k, v in plan.baselines.items() if k not in ("models", "ensemble", "ensemble_val_limit", "stack")}
     fingerprint = data_fingerprint(data_dir)
+    evaluated = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
     rows = []
     for name, options in plan.baselines["models"]:
         target = plan.out / "baselines" / name
-        if (target / "metrics.json").is_file():
-            metrics = json.loads((target / "metrics.json").read_text())
+        metrics, problem = read_whole_evaluation(target, evaluated) if (target / "metrics.json").is_file() else (None, None)
+        if problem:
+            print(f"[baseline] {target}: {problem}: training it again")
+        if metrics is not None:
             if metrics.get("data_sha256", fingerprint) != fingerprint:
                 raise UserError(f"{plan.path}: baseline {name}: {target} was trained on other prepared data than {data_dir} holds now "
                                 f"(it was prepared again since). Remove {target} to train it again.")
