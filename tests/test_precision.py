@@ -83,3 +83,9 @@ def test_benchmark_precision_on_tiny(small_data, tmp_path):
     assert (result["cpu_bf16_matmul_speedup"] is None) == (not result["cpu_native_bf16"])
     table = format_table(result)
     assert "sdpo's default here" in table and "bf16_all records/s" in table and "packed against one sequence per answer" in table
+
+
+def test_cpu_name_gives_the_family_and_model_that_tell_a_generation():
+    block = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\nmodel\t\t: 9\n"
+    assert precision.cpu_name(block) == "AMD EPYC (family 23 model 1)"
+    assert precision.cpu_name("model name\t: Some CPU\n") == "Some CPU"
