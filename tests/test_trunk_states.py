@@ -70,3 +70,31 @@ def test_the_shared_trunk_needs_lora_above_the_first_layer(small_data, tmp_path)
     sft = sft_run(small_data, tmp_path / "sft", lora_layers=None)
     with pytest.raises(UserError, match="--lora_layers N"):
         align_run(sft, tmp_path / "align", share_trunk=True)
+
+
+def test_the_trunk_states_are_kept_for_the_next_align_run_from_the_same_sft(text_sft, tmp_path, monkeypatch):
+    from sdpo.training.trunk_states import RecordTrunk
+
+    first = align_run(text_sft, tmp_path / "first", share_trunk=True)
+    kept = sorted((text_sft / "reference-cache").glob("trunk-*.safetensors"))
+    assert kept, "no trunk file beside the reference tables"
+    stored = RecordTrunk.from_tensors(load_file(str(kept[0])))
+    assert stored.depth == 1 and len(stored.states) == 8 and len(stored.spans[0]) == len(stored.spans[-1])
+
+    def computed_again(*args, **kwargs):
+        raise AssertionError("the trunk was computed again")
+
+    monkeypatch.setattr(RecordTrunk, "compute", computed_again)
+    second = align_run(text_sft, tmp_path / "second", share_trunk=True)  # reads the kept states
+    assert_same_training(first, second)
+
+
+def test_record_trunk_tensors_read_back_whole():
+    import torch
+
+    from sdpo.training.trunk_states import RecordTrunk
+
+    trunk = RecordTrunk(3, [torch.randn(5, 4), torch.randn(7, 4)], [2, 3], [[(2, 3), (3, 5)], [(3, 5), (5, 6), (6, 7)]])
+    again = RecordTrunk.from_tensors(trunk.to_tensors())
+    assert again.depth == 3 and again.prompt_lengths == [2, 3] and again.spans == trunk.spans
+    assert all(torch.equal(a, b) for a, b in zip(again.states, trunk.states, strict=True))

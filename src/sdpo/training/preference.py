@@ -17,6 +17,8 @@ to tensorboard when ``report_to`` asks and always to ``log.jsonl`` in the run fo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -52,7 +54,7 @@ from sdpo.training.collaborative import (
 from sdpo.training.logs import LOG_FILE, JsonlLogger
 from sdpo.training.losses import align_losses
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
-from sdpo.training.reference import cached_reference_logps, compute_reference_logps, fingerprint
+from sdpo.training.reference import cached_reference_logps, cached_tensors, compute_reference_logps, fingerprint
 from sdpo.training.runs import resume_point, start_run, write_run_config
 from sdpo.training.sft import record_data_fingerprint, save_adapter
 from sdpo.training.trunk_states import RecordTrunk, lora_depth
@@ -140,15 +142,20 @@ class PreferenceTrainer(ProjectorLearningRate, Trainer):
         super().log(logs, start_time)
 
 
-def reference_table(model, tokenizer, records, config: AlignConfig, name: str, prompts=None) -> torch.Tensor:
-    """[N, C] reference log-probs of `records`, from the shared cache in the SFT run folder when another run made them."""
+def reference_key(model, records, config: AlignConfig) -> str:
+    """The fingerprint of what the SFT model's scores of `records` depend on (`sdpo.training.reference.fingerprint`)."""
     collaborative = {key: getattr(config, key) for key in ("collaborative_sha256", "collaborative_place", "collaborative_score")}
     if config.collaborative_layer:  # late injection: other prompts' states (the key of a run at the input stays as it was)
         collaborative["collaborative_layer"] = config.collaborative_layer
     if config.collaborative_folds:  # the training records read the fold models: another table (the key of a run without stays as it was)
         collaborative["collaborative_folds_sha256"] = config.collaborative_folds_sha256
     precision = head_precision_key(causal_lm_parts(model)[1], model_dtype(config.bf16))
-    key = fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, precision, collaborative if config.collaborative else None)
+    return fingerprint(records, config.model, config.sft, config.domain, config.prompt_seed, precision, collaborative if config.collaborative else None)
+
+
+def reference_table(model, tokenizer, records, config: AlignConfig, name: str, prompts=None) -> torch.Tensor:
+    """[N, C] reference log-probs of `records`, from the shared cache in the SFT run folder when another run made them."""
+    key = reference_key(model, records, config)
     paths = [Path(config.sft) / REFERENCE_CACHE / f"{key}.safetensors", Path(config.output_dir) / f"reference-{name}.safetensors"]
     # Under accelerate/torchrun the main process computes and saves the table while the others
     # wait; they then read it from the cache: one pass over the data, one writer.
@@ -171,11 +178,25 @@ def shared_trunks(model, tokenizer, prompts, config: AlignConfig, source, train_
     if source is not None and 0 < (config.collaborative_layer or 0) < depth:
         raise UserError(f"--share_trunk: the soft tokens enter layer {config.collaborative_layer}, below the first LoRA layer {depth}.")
     print(f"[align] layers 0-{depth - 1} are computed once per record (shared trunk)")
-    trunks = {"train": RecordTrunk.compute(model, tokenizer, train_dataset.records, prompts, depth, config.per_device_eval_batch_size)}
-    if eval_dataset is not None:
-        trunks["eval"] = RecordTrunk.compute(model, tokenizer, eval_dataset.records, prompts, depth, config.per_device_eval_batch_size)
+    datasets = {"train": train_dataset, "eval": eval_dataset}
+    trunks = {split: record_trunk(model, tokenizer, dataset.records, prompts, config, depth)
+              for split, dataset in datasets.items() if dataset is not None}
     model.train()
     return trunks
+
+
+def record_trunk(model, tokenizer, records, prompts, config: AlignConfig, depth: int) -> RecordTrunk:
+    """`RecordTrunk.compute` of `records`, kept beside the reference tables in the SFT run folder for the next align run from it.
+
+    The states below the first LoRA layer depend on what the SFT model's scores do, less its adapted
+    layers: the reference table's fingerprint with the depth and the batch size covers them.
+    """
+    key = hashlib.sha256(json.dumps([reference_key(model, records, config), "trunk", depth,
+                                     config.per_device_eval_batch_size]).encode()).hexdigest()
+    with PartialState().main_process_first():
+        tensors = cached_tensors([Path(config.sft) / REFERENCE_CACHE / f"trunk-{key}.safetensors"], key, lambda: RecordTrunk.compute(
+            model, tokenizer, records, prompts, depth, config.per_device_eval_batch_size).to_tensors())
+    return RecordTrunk.from_tensors(tensors)
 
 
 def run_align(config: AlignConfig) -> Path:

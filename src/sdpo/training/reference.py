@@ -52,20 +52,27 @@ def compute_reference_logps(model, tokenizer, records: list[Record], domain: str
 def cached_reference_logps(paths: Sequence[Path], key: str, compute) -> torch.Tensor:
     """The table from the first of `paths` whose fingerprint is `key`; else `compute()` it and save it
     to the first of `paths` that can be written (written whole or not at all)."""
+    return cached_tensors(paths, key, lambda: {"logps": compute()})["logps"]
+
+
+def cached_tensors(paths: Sequence[Path], key: str, compute) -> dict[str, torch.Tensor]:
+    """The tensors in the first of `paths` whose fingerprint is `key`; else `compute()` them (a dict of
+    tensors) and save them to the first of `paths` that can be written (written whole or not at all)."""
     for path in paths:
         if path.is_file():
             try:
                 with safe_open(str(path), framework="pt") as stored:
                     if (stored.metadata() or {}).get("fingerprint") == key:
-                        return stored.get_tensor("logps")
+                        return {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (safe_open is no dict)
             except Exception:  # damaged in any way (safetensors raises its own error type): recompute
                 pass
-    logps = compute()
+    tensors = compute()
     for path in paths:
         remove_temporaries(path.parent)  # left by a process killed while saving a table
         try:
-            replace_atomic(path, lambda tmp: save_file({"logps": logps.contiguous()}, str(tmp), metadata={"fingerprint": key}))
+            replace_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                       metadata={"fingerprint": key}))
             break
         except OSError:
             continue  # e.g. a read-only SFT folder: try the next place
-    return logps
+    return tensors

@@ -77,6 +77,26 @@ class RecordTrunk:
             model.train(was_training)
         return cls(depth, states, prompt_lengths, spans)
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The states and their layout as flat tensors, for a file (`from_tensors` reads them back)."""
+        return {
+            "states": torch.cat(self.states),  # [sum of L, H]
+            "lengths": torch.tensor([state.shape[0] for state in self.states]),  # [N]
+            "prompt_lengths": torch.tensor(self.prompt_lengths),  # [N]
+            "span_counts": torch.tensor([len(edges) for edges in self.spans]),  # [N]
+            "spans": torch.tensor([edge for edges in self.spans for edge in edges]).reshape(-1, 2),  # [sum of C, 2]
+            "depth": torch.tensor(self.depth),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> RecordTrunk:
+        states = list(torch.split(tensors["states"], tensors["lengths"].tolist()))
+        edges = [tuple(edge) for edge in tensors["spans"].tolist()]
+        counts = tensors["span_counts"].tolist()
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        spans = [edges[start : start + count] for start, count in zip(starts, counts, strict=True)]
+        return cls(int(tensors["depth"]), states, tensors["prompt_lengths"].tolist(), spans)
+
     def rows(self, record_indices: torch.Tensor, answer_indices: torch.Tensor, length: int) -> torch.Tensor:
         """[B, length, H]: row b holds record ``record_indices[b]``'s prompt, then its answers ``answer_indices[b]`` (-1: none)."""
         rows = []
