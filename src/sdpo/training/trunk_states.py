@@ -16,6 +16,8 @@ about 0.4 MB per LastFM record on SmolLM2-135M in bf16).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from tqdm.auto import tqdm
 
@@ -90,11 +92,11 @@ class RecordTrunk:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> RecordTrunk:
+        """The trunk `to_tensors` flattened (its states are views of the one ``states`` tensor)."""
         states = list(torch.split(tensors["states"], tensors["lengths"].tolist()))
         edges = [tuple(edge) for edge in tensors["spans"].tolist()]
-        counts = tensors["span_counts"].tolist()
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        spans = [edges[start : start + count] for start, count in zip(starts, counts, strict=True)]
+        ends = list(itertools.accumulate(tensors["span_counts"].tolist()))
+        spans = [edges[end - count : end] for end, count in zip(ends, tensors["span_counts"].tolist(), strict=True)]
         return cls(int(tensors["depth"]), states, tensors["prompt_lengths"].tolist(), spans)
 
     def rows(self, record_indices: torch.Tensor, answer_indices: torch.Tensor, length: int) -> torch.Tensor:
