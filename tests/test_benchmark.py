@@ -128,6 +128,8 @@ def test_benchmark_inject_on_tiny(small_data, sasrec_dir, tmp_path):
     # late injection from the shared trunk computes the step that runs every layer, and the cache reads what it saved
     assert step["shared_max_abs_logp_diff"] < 1e-5 and step["shared_max_abs_grad_diff"] < 1e-5
     assert rank["read_max_abs_logp_diff"] < 1e-5
+    assert rank["batches_read_from_cache"] == rank["batches"] == 2 and rank["batches_read_while_filling"] == 0
+    assert step["input_against_late_max_abs_logp_diff"] > 1e-4  # the soft tokens did move: another model
     assert step["projector_gradients"] == {"input": True, "late": True, "late_shared": True}
     assert rank["input_s_per_record"] > 0 and rank["late_read_s_per_record"] > 0
     assert "shared trunk" in result.stdout

@@ -66,3 +66,9 @@ def test_a_pipeline_adds_the_ensemble_row_and_the_stack_and_reuses_them(small_da
     report = sdpo("report", "out", "--out", "report", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| ensemble | rank |" in (tmp_path / "report" / "results.md").read_text()
+    # an ensemble whose predictions were cut short is made again, not reused
+    cut = tmp_path / "out" / "baselines" / "ensemble" / "predictions.jsonl.gz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    mended = sdpo("pipeline", "e.yaml", "--output_dir", "out", cwd=tmp_path)
+    assert mended.returncode == 0 and "out/baselines/ensemble: its files are damaged" in mended.stdout
+    assert "reusing out/baselines/ensemble" not in mended.stdout and "reusing out/baselines/sasrec" in mended.stdout

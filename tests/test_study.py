@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from sdpo.data.datasets import load_split
+from sdpo.errors import UserError
 from sdpo.evaluation.journal import Journal
 from sdpo.pipeline.study import gitignore_text, kept_files
 from tests.helpers import sdpo
@@ -265,6 +266,12 @@ def test_a_baseline_whose_predictions_were_cut_short_is_trained_again(small_data
     assert problem is None and metrics["n_records"] == 3
     run_pipeline(tmp_path / "p.yaml")
     assert f"[baseline] reusing {folder}" in capsys.readouterr().out
+    # a baseline of other prepared data is refused first, whatever else is wrong with it
+    metrics["data_sha256"] = "another preparation"
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(UserError, match="trained on other prepared data"):
+        run_pipeline(tmp_path / "p.yaml")
 
 
 def test_a_stage_whose_weights_git_did_not_keep_is_trained_again(tmp_path):

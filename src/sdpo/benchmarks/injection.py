@@ -78,9 +78,7 @@ def benchmark_injection(model_name: str, data: str | Path, collaborative: str | 
     packed["trunk_answers"] = torch.tensor([[r.candidates.index(r.target), *random_negatives(r, k, 0, position)]
                                             for position, r in enumerate(records)])  # the candidates step_answers chose
     set_injection_layer(model, depth)
-    start = time.perf_counter()
     record_trunk = RecordTrunk.compute(model, tokenizer, records, prompts, depth, batch_size=len(records), progress=False)
-    fill_seconds = time.perf_counter() - start
 
     def step(way: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         set_injection_layer(model, 0 if way == "input" else depth)
@@ -92,6 +90,9 @@ def benchmark_injection(model_name: str, data: str | Path, collaborative: str | 
 
     for way in WAYS:  # warm-up
         step(way)
+    start = time.perf_counter()  # the states below the injection layer, computed once (timed warm)
+    record_trunk = RecordTrunk.compute(model, tokenizer, records, prompts, depth, batch_size=len(records), progress=False)
+    fill_seconds = time.perf_counter() - start
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     outputs = {}
     for repeat in range(repeats):
@@ -113,6 +114,7 @@ def benchmark_injection(model_name: str, data: str | Path, collaborative: str | 
             "speedup": round(medians["input"] / medians["late_shared"], 2),
             "late_trunk_once_s_per_record": round(fill_seconds / len(records), 3),
             "shared_max_abs_logp_diff": float((late_logps - shared_logps).abs().max()),
+            "input_against_late_max_abs_logp_diff": float((outputs["input"][0] - late_logps).abs().max()),  # > 0: another model
             "shared_max_abs_grad_diff": max(float((late_grads[n] - shared_grads[n]).abs().max()) for n in late_grads),
             "projector_gradients": {way: any(MODULE in n and g.abs().sum() > 0 for n, g in outputs[way][1].items()) for way in WAYS},
         },
@@ -123,9 +125,16 @@ def benchmark_injection(model_name: str, data: str | Path, collaborative: str | 
 
 
 def _ranking_seconds(model, tokenizer, records, prompts, depth: int, batch_size: int) -> dict[str, Any]:
-    """Seconds per record ranking `records`: input injection, then late injection filling the trunk cache and reading it."""
+    """Seconds per record ranking `records`: input injection, then late injection filling the trunk cache and reading it,
+    as a pipeline's stages do one after another (after one untimed warm-up batch)."""
     model.eval()
-    timed, scores = {}, {}
+
+    def rank(trunk: TrunkCache | None = None, chosen: list = records) -> list[torch.Tensor]:
+        return candidate_logps(model, tokenizer, chosen, prompts.domain, batch_size, progress=False, trunk=trunk, prompts=prompts)
+
+    set_injection_layer(model, 0)
+    rank(chosen=records[:batch_size])
+    timed, scores, hits = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="sdpo-inject-") as folder:
         for way, layer, cache in (("input", 0, None), ("late_fill", depth, folder), ("late_read", depth, folder)):
             set_injection_layer(model, layer)
@@ -133,13 +142,15 @@ def _ranking_seconds(model, tokenizer, records, prompts, depth: int, batch_size:
             if way == "late_read":
                 trunk.checked = True  # the filling pass's files are this model's: time the reading alone
             start = time.perf_counter()
-            scores[way] = candidate_logps(model, tokenizer, records, prompts.domain, batch_size, progress=False, trunk=trunk, prompts=prompts)
+            scores[way] = rank(trunk)
             timed[way] = time.perf_counter() - start
+            hits[way] = trunk.hits if trunk else 0
             print(f"[benchmark] ranking {len(records)} records, {way}: {timed[way]:.1f} s", flush=True)
     per_record = {f"{way}_s_per_record": round(s / len(records), 3) for way, s in timed.items()}
     read_gap = max(float((a - b).abs().max()) for a, b in zip(scores["late_fill"], scores["late_read"], strict=True))
-    return {"records": len(records), "batch_size": batch_size, **per_record,
-            "speedup_reading": round(timed["input"] / timed["late_read"], 2), "read_max_abs_logp_diff": read_gap}
+    return {"records": len(records), "batch_size": batch_size, **per_record, "speedup_reading": round(timed["input"] / timed["late_read"], 2),
+            "read_max_abs_logp_diff": read_gap, "batches": -(-len(records) // batch_size), "batches_read_from_cache": hits["late_read"],
+            "batches_read_while_filling": hits["late_fill"]}
 
 
 def format_table(result: dict[str, Any]) -> str:

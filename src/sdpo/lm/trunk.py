@@ -138,6 +138,7 @@ class TrunkCache:
         self.folder = Path(folder) / trunk_fingerprint(model, decoder, depth)[:16]
         self.checked = False  # has a loaded batch been compared with the full forward?
         self.usable = True
+        self.hits = 0  # batches served from the cache
 
     def decoder_output(self, model, inputs: dict, packed: dict, soft: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder's output [B, L, H] for `inputs` (as `sdpo.lm.scoring` passes them), the trunk from the cache when it holds the batch.
@@ -156,6 +157,7 @@ class TrunkCache:
         path = self.folder / f"{_batch_key(named)}.safetensors"
         hidden = self._load_hidden(path, packed["input_ids"].shape, decoder.config.hidden_size)
         if hidden is not None:
+            self.hits += 1
             rest = {key: value for key, value in inputs.items() if key not in ("input_ids", "inputs_embeds")}
             with only_layers(decoder, self.depth):
                 cached = final_hidden_states(model, decoder, **rest, inputs_embeds=hidden.to(packed["input_ids"].device))
@@ -184,6 +186,7 @@ class TrunkCache:
         path = self.folder / f"{_batch_key({'prompt_ids': input_ids, 'prompt_mask': attention_mask})}.safetensors"
         saved = self._load_prompt_trunk(path, input_ids.shape)
         if saved is not None:
+            self.hits += 1
             saved = {name: tensor.to(input_ids.device) for name, tensor in saved.items()}
             checking = {"return_dict_in_generate": True, "output_logits": True} if not self.checked else {}
             with _prompt_trunk_from(decoder, saved):

@@ -10,7 +10,6 @@ every weight vector's val HR@1, each model's fingerprint) and the per-record pre
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from sdpo.baselines.collaborative import CollaborativeModel
 from sdpo.baselines.ensemble import choose_weights, ensemble_scores
 from sdpo.data.datasets import data_fingerprint, load_split
 from sdpo.evaluation.protocols import score_rankings
-from sdpo.evaluation.results import predictions_file
+from sdpo.evaluation.results import read_whole_evaluation
 from sdpo.pipeline.config import Pipeline
 from sdpo.pipeline.fusion import baseline_scores
 
@@ -36,10 +35,11 @@ def run_ensemble(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
     target = plan.out / "baselines" / ENSEMBLE
     key = {"models": [{"name": n, "sha256": m.sha256} for n, m in zip(names, models, strict=True)], "val_records": len(val),
            "n_records": len(test), "data_sha256": data_fingerprint(data_dir)}
-    metrics_path = target / "metrics.json"
-    if metrics_path.is_file() and predictions_file(target).is_file():
-        finished = json.loads(metrics_path.read_text())
-        if all(finished.get(k) == v for k, v in key.items()):
+    if (target / "metrics.json").is_file():
+        finished, problem = read_whole_evaluation(target, test)
+        if problem:
+            print(f"[baseline] {target}: {problem}: making it again")
+        elif all(finished.get(k) == v for k, v in key.items()):
             print(f"[baseline] reusing {target}")
             return [{**finished, "stage": ENSEMBLE, "protocol": "rank"}]
     weights, tried = choose_weights(val, [baseline_scores(m, val) for m in models])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -95,40 +96,49 @@ def run_baselines(plan: Pipeline, data_dir: Path) -> list[dict[str, Any]]:
     if plan.baselines is None:
         return []
     from sdpo.baselines.train import CHECKPOINT, BaselineConfig, run_baseline
-    from sdpo.data.datasets import data_fingerprint, load_split
-    from sdpo.evaluation.results import read_whole_evaluation
+    from sdpo.data.datasets import data_fingerprint
 
     section = {k: v for k, v in plan.baselines.items() if k not in ("models", "ensemble", "ensemble_val_limit", "stack")}
     fingerprint = data_fingerprint(data_dir)
-    evaluated = load_split(data_dir, plan.split, plan.limit, plan.shared["subset_seed"])
     rows = []
     for name, options in plan.baselines["models"]:
         target = plan.out / "baselines" / name
-        metrics, problem = read_whole_evaluation(target, evaluated) if (target / "metrics.json").is_file() else (None, None)
-        if problem:
-            print(f"[baseline] {target}: {problem}: training it again")
-        if metrics is not None:
-            if metrics.get("data_sha256", fingerprint) != fingerprint:
-                raise UserError(f"{plan.path}: baseline {name}: {target} was trained on other prepared data than {data_dir} holds now "
-                                f"(it was prepared again since). Remove {target} to train it again.")
-            wanted = {**section, **options}.get("folds") or 0
-            if name != "popularity" and wanted and (metrics.get("folds") is None or len(metrics["folds"]) != wanted):
-                raise UserError(f"{plan.path}: baseline {name}: {target} was trained without the {wanted} fold models the config "
-                                f"asks for now. Remove {target} to train it again with them.")
-            print(f"[baseline] reusing {target}")
-        else:
-            resume = (target / CHECKPOINT).is_file()
-            print(f"[baseline] {name}" + (" (resuming)" if resume else ""))
-            values = {"data": str(data_dir), "seed": plan.seed, "eval_split": plan.split, "eval_limit": plan.limit,
-                      "subset_seed": plan.shared["subset_seed"], **section, **options, "model": name, "output_dir": str(target),
-                      "resume": resume, "overwrite": True, "compress_predictions": True}
-            metrics = run_baseline(build_config(BaselineConfig, values, where=f"{plan.path}: baselines"))
+        values = {"data": str(data_dir), "seed": plan.seed, "eval_split": plan.split, "eval_limit": plan.limit,
+                  "subset_seed": plan.shared["subset_seed"], **section, **options, "model": name, "output_dir": str(target),
+                  "resume": (target / CHECKPOINT).is_file(), "overwrite": True, "compress_predictions": True}
+        config = build_config(BaselineConfig, values, where=f"{plan.path}: baselines")
+        metrics = _finished_baseline(plan, name, target, config, fingerprint, {**section, **options}.get("folds") or 0)
+        if metrics is None:
+            print(f"[baseline] {name}" + (" (resuming)" if config.resume else ""))
+            metrics = run_baseline(config)
         rows.append({**metrics, "stage": name, "protocol": "rank"})
     from sdpo.pipeline.ensemble import run_ensemble
 
     if plan.baselines.get("stack"):
         stack_baselines(plan)
     return rows + run_ensemble(plan, data_dir)
+
+
+def _finished_baseline(plan: Pipeline, name: str, target: Path, config, fingerprint: str, folds: int) -> dict[str, Any] | None:
+    """The metrics of a finished baseline to reuse; None where there is none, or its predictions are damaged (said in one line)."""
+    from sdpo.data.datasets import load_split
+    from sdpo.evaluation.results import read_whole_evaluation
+
+    if not (target / "metrics.json").is_file():
+        return None
+    recorded = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+    if recorded.get("data_sha256", fingerprint) != fingerprint:
+        raise UserError(f"{plan.path}: baseline {name}: {target} was trained on other prepared data than {config.data} holds now "
+                        f"(it was prepared again since). Remove {target} to train it again.")
+    if name != "popularity" and folds and (recorded.get("folds") is None or len(recorded["folds"]) != folds):
+        raise UserError(f"{plan.path}: baseline {name}: {target} was trained without the {folds} fold models the config "
+                        f"asks for now. Remove {target} to train it again with them.")
+    metrics, problem = read_whole_evaluation(target, load_split(config.data, config.eval_split, config.eval_limit, config.subset_seed))
+    if problem:
+        print(f"[baseline] {target}: {problem}: training it again")
+        return None
+    print(f"[baseline] reusing {target}")
+    return metrics
 
 
 def stack_baselines(plan: Pipeline) -> Path:

@@ -39,6 +39,7 @@ from sdpo.lm.models import load_model, quiet_peft
 from sdpo.lm.precision import model_dtype
 from sdpo.lm.scoring import answer_logprobs
 from sdpo.lm.soft_tokens import set_unknown_rate
+from sdpo.lm.trunk import trunk_fingerprint
 from sdpo.training.align_config import LOSSES, AlignConfig, inherit_from_sft, read_sft_run
 from sdpo.training.collaborative import (
     ProjectorLearningRate,
@@ -179,22 +180,26 @@ def shared_trunks(model, tokenizer, prompts, config: AlignConfig, source, train_
         raise UserError(f"--share_trunk: the soft tokens enter layer {config.collaborative_layer}, below the first LoRA layer {depth}.")
     print(f"[align] layers 0-{depth - 1} are computed once per record (shared trunk)")
     datasets = {"train": train_dataset, "eval": eval_dataset}
-    trunks = {split: record_trunk(model, tokenizer, dataset.records, prompts, config, depth)
+    trunks = {split: record_trunk(model, tokenizer, dataset.records, prompts, config, depth, split)
               for split, dataset in datasets.items() if dataset is not None}
     model.train()
     return trunks
 
 
-def record_trunk(model, tokenizer, records, prompts, config: AlignConfig, depth: int) -> RecordTrunk:
+def record_trunk(model, tokenizer, records, prompts, config: AlignConfig, depth: int, name: str) -> RecordTrunk:
     """`RecordTrunk.compute` of `records`, kept beside the reference tables in the SFT run folder for the next align run from it.
 
-    The states below the first LoRA layer depend on what the SFT model's scores do, less its adapted
-    layers: the reference table's fingerprint with the depth and the batch size covers them.
+    The key: the reference table's fingerprint (records, prompts, the SFT adapter with any projectors that feed
+    layer 0, collaborative settings, precision), the trunk layers' own fingerprint (their weights as loaded, 4-bit
+    included, attention implementation, device, threads, library versions: `sdpo.lm.trunk.trunk_fingerprint`),
+    and the batch size the states are computed in.
     """
-    key = hashlib.sha256(json.dumps([reference_key(model, records, config), "trunk", depth,
+    decoder, _ = causal_lm_parts(model)
+    key = hashlib.sha256(json.dumps([reference_key(model, records, config), trunk_fingerprint(model, decoder, depth),
                                      config.per_device_eval_batch_size]).encode()).hexdigest()
+    paths = [Path(config.sft) / REFERENCE_CACHE / f"trunk-{key}.safetensors", Path(config.output_dir) / f"trunk-{name}.safetensors"]
     with PartialState().main_process_first():
-        tensors = cached_tensors([Path(config.sft) / REFERENCE_CACHE / f"trunk-{key}.safetensors"], key, lambda: RecordTrunk.compute(
+        tensors = cached_tensors(paths, key, lambda: RecordTrunk.compute(
             model, tokenizer, records, prompts, depth, config.per_device_eval_batch_size).to_tensors())
     return RecordTrunk.from_tensors(tensors)
 
