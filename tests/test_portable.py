@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -111,3 +112,23 @@ def test_a_study_records_its_paths_relative_to_itself_and_reuses_stages_from_any
     assert changed_training_options(read_run_config(moved / "sft"), now) == []
     now.learning_rate = 0.2
     assert changed_training_options(read_run_config(moved / "sft"), now) == ["learning_rate 0.1 -> 0.2"]
+
+
+def test_saving_an_adapter_that_names_the_hub_id_looks_nothing_up_on_the_hub(tmp_path, monkeypatch):
+    import peft.utils.other
+
+    from sdpo.lm.models import SMOLLM2_HUB_ID, LoraSettings, add_lora, load_model, quiet_peft
+
+    model = add_lora(load_model("tiny")[0], LoraSettings(last_layers=1))
+    model.peft_config["default"].base_model_name_or_path = SMOLLM2_HUB_ID
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    lookups = []
+    monkeypatch.setattr(peft.utils.other, "file_exists", lambda repo, name, **kw: lookups.append((repo, name)) or True)
+    monkeypatch.setattr(type(model.config), "from_pretrained", classmethod(lambda cls, *a, **kw: model.config), raising=False)
+    model.save_pretrained(tmp_path / "plain")
+    assert lookups == [(SMOLLM2_HUB_ID, "config.json")]  # what PEFT does by itself: ask the hub, at every save
+    lookups.clear()
+    with quiet_peft():
+        model.save_pretrained(tmp_path / "quiet")
+    assert lookups == [] and (tmp_path / "quiet" / "adapter_model.safetensors").is_file()
+    assert "HF_HUB_OFFLINE" not in os.environ  # as it was before

@@ -14,6 +14,7 @@ Everything is loaded from local files; ``trust_remote_code`` stays off unless as
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -247,13 +248,26 @@ def four_bit_config():
 
 @contextmanager
 def quiet_peft():
-    """Silence two PEFT warnings that say nothing wrong: the deprecation it triggers in transformers by reading
-    ``is_gradient_checkpointing``, and, when it saves an adapter offline, that it cannot fetch the base model's config
-    from the hub id the adapter names (`SMOLLM2_HUB_ID`) to see whether the vocabulary grew: sdpo never changes it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary was not modified")
-        yield
+    """PEFT without a needless hub lookup and two warnings that say nothing wrong.
+
+    When it saves an adapter (every checkpoint too), PEFT would look up the base model's config on the hub,
+    by the hub id the adapter names (`SMOLLM2_HUB_ID`), to see whether the vocabulary grew: sdpo never
+    changes it, and runs offline. Inside the block PEFT sees hub offline mode, so it skips the lookup, and
+    the warning it then gives is silenced, with the deprecation it triggers in transformers by reading
+    ``is_gradient_checkpointing``.
+    """
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # PEFT reads it at each save
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary was not modified")
+            yield
+    finally:
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
 
 
 def linear_module_names(model) -> list[str]:
