@@ -117,7 +117,8 @@ def test_a_study_records_its_paths_relative_to_itself_and_reuses_stages_from_any
 def test_saving_an_adapter_that_names_the_hub_id_looks_nothing_up_on_the_hub(tmp_path, monkeypatch):
     import peft.utils.other
 
-    from sdpo.lm.models import SMOLLM2_HUB_ID, LoraSettings, add_lora, load_model, quiet_peft
+    from sdpo.lm.models import SMOLLM2_HUB_ID, LoraSettings, add_lora, load_model
+    from sdpo.lm.quiet import quiet_peft
 
     model = add_lora(load_model("tiny")[0], LoraSettings(last_layers=1))
     model.peft_config["default"].base_model_name_or_path = SMOLLM2_HUB_ID

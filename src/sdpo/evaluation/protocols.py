@@ -96,7 +96,7 @@ def reference_logps(model, tokenizer, records: list[Record], domain: str, batch_
     if reference_adapter is None:
         with model.disable_adapter():
             return score()
-    from sdpo.lm.models import quiet_peft
+    from sdpo.lm.quiet import quiet_peft
 
     with quiet_peft():
         model.load_adapter(str(reference_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)

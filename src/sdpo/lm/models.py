@@ -14,9 +14,6 @@ Everything is loaded from local files; ``trust_remote_code`` stays off unless as
 from __future__ import annotations
 
 import importlib.util
-import os
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from sdpo.data.sources.fetch import cache_home
 from sdpo.errors import UserError
 from sdpo.io import write_folder_atomic
+from sdpo.lm.quiet import quiet_peft
 from sdpo.lm.soft_tokens import MODULE, SoftTokenSpec, attach_collaborative_tokens
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -244,30 +242,6 @@ def four_bit_config():
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-@contextmanager
-def quiet_peft():
-    """PEFT without a needless hub lookup and two warnings that say nothing wrong.
-
-    When it saves an adapter (every checkpoint too), PEFT would look up the base model's config on the hub,
-    by the hub id the adapter names (`SMOLLM2_HUB_ID`), to see whether the vocabulary grew: sdpo never
-    changes it, and runs offline. Inside the block PEFT sees hub offline mode, so it skips the lookup, and
-    the warning it then gives is silenced, with the deprecation it triggers in transformers by reading
-    ``is_gradient_checkpointing``.
-    """
-    offline = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # PEFT reads it at each save
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary was not modified")
-            yield
-    finally:
-        if offline is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = offline
 
 
 def linear_module_names(model) -> list[str]:

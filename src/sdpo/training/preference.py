@@ -35,8 +35,9 @@ from sdpo.evaluation.protocols import candidate_logps
 from sdpo.lm.adapters import adapter_sha256
 from sdpo.lm.decoder import causal_lm_parts
 from sdpo.lm.head import head_precision_key
-from sdpo.lm.models import load_model, quiet_peft
+from sdpo.lm.models import load_model
 from sdpo.lm.precision import model_dtype
+from sdpo.lm.quiet import quiet_peft
 from sdpo.lm.scoring import answer_logprobs
 from sdpo.lm.soft_tokens import set_unknown_rate
 from sdpo.lm.trunk import trunk_fingerprint

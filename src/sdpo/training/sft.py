@@ -21,8 +21,9 @@ from sdpo.data.prompts import encode_answer
 from sdpo.data.records import Record
 from sdpo.errors import UserError
 from sdpo.lm.adapters import WEIGHT_DTYPES, store_adapter_weights
-from sdpo.lm.models import LoraSettings, add_lora, load_model, quiet_peft
+from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import model_dtype, resolve_bf16
+from sdpo.lm.quiet import quiet_peft
 from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.lm.soft_tokens import set_injection_layer, set_unknown_rate
 from sdpo.training.collaborative import (
