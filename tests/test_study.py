@@ -266,6 +266,10 @@ def test_a_baseline_whose_predictions_were_cut_short_is_trained_again(small_data
     assert problem is None and metrics["n_records"] == 3
     run_pipeline(tmp_path / "p.yaml")
     assert f"[baseline] reusing {folder}" in capsys.readouterr().out
+    (folder / "metrics.json").write_text('{"hr@1": 0.')  # cut short
+    run_pipeline(tmp_path / "p.yaml")
+    assert "its metrics.json is damaged (JSONDecodeError): training it again" in capsys.readouterr().out
+    metrics = json.loads((folder / "metrics.json").read_text())
     # a baseline of other prepared data is refused first, whatever else is wrong with it
     metrics["data_sha256"] = "another preparation"
     (folder / "metrics.json").write_text(json.dumps(metrics))

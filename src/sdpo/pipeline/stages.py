@@ -126,7 +126,11 @@ def _finished_baseline(plan: Pipeline, name: str, target: Path, config, fingerpr
 
     if not (target / "metrics.json").is_file():
         return None
-    recorded = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"[baseline] {target}: its metrics.json is damaged ({type(exc).__name__}): training it again")
+        return None
     if recorded.get("data_sha256", fingerprint) != fingerprint:
         raise UserError(f"{plan.path}: baseline {name}: {target} was trained on other prepared data than {config.data} holds now "
                         f"(it was prepared again since). Remove {target} to train it again.")
