@@ -34,13 +34,11 @@ from transformers import set_seed
 
 from sdpo.baselines.collaborative import CollaborativeModel
 from sdpo.baselines.prompts import CollaborativePrompts
-from sdpo.benchmarks.step import step_answers
+from sdpo.benchmarks.step import step_answer_indices, step_answers, trunk_lora_model
 from sdpo.data.datasets import load_split, read_manifest
-from sdpo.data.negatives import random_negatives
 from sdpo.errors import UserError
 from sdpo.evaluation.protocols import candidate_logps
 from sdpo.io import write_json
-from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import cpu_name, model_dtype, resolve_bf16
 from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.lm.soft_tokens import MODULE, SoftTokenSpec, set_injection_layer
@@ -61,22 +59,12 @@ def benchmark_injection(model_name: str, data: str | Path, collaborative: str | 
         raise UserError("--negatives: K must be between 1 and the number of negatives per record.")
     source = CollaborativeModel.load(collaborative)
     set_seed(seed)
-    base, tokenizer = load_model(model_name, dtype=model_dtype(bf16), soft_tokens=SoftTokenSpec(source.dim, True))
-    n_layers = base.config.num_hidden_layers
-    if not 1 <= lora_layers < n_layers:
-        raise UserError(f"--lora_layers must be between 1 and {n_layers - 1}: late injection needs frozen layers below the adapter.")
-    model = add_lora(base, LoraSettings(dropout=0.0, last_layers=lora_layers)).train()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    depth = n_layers - lora_layers
+    model, tokenizer, depth = trunk_lora_model(model_name, model_dtype(bf16), lora_layers, SoftTokenSpec(source.dim, True))
     prompts = CollaborativePrompts(tokenizer, read_manifest(data).get("domain", "music"), 0, source, score=True)
     ids = [prompts.ids(r) for r in records]
     packed = {**pack_answers(ids, step_answers(tokenizer, records, k), tokenizer.pad_token_id), **prompts.soft_inputs(records, ids)}
     packed["trunk_record"] = torch.arange(len(records))
-    packed["trunk_answers"] = torch.tensor([[r.candidates.index(r.target), *random_negatives(r, k, 0, position)]
-                                            for position, r in enumerate(records)])  # the candidates step_answers chose
+    packed["trunk_answers"] = step_answer_indices(records, k)
     set_injection_layer(model, depth)
     record_trunk = RecordTrunk.compute(model, tokenizer, records, prompts, depth, batch_size=len(records), progress=False)
 
@@ -106,7 +94,7 @@ def benchmark_injection(model_name: str, data: str | Path, collaborative: str | 
     medians = {way: statistics.median(seconds[way]) for way in WAYS}
     result = {
         "model": model_name, "collaborative": str(collaborative), "cpu": cpu_name(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32", "n_layers": n_layers,
+        "torch_threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32", "n_layers": depth + lora_layers,
         "lora_layers": lora_layers, "injection_layer": depth, "records_per_step": len(records), "negatives": k, "repeats": repeats,
         "step": {
             **{f"{way}_seconds": [round(s, 3) for s in seconds[way]] for way in WAYS},

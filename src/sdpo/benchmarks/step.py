@@ -27,6 +27,7 @@ import torch
 from sdpo.data.negatives import random_negatives
 from sdpo.data.prompts import encode_answer, record_prompt_ids
 from sdpo.data.records import Record
+from sdpo.errors import UserError
 from sdpo.lm.allocator import return_freed_memory
 from sdpo.lm.head import fp32_head
 from sdpo.lm.models import LoraSettings, add_lora, load_model
@@ -76,11 +77,29 @@ class PeakMemory:
 
 def step_answers(tokenizer, records: list[Record], k: int) -> list[list[list[int]]]:
     """Per record, the token ids of its target and of K seeded random negatives (target first)."""
-    answers = []
-    for position, record in enumerate(records):
-        chosen = [record.candidates.index(record.target), *random_negatives(record, k, 0, position)]
-        answers.append([encode_answer(tokenizer, record.candidates[i]) for i in chosen])
-    return answers
+    return [[encode_answer(tokenizer, record.candidates[i]) for i in chosen]
+            for record, chosen in zip(records, step_answer_indices(records, k).tolist(), strict=True)]
+
+
+def step_answer_indices(records: list[Record], k: int) -> torch.Tensor:
+    """[B, 1+K] candidate indices of the answers `step_answers` chose (target first), for the trunk rows."""
+    return torch.tensor([[r.candidates.index(r.target), *random_negatives(r, k, 0, position)] for position, r in enumerate(records)])
+
+
+def trunk_lora_model(model_name: str, dtype: torch.dtype, lora_layers: int, soft_tokens=None):
+    """(model, tokenizer, depth): the LM with LoRA on its last `lora_layers` layers, B drawn at random and no dropout
+    (so that every way of computing it gives one function), and depth = the number of frozen layers below the adapter."""
+    base, tokenizer = load_model(model_name, dtype=dtype, soft_tokens=soft_tokens)
+    n_layers = base.config.num_hidden_layers
+    if not 1 <= lora_layers < n_layers:
+        raise UserError(f"--lora_layers must be between 1 and {n_layers - 1}: the layers below the adapter are the trunk, "
+                        f"got {lora_layers}.")
+    model = add_lora(base, LoraSettings(dropout=0.0, last_layers=lora_layers)).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return model, tokenizer, n_layers - lora_layers
 
 
 def naive_sequences(prompts, answers, pad_token_id):

@@ -19,13 +19,11 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from sdpo.benchmarks.step import step_answers
+from sdpo.benchmarks.step import step_answer_indices, step_answers, trunk_lora_model
 from sdpo.data.datasets import load_split, read_manifest
-from sdpo.data.negatives import random_negatives
 from sdpo.data.prompts import TextPrompts
 from sdpo.errors import UserError
 from sdpo.io import write_json
-from sdpo.lm.models import LoraSettings, add_lora, load_model
 from sdpo.lm.precision import cpu_name, model_dtype, resolve_bf16
 from sdpo.lm.scoring import answer_logprobs, pack_answers
 from sdpo.training.losses import softmax_dpo_loss
@@ -40,23 +38,13 @@ def benchmark_train_trunk(model_name: str, data: str | Path, lora_layers: int, n
     if any(not 1 <= k < len(r.candidates) for r in records):
         raise UserError("--negatives: K must be between 1 and the number of negatives per record.")
     set_seed(seed)
-    base, tokenizer = load_model(model_name, dtype=model_dtype(bf16))
-    n_layers = base.config.num_hidden_layers
-    if not 1 <= lora_layers < n_layers:
-        raise UserError(f"--lora_layers must be between 1 and {n_layers - 1}: the layers below the adapter are the trunk, got {lora_layers}.")
-    model = add_lora(base, LoraSettings(dropout=0.0, last_layers=lora_layers)).train()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    depth = n_layers - lora_layers
+    model, tokenizer, depth = trunk_lora_model(model_name, model_dtype(bf16), lora_layers)
     prompts = TextPrompts(tokenizer, read_manifest(data).get("domain", "music"))
     answers = step_answers(tokenizer, records, k)
     ids = [prompts.ids(r) for r in records]
     packed = pack_answers(ids, answers, tokenizer.pad_token_id)
     packed["trunk_record"] = torch.arange(len(records))
-    packed["trunk_answers"] = torch.tensor([[r.candidates.index(r.target), *random_negatives(r, k, 0, position)]
-                                            for position, r in enumerate(records)])  # the candidates step_answers chose
+    packed["trunk_answers"] = step_answer_indices(records, k)
     start = time.perf_counter()
     trunk = RecordTrunk.compute(model, tokenizer, records, prompts, depth, batch_size=len(records), progress=False)
     fill_seconds = time.perf_counter() - start
@@ -81,7 +69,7 @@ def benchmark_train_trunk(model_name: str, data: str | Path, lora_layers: int, n
     full, shared = statistics.median(seconds["full"]), statistics.median(seconds["shared"])
     result = {
         "model": model_name, "protocol": "train", "cpu": cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "precision": "bf16" if bf16 else "fp32", "n_layers": n_layers, "lora_layers": lora_layers, "trunk_depth": depth,
+        "precision": "bf16" if bf16 else "fp32", "n_layers": depth + lora_layers, "lora_layers": lora_layers, "trunk_depth": depth,
         "records": len(records), "negatives": k, "repeats": repeats,
         "fill_seconds": round(fill_seconds, 3),
         "full_seconds": [round(s, 3) for s in seconds["full"]], "shared_seconds": [round(s, 3) for s in seconds["shared"]],
