@@ -12,6 +12,7 @@ import yaml
 from sdpo.errors import UserError
 from sdpo.evaluation.stats import paired_difference
 from sdpo.report import comparisons, load_run, write_report
+from sdpo.report.tables import across_runs
 
 N = 40
 
@@ -276,3 +277,28 @@ def test_a_pipeline_folder_with_compressed_predictions_reports_the_same(tmp_path
     write_report([run], tmp_path / "compressed")
     for name in ("results.md", "run-records.csv.gz"):
         assert (tmp_path / "compressed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+
+
+def test_stages_of_two_runs_are_compared_on_their_shared_records(tmp_path):
+    new, old = fake_pipeline(tmp_path / "new", seed=1), fake_pipeline(tmp_path / "old", seed=2)
+    written = write_report([new, old], tmp_path / "report", compare=["new/s-dpo-k7,old/zero-shot"])
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "Across runs" in text and written[0].name == "results.md"
+    runs = {name: {(r.stage, r.protocol): r for r in load_run(tmp_path / name).results} for name in ("new", "old")}
+    rows = {r["protocol"]: r for r in across_runs([load_run(new), load_run(old)], ["new/s-dpo-k7,old/zero-shot"])}
+    assert set(rows) == {"rank", "rank-reward", "generate"}  # zero-shot has no reward ranking: its log-prob one stands in
+    assert rows["rank-reward"]["b_protocol"] == "rank" and rows["rank"]["b_protocol"] == "rank"
+    a, b = runs["new"][("s-dpo-k7", "generate")], runs["old"][("zero-shot", "generate")]
+    ids = list(a.values)
+    expected = paired_difference(a.column("hr@1", ids), b.column("hr@1", ids))
+    assert rows["generate"]["difference"] == expected["difference"] and rows["generate"]["interval"] == expected["interval"]
+    assert f"| new/s-dpo-k7 | old/zero-shot | generate | {N} | {expected['difference']:+.4f} |" in text
+
+
+@pytest.mark.parametrize("spec, message", [("new/s-dpo-k7", "two stages"), ("new/s-dpo-k9,old/sft", "no stage 'new/s-dpo-k9'"),
+                                           ("other/sft,old/sft", "no stage 'other/sft'")])
+def test_a_bad_comparison_across_runs_is_refused_before_writing(tmp_path, spec, message):
+    new, old = fake_pipeline(tmp_path / "new", seed=1), fake_pipeline(tmp_path / "old", seed=2)
+    with pytest.raises(UserError, match=message):
+        write_report([new, old], tmp_path / "report", compare=[spec])
+    assert not (tmp_path / "report").exists()

@@ -80,9 +80,11 @@ def report_cmd(
     slices: bool = typer.Option(False, "--slices", help="HR@1 on cold and warm targets and short histories, with paired "
                                                          "differences against --versus"),
     versus: str | None = typer.Option(None, help="--slices: the stage every row is compared with (default: ensemble, else sasrec)"),
+    compare: list[str] | None = typer.Option(None, help="RUN/STAGE,RUN/STAGE: also the paired HR@1 difference A - B between "
+                                                         "stages of two inputs, on the records both evaluated (repeatable)"),
 ) -> None:
     """Tables with 95% intervals, paired comparisons, per-record CSVs and plots from pipeline runs (or their records CSVs)."""
     from sdpo.report import write_report
 
-    for path in write_report(runs, out, config, data, slices, versus):
+    for path in write_report(runs, out, config, data, slices, versus, compare):
         typer.echo(f"wrote {path}")

@@ -19,6 +19,8 @@ For every pipeline output folder given (``sdpo pipeline`` writes ``results.json`
   text), one row per (record id, stage, protocol) with the target's ``rank`` (rank protocols)
   or ``hit``/``valid`` (generate), and the record's ``user`` where users repeat: the input of
   every number in the tables;
+- with ``--compare RUN/STAGE,RUN/STAGE``: paired differences between stages of two inputs, e.g. a new
+  study's stage against an older study's on the same test records;
 - with ``--slices``: HR@1 on cold targets, warm targets and short histories, with intervals over
   records and users, and paired differences against one stage (`sdpo.report.slices`);
 - plots (PNG): training curves (loss, rewards, reward accuracy, chosen log-prob against step),
@@ -41,7 +43,7 @@ from sdpo.report.loading import evaluated_ids, load_run, run_data
 from sdpo.report.plots import plot_hr_vs_k, plot_stage_hr, plot_training_curves, plot_val_hr
 from sdpo.report.records import is_records_table, load_records_table, write_records_csv
 from sdpo.report.slices import default_versus, slice_ids, slice_tables
-from sdpo.report.tables import comparison_table, comparisons, summary_table, wide_table
+from sdpo.report.tables import across_runs, comparison_table, comparisons, summary_table, wide_table
 
 __all__ = ["comparisons", "load_records_table", "load_run", "write_report"]
 
@@ -65,12 +67,14 @@ def _run_slices(run, config: str | Path | None, data: str | Path | None) -> dict
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path | None = None,
-                 data: str | Path | None = None, slices: bool = False, versus: str | None = None) -> list[Path]:
+                 data: str | Path | None = None, slices: bool = False, versus: str | None = None,
+                 compare: list[str] | None = None) -> list[Path]:
     """Write results.md, one CSV per run and the plots into `out`; returns the files written.
 
     Each of `run_dirs` is a pipeline output folder or a records CSV (`load_records_table`, which
     reads `config` and `data`). With `slices`, each run's rank rows are also split into cold and warm
     targets and short histories (`sdpo.report.slices`), compared with `versus` (default: the ensemble, else SASRec).
+    Each of `compare` (``RUN/STAGE,RUN/STAGE``) adds a paired difference between stages of two inputs (`across_runs`).
     """
     if not run_dirs:
         raise UserError("report: give at least one pipeline output folder.")
@@ -80,6 +84,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise UserError(f"report: run folders must have distinct names, got {names}.")
+    crossed = across_runs(runs, compare) if compare else []
     out = Path(out)
     written: list[Path] = []
     sections = ["# Results", "", "Every number is recomputed from the per-record predictions; intervals are 95% percentile "
@@ -96,7 +101,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
                          "records; the plots show it). One user's records are not independent: the per-user interval is the one "
                          "to read.", ""]
         rows = comparisons(run)
-        sections += [wide_table(run), ""] + ([comparison_table(run, rows), ""] if rows else [])
+        title = f"{run.name}: paired HR@1 differences (same records)"
+        sections += [wide_table(run), ""] + ([comparison_table(title, rows, run.users is not None), ""] if rows else [])
         if slices:
             sections += [slice_tables(run, sliced[run.name], versus or default_versus(run)), ""]
         plots = [(out / f"{run.name}-hr1.png", lambda p, r=run: plot_stage_hr(r, p) or True),
@@ -108,6 +114,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
                 written.append(path)
                 sections.append(f"![{path.stem}]({path.name})")
         sections += ["", summary_table(run), ""]
+    if crossed:
+        sections += [comparison_table("Across runs: paired HR@1 differences (the records both evaluated)", crossed, True), ""]
     results = out / "results.md"
     write_text_atomic(results, "\n".join(sections) + "\n")
     return [results, *written]

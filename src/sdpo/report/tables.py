@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdpo.errors import UserError
 from sdpo.evaluation.stats import bootstrap_ci, bootstrap_cis, paired_difference
 from sdpo.report.loading import GENERATE_METRICS, PROTOCOL_ORDER, RANK_METRICS, Result, Run
 
@@ -96,9 +97,10 @@ def comparisons(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def comparison_table(run: Run, rows: list[dict[str, Any]]) -> str:
-    per_user = run.users is not None
-    lines = [f"### {run.name}: paired HR@1 differences (same records)", "",
+def comparison_table(title: str, rows: list[dict[str, Any]], per_user: bool) -> str:
+    """Markdown: one row per paired difference (`comparisons`, `across_runs`), with the per-user interval where known."""
+    per_user = per_user and all("user_interval" in row for row in rows)
+    lines = [f"### {title}", "",
              "| A | B | protocol | n | HR@1(A) - HR@1(B) | 95% CI | share of resamples <= 0 |"
              + (" per-user 95% CI | per-user share <= 0 |" if per_user else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|" if per_user else "")]
@@ -110,3 +112,54 @@ def comparison_table(run: Run, rows: list[dict[str, Any]]) -> str:
             line += " [{:+.4f}, {:+.4f}] |".format(*row["user_interval"]) + f" {row['user_p_le_0']:.3f} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def across_runs(runs: list[Run], specs: list[str]) -> list[dict[str, Any]]:
+    """Paired HR@1 differences between stages of two runs, e.g. a new study's S-DPO against an older study's SFT.
+
+    Each spec is ``RUN/STAGE,RUN/STAGE`` (A, then B; RUN a report input's name). Per protocol A has and B has too
+    (a reward ranking against B's reward ranking, else B's log-prob ranking), on the records both evaluated; with an
+    interval over users where a run knows its records' users. Every spec is checked before any is computed.
+    """
+    by_name = {run.name: run for run in runs}
+
+    def stage_of(side: str, spec: str) -> tuple[Run, str]:
+        run_name, _, stage = side.strip().rpartition("/")
+        run = by_name.get(run_name)
+        if run is None or not any(r.stage == stage for r in run.results):
+            known = sorted({f"{r.name}/{result.stage}" for r in runs for result in r.results})
+            raise UserError(f"report --compare {spec!r}: no stage {side.strip()!r} among the inputs; give RUN/STAGE,RUN/STAGE "
+                            f"from {', '.join(known)}.")
+        return run, stage
+
+    pairs = []
+    for spec in specs:
+        sides = spec.split(",")
+        if len(sides) != 2:
+            raise UserError(f"report --compare {spec!r}: give two stages as RUN/STAGE,RUN/STAGE (A, then B).")
+        pairs.append((spec, stage_of(sides[0], spec), stage_of(sides[1], spec)))
+    rows = []
+    for spec, (run_a, a), (run_b, b) in pairs:
+        mine = {r.protocol: r for r in run_a.results if r.stage == a}
+        theirs = {r.protocol: r for r in run_b.results if r.stage == b}
+        found = 0
+        for protocol in PROTOCOL_ORDER:
+            reference = theirs.get(protocol) or (theirs.get("rank") if protocol == "rank-reward" else None)
+            if protocol not in mine or reference is None:
+                continue
+            ids = common_ids(mine[protocol], reference)
+            if not ids:
+                continue
+            found += 1
+            columns = mine[protocol].column("hr@1", ids), reference.column("hr@1", ids)
+            row = {"a": f"{run_a.name}/{a}", "b": f"{run_b.name}/{b}", "protocol": protocol, "b_protocol": reference.protocol,
+                   "n": len(ids), **paired_difference(*columns)}
+            users = run_a.users or run_b.users
+            if users is not None and all(i in users for i in ids):
+                by_user = paired_difference(*columns, groups=[users[i] for i in ids])
+                row.update(user_interval=by_user["interval"], user_p_le_0=by_user["p_le_0"])
+            rows.append(row)
+        if not found:
+            raise UserError(f"report --compare {spec!r}: the two stages share no protocol on common records; compare stages "
+                            "evaluated on the same split and records.")
+    return rows
