@@ -295,6 +295,31 @@ def test_the_gpu_study_differs_from_the_cpu_study_in_scale_only():
     assert {k: v for k, v in cpu["evaluate"].items() if k != "batch_size"} == {k: v for k, v in gpu["evaluate"].items() if k != "batch_size"}
 
 
+@pytest.mark.parametrize("old_name, new_name", [("study-lastfm.yaml", "study-sft-term-lastfm.yaml"),
+                                                ("study-ml100k.yaml", "study-sft-term-ml100k.yaml")])
+def test_the_sft_term_studies_rerun_the_text_align_stages_with_only_the_sweeps_choice_changed(old_name, new_name):
+    """Issue 34's studies: from the older study's SFT, on the same records, steps, seed and test records; the chosen
+    alpha, beta and lr, and the shared trunk (the same function, computed once) are all that change."""
+    folder = Path(__file__).parents[1] / "configs"
+    old, new = (yaml.safe_load((folder / name).read_text()) for name in (old_name, new_name))
+    sweep = yaml.safe_load((folder / "sweep-sft-term-lastfm.yaml").read_text())
+    chosen = next(s for s in sweep["align"] if s["name"] == "w1-b1")  # docs/results/sweep-sft-term-lastfm.md
+    changed = {"sft_weight", "beta", "learning_rate", "share_trunk", "adapter_dtype", "name", "from"}
+    for key in ("model", "seed", "subset_seed", "data", "bf16"):
+        assert old.get(key) == new.get(key), key
+    old_sft = old["sft"][0] if isinstance(old["sft"], list) else old["sft"]
+    assert [s["name"] for s in new["sft"]] == ["sft"] and Path(new["sft"][0]["adapter"]).name in (old_sft["name"], "lastfm-sft-smollm2-135m")
+    old_text = {s["name"]: s for s in old["align"] if s.get("from", old_sft["name"]) == old_sft["name"]}
+    assert {s["name"] for s in new["align"]} == {"dpo", "s-dpo-k3", "s-dpo-k19"} <= set(old_text)
+    for stage in new["align"]:
+        assert {k: v for k, v in stage.items() if k not in changed} == {k: v for k, v in old_text[stage["name"]].items() if k not in changed}
+        assert (stage["sft_weight"], stage["beta"], stage["learning_rate"]) == (chosen["sft_weight"], chosen["beta"], chosen["learning_rate"])
+    assert new["evaluate"].get("limit") == old["evaluate"].get("limit") and new["evaluate"]["split"] == old["evaluate"]["split"] == "test"
+    from sdpo.pipeline.config import read_pipeline
+
+    assert read_pipeline(folder / new_name).align_stages  # it parses as a pipeline
+
+
 def test_pipeline_stages_are_named_and_linked(tmp_path):
     from sdpo.errors import UserError
     from sdpo.pipeline.config import parse_training_stages
