@@ -407,8 +407,9 @@ def test_the_ml100k_study_config_runs_both_families_on_tiny(small_data, tmp_path
     from safetensors.torch import load_file
 
     assert all(w.dtype == torch.bfloat16 for w in load_file(study / "collab-s-dpo-k19" / "adapter_model.safetensors").values())
-    assert (study / "eval" / "collab-s-dpo-k19-generate" / "metrics.json").is_file()
-    assert not (study / "eval" / "collab-dpo-generate").exists()
+    trained = ["sft", "collab-sft", *stages]  # every trained stage generates (issue 34: the README shows it for every LM row)
+    assert all((study / "eval" / f"{name}-generate" / "metrics.json").is_file() for name in trained)
+    assert not (study / "eval" / "zero-shot-generate").exists()
     report = sdpo("report", study, "--out", tmp_path / "report")
     assert report.returncode == 0, report.stderr[-2000:]
 
