@@ -87,14 +87,20 @@ def comparisons(run: Run) -> list[dict[str, Any]]:
             reference = by_key.get((b, "rank" if protocol == "rank-reward" else protocol))
             if reference is None:
                 continue
-            ids = common_ids(by_key[(a, protocol)], reference)
-            columns = by_key[(a, protocol)].column("hr@1", ids), reference.column("hr@1", ids)
-            row = {"a": a, "b": b, "protocol": protocol, "b_protocol": reference.protocol, "n": len(ids), **paired_difference(*columns)}
-            if run.users is not None:
-                by_user = paired_difference(*columns, groups=run.groups(ids))
-                row.update(user_interval=by_user["interval"], user_p_le_0=by_user["p_le_0"])
-            rows.append(row)
+            rows.append(paired_row(a, by_key[(a, protocol)], b, reference, run.users))
     return rows
+
+
+def paired_row(a: str, mine: Result, b: str, reference: Result, users: dict[str, str] | None) -> dict[str, Any]:
+    """HR@1(A) - HR@1(B) on the records both evaluated: the difference, its intervals (over records; over users where
+    every shared record's user is known) and the share of resamples at most 0."""
+    ids = common_ids(mine, reference)
+    columns = mine.column("hr@1", ids), reference.column("hr@1", ids)
+    row = {"a": a, "b": b, "protocol": mine.protocol, "b_protocol": reference.protocol, "n": len(ids), **paired_difference(*columns)}
+    if users is not None and all(i in users for i in ids):
+        by_user = paired_difference(*columns, groups=[users[i] for i in ids])
+        row.update(user_interval=by_user["interval"], user_p_le_0=by_user["p_le_0"])
+    return row
 
 
 def comparison_table(title: str, rows: list[dict[str, Any]], per_user: bool) -> str:
@@ -147,18 +153,10 @@ def across_runs(runs: list[Run], specs: list[str]) -> list[dict[str, Any]]:
             reference = theirs.get(protocol) or (theirs.get("rank") if protocol == "rank-reward" else None)
             if protocol not in mine or reference is None:
                 continue
-            ids = common_ids(mine[protocol], reference)
-            if not ids:
+            if not common_ids(mine[protocol], reference):
                 continue
             found += 1
-            columns = mine[protocol].column("hr@1", ids), reference.column("hr@1", ids)
-            row = {"a": f"{run_a.name}/{a}", "b": f"{run_b.name}/{b}", "protocol": protocol, "b_protocol": reference.protocol,
-                   "n": len(ids), **paired_difference(*columns)}
-            users = run_a.users or run_b.users
-            if users is not None and all(i in users for i in ids):
-                by_user = paired_difference(*columns, groups=[users[i] for i in ids])
-                row.update(user_interval=by_user["interval"], user_p_le_0=by_user["p_le_0"])
-            rows.append(row)
+            rows.append(paired_row(f"{run_a.name}/{a}", mine[protocol], f"{run_b.name}/{b}", reference, run_a.users or run_b.users))
         if not found:
             raise UserError(f"report --compare {spec!r}: the two stages share no protocol on common records; compare stages "
                             "evaluated on the same split and records.")
