@@ -153,6 +153,24 @@ def test_a_study_imports_stages_trained_elsewhere_and_generates_with_the_stages_
     there = json.loads((trained / "eval" / "dpo-rank" / "metrics.json").read_text())
     assert here["reward_hr@1"] == there["reward_hr@1"] and here["mrr"] == there["mrr"]
 
+    # git keeps the imported stages' configs but not their weights (the source's bytes), as kept_files says ...
+    git("init", "-q", cwd=tmp_path)
+    git("add", "-A", "out", cwd=tmp_path)
+    tracked = sorted(git("ls-files", cwd=tmp_path).split())
+    assert sorted(str(p.relative_to(tmp_path)) for p in kept_files(out, ["text-sft", "text-dpo"])) == tracked
+    assert "out/text-dpo/sdpo_config.yaml" in tracked and "out/eval/text-dpo-rank/metrics.json" in tracked
+    assert not [name for name in tracked if name.endswith(".safetensors")]
+    # ... and a fresh checkout copies them again and reuses every evaluation
+    fresh = tmp_path / "fresh"
+    for name in tracked:
+        (fresh / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tmp_path / name, fresh / name)
+    again = sdpo("pipeline", str(tmp_path / "imported.yaml"), "--output_dir", "out", cwd=fresh)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[text-dpo] importing" in again.stdout and "[evaluate] reusing out/eval/text-dpo-rank" in again.stdout
+    assert without_seconds(json.loads((fresh / "out" / "results.json").read_text())) == without_seconds(json.loads((out / "results.json").read_text()))
+    assert (fresh / "out" / "text-dpo" / "adapter_model.safetensors").read_bytes() == (trained / "dpo" / "adapter_model.safetensors").read_bytes()
+
     # an align stage imported onto an SFT stage it was not trained from is refused
     from safetensors.torch import load_file, save_file
 
@@ -164,6 +182,26 @@ def test_a_study_imports_stages_trained_elsewhere_and_generates_with_the_stages_
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(config))
     wrong = sdpo("pipeline", "wrong.yaml", "--output_dir", "wrong", cwd=tmp_path)
     assert wrong.returncode == 2 and "was not trained from the weights of stage text-sft" in wrong.stderr + wrong.stdout
+
+
+def test_only_an_imported_stages_weights_are_left_to_be_copied_again_whatever_its_name(tmp_path):
+    """Stage names are literal in the .gitignore: an imported 'a*b' leaves out its own weights, not those of a trained 'axb'."""
+    from sdpo.pipeline.study import write_gitignore
+
+    imported = ["a*b", "#c", "!d", "sft"]
+    study = tmp_path / "study"
+    write_gitignore(study, imported)
+    for stage in [*imported, "axb", "dpo"]:
+        for name in ("adapter_model.safetensors", "sdpo_config.yaml", "collaborative/model.safetensors", "collaborative/config.json"):
+            (study / stage / name).parent.mkdir(parents=True, exist_ok=True)
+            (study / stage / name).write_text(stage)
+    git("init", "-q", cwd=tmp_path)
+    git("add", "-A", cwd=tmp_path)
+    tracked = sorted(git("ls-files", cwd=tmp_path).splitlines())
+    assert sorted(str(p.relative_to(tmp_path)) for p in kept_files(study, imported)) == tracked
+    assert "study/axb/adapter_model.safetensors" in tracked and "study/dpo/collaborative/model.safetensors" in tracked
+    assert "study/a*b/sdpo_config.yaml" in tracked and "study/a*b/adapter_model.safetensors" not in tracked
+    assert not [name for name in tracked if name.startswith(("study/sft/collaborative", "study/#c/adapter", "study/!d/adapter"))]
 
 
 def test_files_too_large_to_commit_are_named(tmp_path, capsys):

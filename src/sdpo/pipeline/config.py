@@ -46,6 +46,12 @@ class Pipeline:
     def limit(self) -> int | None:
         return self.evaluate.get("limit")
 
+    @property
+    def imported_stages(self) -> list[str]:
+        """The stages copied from a run elsewhere (``adapter: DIR``), not trained here."""
+        stages = [(name, options) for name, options in self.sft_stages] + [(name, options) for name, options, _ in self.align_stages]
+        return [name for name, options in stages if "adapter" in options]
+
 
 def read_pipeline(path: str | Path, output_dir: str | Path | None = None) -> Pipeline:
     """The pipeline config at `path`, checked; `output_dir` (if given) replaces its ``output_dir``."""

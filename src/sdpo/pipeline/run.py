@@ -34,7 +34,7 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
     check_gitignore(plan.out)
     started = time.perf_counter()
     data_dir = prepared_data(plan)
-    write_gitignore(plan.out)
+    write_gitignore(plan.out, plan.imported_stages)
     record_paths_in_study(plan.out)  # mends a folder an older sdpo wrote with paths of its machine
     plan.shared["domain"] = resolve_domain(data_dir, plan.shared["domain"])
     baseline_rows = run_baselines(plan, data_dir)  # first: a stage may read one as its collaborative model
@@ -56,7 +56,7 @@ def run_pipeline(path: str | Path, output_dir: str | Path | None = None) -> list
     record_paths_in_study(plan.out)
     print(table)
     if committable(plan.out):  # a study folder to commit, not a run folder git ignores (runs/)
-        warn_about_large_files(plan.out)
+        warn_about_large_files(plan.out, plan.imported_stages)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in {plan.out / 'results.md'}")
     return rows
 

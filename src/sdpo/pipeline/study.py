@@ -5,6 +5,9 @@ git keep exactly what a fresh checkout needs to continue the study with the same
 
 - each finished training stage's adapter; every training stage's resolved config and training
   log (an unfinished stage's are written again when it restarts);
+- of a stage imported from a run elsewhere (``adapter: DIR``), its config and log but not its
+  weights: they are the source's bytes, which a fresh checkout copies again (a study would
+  otherwise carry every shipped adapter it starts from twice);
 - each finished evaluation's metrics and its per-record predictions (gzip-compressed; plain in
   folders an older sdpo wrote);
 - the journal of an unfinished evaluation (its finished batches);
@@ -25,7 +28,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +54,22 @@ MAX_TRACKED_BYTES = 1024 * 1024  # any other file git carries
 HEADER = "# Written by sdpo pipeline (sdpo.pipeline.study): git keeps what a fresh checkout needs to continue"
 
 
-def gitignore_text() -> str:
-    """The study folder's .gitignore: everything is ignored but the files a continuation reads."""
+IMPORTED_COPIES = ("adapter_model.safetensors", "collaborative")  # what an imported stage's folder holds of its source's weights
+
+
+def gitignore_text(imported: Sequence[str] = ()) -> str:
+    """The study folder's .gitignore: everything is ignored but the files a continuation reads, less the weights of the
+    `imported` stages (copies of a run elsewhere, copied again by the pipeline)."""
     lines = [HEADER, "# this study with the same command; checkpoints, caches and the prepared data are rebuilt there.", "*", "!*/"]
     lines += [f"!{name}" for name in KEPT_FILES]
     lines += ["/data/"] + [f"{folder}/" for folder in REBUILT_FOLDERS]
+    lines += [f"/{_escaped(stage)}/{copy}" for stage in imported for copy in IMPORTED_COPIES]
     return "\n".join(lines) + "\n"
+
+
+def _escaped(name: str) -> str:
+    """A stage name as a literal gitignore pattern (its wildcards and leading ! or # escaped)."""
+    return re.sub(r"([*?\[\\!#])", r"\\\1", name)
 
 
 def check_gitignore(out: Path) -> None:
@@ -65,17 +80,17 @@ def check_gitignore(out: Path) -> None:
                         "Choose another --output_dir (e.g. studies/NAME), or move that file away.")
 
 
-def write_gitignore(out: Path) -> None:
+def write_gitignore(out: Path, imported: Sequence[str] = ()) -> None:
     """Give the output folder its .gitignore (rewritten where an older sdpo wrote another; a user's own is refused)."""
     check_gitignore(out)
     path = Path(out) / GITIGNORE
-    if not path.is_file() or path.read_text(encoding="utf-8") != gitignore_text():
-        write_text_atomic(path, gitignore_text())
+    if not path.is_file() or path.read_text(encoding="utf-8") != gitignore_text(imported):
+        write_text_atomic(path, gitignore_text(imported))
 
 
-def kept_files(out: Path) -> list[Path]:
-    """The files under `out` that its .gitignore lets git track: what `git add` takes where no other ignore rule applies
-    (tests/test_study.py holds this to git itself)."""
+def kept_files(out: Path, imported: Sequence[str] = ()) -> list[Path]:
+    """The files under `out` that its .gitignore (written with the same `imported` stages) lets git track: what
+    `git add` takes where no other ignore rule applies (tests/test_study.py holds this to git itself)."""
     out = Path(out)
     kept = []
     for path in sorted(out.rglob("*")):
@@ -84,6 +99,8 @@ def kept_files(out: Path) -> list[Path]:
         if not path.is_file() or path.name not in KEPT_FILES or (folders and folders[0] == "data"):
             continue
         if any(fnmatch.fnmatch(folder, pattern) for folder in folders for pattern in REBUILT_FOLDERS):
+            continue
+        if len(relative.parts) > 1 and relative.parts[0] in imported and relative.parts[1] in IMPORTED_COPIES:
             continue
         kept.append(path)
     return kept
@@ -97,10 +114,10 @@ def committable(out: Path) -> bool:
         return False
 
 
-def warn_about_large_files(out: Path) -> list[Path]:
+def warn_about_large_files(out: Path, imported: Sequence[str] = ()) -> list[Path]:
     """Name each file git would track that is too large to commit (weights over 8 MiB, anything else over 1 MiB); returns them."""
     large = []
-    for path in kept_files(out):
+    for path in kept_files(out, imported):
         weights = path.suffix == ".safetensors"
         limit = MAX_WEIGHTS_BYTES if weights else MAX_TRACKED_BYTES
         if path.stat().st_size > limit:
