@@ -49,8 +49,7 @@ class Pipeline:
     @property
     def imported_stages(self) -> list[str]:
         """The stages copied from a run elsewhere (``adapter: DIR``), not trained here."""
-        stages = [(name, options) for name, options in self.sft_stages] + [(name, options) for name, options, _ in self.align_stages]
-        return [name for name, options in stages if "adapter" in options]
+        return [name for name, options, *_ in [*self.sft_stages, *self.align_stages] if "adapter" in options]
 
 
 def read_pipeline(path: str | Path, output_dir: str | Path | None = None) -> Pipeline:
