@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks
-exec .venv/bin/python -m pytest "$@"
+# one pytest-xdist worker per core (SDPO_TEST_WORKERS=0 runs in this process: pdb, -x)
+exec .venv/bin/python -m pytest -n "${SDPO_TEST_WORKERS:-auto}" "$@"

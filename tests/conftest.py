@@ -10,6 +10,15 @@ from sdpo.data.datasets import load_split, read_manifest, write_prepared
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test.sh runs the suite on every core), each worker's torch gets its share of the cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     """The local data mirror (SDPO_MIRROR, default ../shared/data beside the repository)."""

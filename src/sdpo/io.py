@@ -81,10 +81,12 @@ def read_jsonl(path: str | Path) -> list[Any]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
-def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None], *, keep_existing: bool = False) -> Path:
     """Run ``fill(staging)`` on a temporary sibling folder, then rename it to `folder`.
 
-    `folder` is replaced only once `fill` has finished; if it raises, nothing changes.
+    `folder` is replaced only once `fill` has finished; if it raises, nothing changes. With `keep_existing`
+    (a cache that any process may fill, e.g. two ranks of one launch converting the same model), a `folder`
+    that another process put in place meanwhile is kept and this copy dropped, so a reader never loses it.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +95,14 @@ def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None]) -> Pat
         fill(staging)
         staging.chmod(0o755)
         if folder.exists():
+            if keep_existing:
+                return folder
             shutil.rmtree(folder)
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process renamed its copy into place between our check and our rename
+            if not (keep_existing and folder.is_dir()):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

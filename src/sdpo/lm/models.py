@@ -66,7 +66,7 @@ def smollm2_tokenizer_path() -> Path:
         source = _smollm2_package_dir()
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         check_smollm2_tokenizer(tokenizer, "converted from the GGUF file")
-        write_folder_atomic(folder, tokenizer.save_pretrained)
+        write_folder_atomic(folder, tokenizer.save_pretrained, keep_existing=True)
     return folder
 
 
@@ -97,7 +97,7 @@ def smollm2_path() -> Path:
             plain.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
 
-        write_folder_atomic(folder, save)
+        write_folder_atomic(folder, save, keep_existing=True)
     return folder
 
 
