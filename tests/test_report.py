@@ -285,14 +285,17 @@ def test_stages_of_two_runs_are_compared_on_their_shared_records(tmp_path):
     text = (tmp_path / "report" / "results.md").read_text()
     assert "Across runs" in text and written[0].name == "results.md"
     runs = {name: {(r.stage, r.protocol): r for r in load_run(tmp_path / name).results} for name in ("new", "old")}
-    rows = {r["protocol"]: r for r in across_runs([load_run(new), load_run(old)], ["new/s-dpo-k7,old/zero-shot"])}
-    assert set(rows) == {"rank", "rank-reward", "generate"}  # zero-shot has no reward ranking: its log-prob one stands in
-    assert rows["rank-reward"]["b_protocol"] == "rank" and rows["rank"]["b_protocol"] == "rank"
+    rows = {(r["protocol"], r["metric"]): r for r in across_runs([load_run(new), load_run(old)], ["new/s-dpo-k7,old/zero-shot"])}
+    # zero-shot has no reward ranking: its log-prob one stands in; a generation is compared by ValidRatio too
+    assert set(rows) == {("rank", "hr@1"), ("rank-reward", "hr@1"), ("generate", "hr@1"), ("generate", "valid_ratio")}
+    assert rows["rank-reward", "hr@1"]["b_protocol"] == "rank" and rows["rank", "hr@1"]["b_protocol"] == "rank"
     a, b = runs["new"][("s-dpo-k7", "generate")], runs["old"][("zero-shot", "generate")]
     ids = list(a.values)
-    expected = paired_difference(a.column("hr@1", ids), b.column("hr@1", ids))
-    assert rows["generate"]["difference"] == expected["difference"] and rows["generate"]["interval"] == expected["interval"]
-    assert f"| new/s-dpo-k7 | old/zero-shot | generate | {N} | {expected['difference']:+.4f} |" in text
+    for metric, name in (("hr@1", "HR@1"), ("valid_ratio", "ValidRatio")):
+        expected = paired_difference([r[metric] for r in map(a.values.get, ids)], [r[metric] for r in map(b.values.get, ids)])
+        assert rows["generate", metric]["difference"] == expected["difference"] and rows["generate", metric]["interval"] == expected["interval"]
+        assert f"| new/s-dpo-k7 | old/zero-shot | generate, {name} | {N} | {expected['difference']:+.4f} |" in text
+    assert rows["generate", "valid_ratio"]["difference"] != rows["generate", "hr@1"]["difference"]
 
 
 @pytest.mark.parametrize("spec, message", [("new/s-dpo-k7", "two stages"), ("new/s-dpo-k9,old/sft", "no stage 'new/s-dpo-k9'"),

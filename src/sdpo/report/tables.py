@@ -8,6 +8,8 @@ from sdpo.errors import UserError
 from sdpo.evaluation.stats import bootstrap_ci, bootstrap_cis, paired_difference
 from sdpo.report.loading import GENERATE_METRICS, PROTOCOL_ORDER, RANK_METRICS, Result, Run
 
+METRIC_NAMES = {"hr@1": "HR@1", "valid_ratio": "ValidRatio"}
+
 
 def common_ids(*results: Result) -> list[str]:
     ids = [i for i in results[0].values if all(i in r.values for r in results[1:])]
@@ -91,12 +93,13 @@ def comparisons(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_row(a: str, mine: Result, b: str, reference: Result, users: dict[str, str] | None) -> dict[str, Any]:
-    """HR@1(A) - HR@1(B) on the records both evaluated: the difference, its intervals (over records; over users where
-    every shared record's user is known) and the share of resamples at most 0."""
+def paired_row(a: str, mine: Result, b: str, reference: Result, users: dict[str, str] | None, metric: str = "hr@1") -> dict[str, Any]:
+    """metric(A) - metric(B) (HR@1, or a generation's ValidRatio) on the records both evaluated: the difference, its
+    intervals (over records; over users where every shared record's user is known) and the share of resamples at most 0."""
     ids = common_ids(mine, reference)
-    columns = mine.column("hr@1", ids), reference.column("hr@1", ids)
-    row = {"a": a, "b": b, "protocol": mine.protocol, "b_protocol": reference.protocol, "n": len(ids), **paired_difference(*columns)}
+    columns = mine.column(metric, ids), reference.column(metric, ids)
+    row = {"a": a, "b": b, "protocol": mine.protocol, "b_protocol": reference.protocol, "metric": metric, "n": len(ids),
+           **paired_difference(*columns)}
     if users is not None and all(i in users for i in ids):
         by_user = paired_difference(*columns, groups=[users[i] for i in ids])
         row.update(user_interval=by_user["interval"], user_p_le_0=by_user["p_le_0"])
@@ -106,12 +109,15 @@ def paired_row(a: str, mine: Result, b: str, reference: Result, users: dict[str,
 def comparison_table(title: str, rows: list[dict[str, Any]], per_user: bool) -> str:
     """Markdown: one row per paired difference (`comparisons`, `across_runs`), with the per-user interval where known."""
     per_user = per_user and all("user_interval" in row for row in rows)
+    metrics = any(row["metric"] != "hr@1" for row in rows)  # ValidRatio rows too: the metric joins the protocol column
     lines = [f"### {title}", "",
-             "| A | B | protocol | n | HR@1(A) - HR@1(B) | 95% CI | share of resamples <= 0 |"
+             f"| A | B | protocol | n | {'A - B' if metrics else 'HR@1(A) - HR@1(B)'} | 95% CI | share of resamples <= 0 |"
              + (" per-user 95% CI | per-user share <= 0 |" if per_user else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|" if per_user else "")]
     for row in rows:
         protocol = row["protocol"] if row["protocol"] == row["b_protocol"] else f"{row['protocol']} vs {row['b_protocol']}"
+        if metrics:
+            protocol += f", {METRIC_NAMES[row['metric']]}"
         low, high = row["interval"]
         line = f"| {row['a']} | {row['b']} | {protocol} | {row['n']} | {row['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] | {row['p_le_0']:.3f} |"
         if per_user:
@@ -121,7 +127,8 @@ def comparison_table(title: str, rows: list[dict[str, Any]], per_user: bool) -> 
 
 
 def across_runs(runs: list[Run], specs: list[str]) -> list[dict[str, Any]]:
-    """Paired HR@1 differences between stages of two runs, e.g. a new study's S-DPO against an older study's SFT.
+    """Paired HR@1 differences between stages of two runs, e.g. a new study's S-DPO against an older study's SFT,
+    and for generations the paired ValidRatio difference too (the paper reports both).
 
     Each spec is ``RUN/STAGE,RUN/STAGE`` (A, then B; RUN a report input's name). Per protocol A has and B has too
     (a reward ranking against B's reward ranking, else B's log-prob ranking), on the records both evaluated; with an
@@ -156,7 +163,8 @@ def across_runs(runs: list[Run], specs: list[str]) -> list[dict[str, Any]]:
             if not common_ids(mine[protocol], reference):
                 continue
             found += 1
-            rows.append(paired_row(f"{run_a.name}/{a}", mine[protocol], f"{run_b.name}/{b}", reference, run_a.users or run_b.users))
+            for metric in ("hr@1", "valid_ratio") if protocol == "generate" else ("hr@1",):
+                rows.append(paired_row(f"{run_a.name}/{a}", mine[protocol], f"{run_b.name}/{b}", reference, run_a.users or run_b.users, metric))
         if not found:
             raise UserError(f"report --compare {spec!r}: the two stages share no protocol on common records; compare stages "
                             "evaluated on the same split and records.")
