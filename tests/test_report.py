@@ -215,6 +215,25 @@ def test_a_records_table_gives_the_run_folders_report(tmp_path):
     assert "| s-dpo-k3 | rank-reward |" in text and "| s-dpo-k7 | dpo |" not in text
 
 
+def test_a_run_folder_without_its_data_takes_its_users_from_the_data_it_evaluated(tmp_path):
+    """A study's data/ is not committed: in a fresh checkout --data gives its users, once the fingerprint matches."""
+    from sdpo.data.datasets import data_fingerprint
+
+    users = [f"user-{i % 4}" for i in range(N)]
+    prepared = with_users(fake_pipeline(tmp_path / "elsewhere"), users) / "data"
+    folder = fake_pipeline(tmp_path / "study-lastfm")
+    (folder / "eval" / "sft-rank" / "metrics.json").write_text(json.dumps(
+        {"data": "data", "split": "test", "data_sha256": data_fingerprint(prepared)}))  # the study's data/ is not here
+    write_report([folder], tmp_path / "without")
+    assert "users" not in (tmp_path / "without" / "results.md").read_text()
+    write_report([folder], tmp_path / "with", data=prepared)
+    assert "come from 4 users" in (tmp_path / "with" / "results.md").read_text()
+    (prepared / "test.jsonl").write_text((prepared / "test.jsonl").read_text().replace("user-1", "user-9"))
+    with pytest.raises(UserError, match="not the prepared data study-lastfm evaluated"):
+        write_report([folder], tmp_path / "other", data=prepared)
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_records_table_without_users_takes_them_from_the_data(tmp_path):
     users = [f"user-{i % 4}" for i in range(N)]
     folder = fake_pipeline(tmp_path / "study-lastfm")

@@ -75,13 +75,13 @@ def report_cmd(
     out: Path = typer.Option(..., "--out", help="folder for results.md, the per-record CSVs and the plots"),
     config: Path | None = typer.Option(None, help="for a records CSV: the pipeline config that produced it "
                                                      "(stage relations, for the paired comparisons and HR@1 against K)"),
-    data: Path | None = typer.Option(None, help="for a records CSV without a user column: the prepared dataset "
-                                                   "folder, for intervals over users (and for --slices)"),
+    data: Path | None = typer.Option(None, help="for a records CSV without a user column, or a run folder without its "
+                                                   "data/: the prepared dataset folder, for intervals over users (and for --slices)"),
     slices: bool = typer.Option(False, "--slices", help="HR@1 on cold and warm targets and short histories, with paired "
                                                          "differences against --versus"),
     versus: str | None = typer.Option(None, help="--slices: the stage every row is compared with (default: ensemble, else sasrec)"),
-    compare: list[str] | None = typer.Option(None, help="RUN/STAGE,RUN/STAGE: also the paired HR@1 difference A - B between "
-                                                         "stages of two inputs, on the records both evaluated (repeatable)"),
+    compare: list[str] | None = typer.Option(None, help="RUN/STAGE,RUN/STAGE: also the paired HR@1 (and ValidRatio) difference A - B "
+                                                         "between stages of two inputs, on the records both evaluated (repeatable)"),
 ) -> None:
     """Tables with 95% intervals, paired comparisons, per-record CSVs and plots from pipeline runs (or their records CSVs)."""
     from sdpo.report import write_report

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from sdpo.errors import UserError
 from sdpo.io import write_text_atomic
-from sdpo.report.loading import evaluated_ids, load_run, run_data
+from sdpo.report.loading import evaluated_ids, load_run, run_data, users_from_data
 from sdpo.report.plots import plot_hr_vs_k, plot_stage_hr, plot_training_curves, plot_val_hr
 from sdpo.report.records import is_records_table, load_records_table, write_records_csv
 from sdpo.report.slices import default_versus, slice_ids, slice_tables
@@ -72,14 +72,18 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
     """Write results.md, one CSV per run and the plots into `out`; returns the files written.
 
     Each of `run_dirs` is a pipeline output folder or a records CSV (`load_records_table`, which
-    reads `config` and `data`). With `slices`, each run's rank rows are also split into cold and warm
-    targets and short histories (`sdpo.report.slices`), compared with `versus` (default: the ensemble, else SASRec).
+    reads `config` and `data`); a run folder whose own prepared data is not here reads its users from `data`.
+    With `slices`, each run's rank rows are also split into cold and warm targets and short histories
+    (`sdpo.report.slices`), compared with `versus` (default: the ensemble, else SASRec).
     Each of `compare` (``RUN/STAGE,RUN/STAGE``) adds a paired difference between stages of two inputs (`across_runs`).
     """
     if not run_dirs:
         raise UserError("report: give at least one pipeline output folder.")
     # every input is checked before anything is written
     runs = [load_records_table(source, config, data) if is_records_table(source) else load_run(source) for source in run_dirs]
+    for run in runs:
+        if run.table is None and run.users is None and data is not None and run_data(run.folder) is None:
+            users_from_data(run, data)
     sliced = {run.name: _run_slices(run, config, data) for run in runs} if slices else {}
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
@@ -115,7 +119,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
                 sections.append(f"![{path.stem}]({path.name})")
         sections += ["", summary_table(run), ""]
     if crossed:
-        sections += [comparison_table("Across runs: paired HR@1 differences (the records both evaluated)", crossed, True), ""]
+        sections += [comparison_table("Across runs: paired differences (the records both evaluated)", crossed, True), ""]
     results = out / "results.md"
     write_text_atomic(results, "\n".join(sections) + "\n")
     return [results, *written]

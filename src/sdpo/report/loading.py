@@ -153,6 +153,25 @@ def load_run(folder: str | Path) -> Run:
     return run
 
 
+def users_from_data(run: Run, data: str | Path) -> None:
+    """Give a run folder whose own prepared data is not here (a study's ``data/`` is rebuilt, not committed) its records'
+    users from `data`, the folder it evaluated: checked by the data fingerprint its evaluations recorded."""
+    from sdpo.data.datasets import data_fingerprint, load_split
+
+    infos = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(run.folder.glob("eval/*/metrics.json"))]
+    recorded = {info["data_sha256"] for info in infos if info.get("data_sha256")}
+    split = next((info["split"] for info in infos if info.get("split")), None)
+    if not recorded or split is None:
+        return
+    if data_fingerprint(data) not in recorded:
+        raise UserError(f"report --data {data}: not the prepared data {run.name} evaluated (its evaluations recorded another "
+                        "data_sha256); give the folder that run evaluated, or leave --data out.")
+    users = {r.id: r.user for r in load_split(Path(data), split)}
+    evaluated = evaluated_ids(run)
+    if None not in users.values() and evaluated <= users.keys():
+        run.users = shared_users(users, evaluated)
+
+
 def evaluated_ids(run: Run) -> set[str]:
     return {i for result in run.results for i in result.values}
 
