@@ -90,6 +90,7 @@ def test_align_killed_after_a_checkpoint_and_during_the_reference_pass(small_dat
     kill_when(process, first_checkpoint(out))
     finish(*align, "--output_dir", out, "--resume")
     assert_same_end(out, tmp_path / "whole")
+    assert len(list(cache.glob("*.safetensors"))) == 1 and not list(cache.glob("*.progress.jsonl.gz"))  # the journal has served
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"logps\": trunc"])

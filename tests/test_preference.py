@@ -25,7 +25,7 @@ from sdpo.training.preference import (
     reference_table,
     run_align,
 )
-from sdpo.training.reference import cached_reference_logps, compute_reference_logps
+from sdpo.training.reference import cached_reference_logps, compute_reference_logps, reference_journal
 from sdpo.training.sft import SFTConfig, run_sft
 
 RECORD = Record("r", None, ["h"], ["a", "b", "c", "d", "e", "f"], "c")
@@ -43,6 +43,26 @@ def test_random_negatives_are_seeded_and_resampled_by_epoch():
     assert 2 not in first and len(set(first)) == 3
     draws = {tuple(random_negatives(RECORD, 3, seed=0, position=4, epoch=e)) for e in range(8)}
     assert len(draws) > 1
+
+
+def test_a_killed_reference_pass_resumes_from_its_journal(tiny, small_data, tmp_path, monkeypatch):
+    """The reference pass takes an hour on a study's records: a pass killed after its first batch computes only the rest."""
+    import sdpo.evaluation.protocols as protocols
+
+    model, tokenizer = tiny
+    records = load_split(small_data, "val", limit=5)
+    whole = compute_reference_logps(model, tokenizer, records, "music", batch_size=2)
+    places = [tmp_path / "read-only" / "table.safetensors", tmp_path / "cache" / "table.safetensors"]
+    (tmp_path / "read-only").write_text("a file where a folder would go")  # the first place cannot take a journal
+    first = reference_journal(places, "key", {"batch_size": 2})
+    compute_reference_logps(model, tokenizer, records[:2], "music", batch_size=2, journal=first)  # then killed
+    assert (tmp_path / "cache" / "key.progress.jsonl.gz").is_file()
+    batches = []
+    scored = protocols.score_answers
+    monkeypatch.setattr(protocols, "score_answers", lambda *a, **k: batches.append(1) or scored(*a, **k))
+    resumed = compute_reference_logps(model, tokenizer, records, "music", batch_size=2, journal=reference_journal(places, "key", {"batch_size": 2}))
+    assert len(batches) == 2 and torch.equal(resumed, whole)  # records 3-4 and 5; the first batch read back exactly
+    assert len(reference_journal(places, "key", {"batch_size": 4})) == 0  # other settings: started over
 
 
 def test_reference_table_reloads_equal_to_recomputed(tiny, small_data, tmp_path):

@@ -56,7 +56,14 @@ from sdpo.training.collaborative import (
 from sdpo.training.logs import LOG_FILE, JsonlLogger
 from sdpo.training.losses import align_losses
 from sdpo.training.preference_data import EpochSetter, PreferenceCollator, PreferenceDataset
-from sdpo.training.reference import cached_reference_logps, cached_tensors, compute_reference_logps, fingerprint
+from sdpo.training.reference import (
+    cached_reference_logps,
+    cached_tensors,
+    compute_reference_logps,
+    fingerprint,
+    journal_path,
+    reference_journal,
+)
 from sdpo.training.runs import resume_point, start_run, write_run_config
 from sdpo.training.sft import record_data_fingerprint, save_adapter
 from sdpo.training.trunk_states import RecordTrunk, lora_depth
@@ -161,11 +168,18 @@ def reference_table(model, tokenizer, records, config: AlignConfig, name: str, p
     paths = [Path(config.sft) / REFERENCE_CACHE / f"{key}.safetensors", Path(config.output_dir) / f"reference-{name}.safetensors"]
     # Under accelerate/torchrun the main process computes and saves the table while the others
     # wait; they then read it from the cache: one pass over the data, one writer.
+    batch_size = config.per_device_eval_batch_size
+
+    def compute() -> torch.Tensor:  # a killed pass resumes from the batches its journal holds
+        journal = reference_journal(paths, key, {"batch_size": batch_size})
+        return compute_reference_logps(model, tokenizer, records, config.domain, config.prompt_seed, batch_size, prompts, journal)
+
     with PartialState().main_process_first():
-        return cached_reference_logps(
-            paths, key, lambda: compute_reference_logps(model, tokenizer, records, config.domain, config.prompt_seed,
-                                                        config.per_device_eval_batch_size, prompts)
-        )
+        table = cached_reference_logps(paths, key, compute)
+        if PartialState().is_main_process:
+            for path in paths:  # the table is saved: its journal has served
+                journal_path(path, key).unlink(missing_ok=True)
+        return table
 
 
 def shared_trunks(model, tokenizer, prompts, config: AlignConfig, source, train_dataset, eval_dataset) -> dict:

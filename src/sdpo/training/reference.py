@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdpo.data.records import Record
+from sdpo.evaluation.journal import JOURNAL_FILE, Journal
 from sdpo.evaluation.protocols import candidate_logps
 from sdpo.io import remove_temporaries, replace_atomic
 
@@ -41,12 +42,31 @@ def fingerprint(records: list[Record], model_name: str, adapter_dir: str | Path,
 
 
 def compute_reference_logps(model, tokenizer, records: list[Record], domain: str, prompt_seed: int = 0, batch_size: int = 8,
-                            prompts=None) -> torch.Tensor:
+                            prompts=None, journal: Journal | None = None) -> torch.Tensor:
     """[N, C]: log pi_ref(candidate c | prompt of record n), in each record's candidate order
-    (rows of records with fewer candidates padded with -inf). `prompts`: as in `candidate_logps`."""
-    rows = candidate_logps(model, tokenizer, records, domain, batch_size, prompt_seed, progress=True, prompts=prompts)
+    (rows of records with fewer candidates padded with -inf). `prompts`: as in `candidate_logps`; with a `journal`
+    (`reference_journal`), batches it holds are read from it and new ones added, so a killed pass resumes."""
+    rows = candidate_logps(model, tokenizer, records, domain, batch_size, prompt_seed, progress=True, journal=journal,
+                           kind="reference", prompts=prompts)
     width = max(len(r) for r in rows)
     return torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=float("-inf")) for r in rows])
+
+
+def journal_path(table: Path, key: str) -> Path:
+    """Where the pass that computes the table `key` for `table`'s folder keeps its finished batches."""
+    return table.parent / f"{key}.{JOURNAL_FILE}"
+
+
+def reference_journal(paths: Sequence[Path], key: str, settings: dict) -> Journal | None:
+    """The journal of the pass that computes table `key`, beside the first of `paths` whose folder can be written (None
+    where none can). Scores are journaled as the float32 they are, so a resumed pass gives the table an unbroken one does."""
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return Journal(journal_path(path, key), {"reference": key, **settings})
+        except OSError:
+            continue
+    return None
 
 
 def cached_reference_logps(paths: Sequence[Path], key: str, compute) -> torch.Tensor:
