@@ -81,12 +81,13 @@ def read_jsonl(path: str | Path) -> list[Any]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
-def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None], *, keep_existing: bool = False) -> Path:
+def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None], *, keep: Callable[[Path], bool] | None = None) -> Path:
     """Run ``fill(staging)`` on a temporary sibling folder, then rename it to `folder`.
 
-    `folder` is replaced only once `fill` has finished; if it raises, nothing changes. With `keep_existing`
-    (a cache that any process may fill, e.g. two ranks of one launch converting the same model), a `folder`
-    that another process put in place meanwhile is kept and this copy dropped, so a reader never loses it.
+    `folder` is replaced only once `fill` has finished; if it raises, nothing changes. With `keep` (a cache that
+    any process may fill, e.g. two ranks of one launch converting the same model: ``keep(folder)`` says a copy is
+    whole), a whole `folder` that another process put in place meanwhile is kept and this copy dropped, so a
+    reader never loses it; one that is not whole is replaced.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -95,13 +96,13 @@ def write_folder_atomic(folder: str | Path, fill: Callable[[Path], None], *, kee
         fill(staging)
         staging.chmod(0o755)
         if folder.exists():
-            if keep_existing:
+            if keep is not None and keep(folder):
                 return folder
             shutil.rmtree(folder)
         try:
             staging.rename(folder)
         except OSError:  # another process renamed its copy into place between our check and our rename
-            if not (keep_existing and folder.is_dir()):
+            if not (keep is not None and keep(folder)):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -59,14 +59,19 @@ def _smollm2_package_dir() -> Path:
 SMOLLM2_END = "<|im_end|>"  # SmolLM2-Instruct's end of a turn: what every answer ends with
 
 
+def _holds(folder: Path, name: str) -> bool:
+    """Whether a converted folder is whole: the file its conversion writes (with the weights) is there."""
+    return (folder / name).is_file()
+
+
 def smollm2_tokenizer_path() -> Path:
     """A plain HF tokenizer folder for SmolLM2, extracted from the GGUF file once."""
     folder = models_dir() / "smollm2-135m-tokenizer"
-    if not (folder / "tokenizer_config.json").is_file():
+    if not _holds(folder, "tokenizer_config.json"):
         source = _smollm2_package_dir()
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         check_smollm2_tokenizer(tokenizer, "converted from the GGUF file")
-        write_folder_atomic(folder, tokenizer.save_pretrained, keep_existing=True)
+        write_folder_atomic(folder, tokenizer.save_pretrained, keep=lambda f: _holds(f, "tokenizer_config.json"))
     return folder
 
 
@@ -83,7 +88,7 @@ def check_smollm2_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> N
 def smollm2_path() -> Path:
     """A plain HF model folder for SmolLM2-135M-Instruct, converted from the GGUF file once."""
     folder = models_dir() / "smollm2-135m"
-    if not (folder / "config.json").is_file():
+    if not _holds(folder, "config.json"):
         source = _smollm2_package_dir()
         gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         config = gguf_model.config
@@ -97,7 +102,7 @@ def smollm2_path() -> Path:
             plain.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
 
-        write_folder_atomic(folder, save, keep_existing=True)
+        write_folder_atomic(folder, save, keep=lambda f: _holds(f, "config.json"))
     return folder
 
 

@@ -84,18 +84,38 @@ def generate_result(stage: str, rows: list[dict[str, Any]]) -> Result:
     return Result(stage, "generate", values, records)
 
 
-def run_data(folder: Path) -> tuple[Path, str] | None:
-    """(the prepared data folder, the split) a run evaluated: named by an evaluation's (or a baseline's) metrics.json, read
-    from the data folder it names or from the run's own ``data``; None when neither is here."""
+def _recorded_evaluations(folder: Path) -> list[dict[str, Any]]:
+    """The metrics.json of a run's evaluations and baselines (a damaged one skipped): what each recorded of its data."""
+    infos = []
     for metrics_path in sorted(folder.glob("eval/*/metrics.json")) + sorted(folder.glob("baselines/*/metrics.json")):
         try:
             info = json.loads(metrics_path.read_text(encoding="utf-8"))
         except ValueError:
             continue
-        split = info.get("split")
-        for data in (info.get("data"), folder / "data"):
-            if split and data and (Path(data) / f"{split}.jsonl").is_file():
-                return Path(data), split
+        if isinstance(info, dict):
+            infos.append(info)
+    return infos
+
+
+def _is_recorded_data(data: Path, split: str, info: dict[str, Any]) -> bool:
+    """Whether `data` holds the split an evaluation read: its file is there, and its fingerprint is the recorded one."""
+    from sdpo.data.datasets import data_fingerprint
+
+    if not (data / f"{split}.jsonl").is_file():
+        return False
+    return not info.get("data_sha256") or data_fingerprint(data) == info["data_sha256"]
+
+
+def run_data(folder: Path) -> tuple[Path, str] | None:
+    """(the prepared data folder, the split) a run evaluated: named by an evaluation's (or a baseline's) metrics.json, read
+    from the data folder it names (relative to the run, as a study records it, or to the working folder, as older runs
+    did) or from the run's own ``data``, where the recorded data fingerprint matches; None when none is here."""
+    for info in _recorded_evaluations(folder):
+        split, named = info.get("split"), info.get("data")
+        places = [folder / named, Path(named)] if named and not Path(named).is_absolute() else [Path(named)] if named else []
+        for data in (*places, folder / "data"):
+            if split and _is_recorded_data(data, split, info):
+                return data, split
     return None
 
 
@@ -155,18 +175,18 @@ def load_run(folder: str | Path) -> Run:
 
 def users_from_data(run: Run, data: str | Path) -> None:
     """Give a run folder whose own prepared data is not here (a study's ``data/`` is rebuilt, not committed) its records'
-    users from `data`, the folder it evaluated: checked by the data fingerprint its evaluations recorded."""
-    from sdpo.data.datasets import data_fingerprint, load_split
+    users from `data`, where `data` is the folder it evaluated: its fingerprint is the one the run's evaluations
+    recorded (runs older than the fingerprint: every evaluated record is in it). Otherwise a note says why not."""
+    from sdpo.data.datasets import load_split
 
-    infos = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(run.folder.glob("eval/*/metrics.json"))]
-    recorded = {info["data_sha256"] for info in infos if info.get("data_sha256")}
-    split = next((info["split"] for info in infos if info.get("split")), None)
-    if not recorded or split is None:
+    infos = [info for info in _recorded_evaluations(run.folder) if info.get("split")]
+    if not infos:
         return
-    if data_fingerprint(data) not in recorded:
-        raise UserError(f"report --data {data}: not the prepared data {run.name} evaluated (its evaluations recorded another "
-                        "data_sha256); give the folder that run evaluated, or leave --data out.")
-    users = {r.id: r.user for r in load_split(Path(data), split)}
+    if not any(_is_recorded_data(Path(data), info["split"], info) for info in infos):
+        print(f"[report] {run.name}: --data {data} is not the prepared data it evaluated (no {infos[0]['split']} split there, "
+              "or another data fingerprint); its intervals are over records only.")
+        return
+    users = {r.id: r.user for r in load_split(Path(data), infos[0]["split"])}
     evaluated = evaluated_ids(run)
     if None not in users.values() and evaluated <= users.keys():
         run.users = shared_users(users, evaluated)
