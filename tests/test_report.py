@@ -236,6 +236,16 @@ def test_a_run_folder_without_its_data_takes_its_users_from_the_data_it_evaluate
     assert "users" not in (tmp_path / "other" / "results.md").read_text()
     assert "is not the prepared data it evaluated" in capsys.readouterr().out
 
+    # a run older than the fingerprint: only that the data holds every evaluated record can be checked
+    shutil.rmtree(tmp_path / "data")  # (such a run's path, read from the working folder as older runs wrote it, is not here)
+    (folder / "eval" / "sft-rank" / "metrics.json").write_text(json.dumps({"data": "data", "split": "test"}))
+    write_report([folder], tmp_path / "older", data=prepared)
+    assert "come from 4 users" in (tmp_path / "older" / "results.md").read_text()
+    (prepared / "test.jsonl").write_text("".join((prepared / "test.jsonl").read_text().splitlines(keepends=True)[:-1]))
+    write_report([folder], tmp_path / "older-short", data=prepared)
+    assert "users" not in (tmp_path / "older-short" / "results.md").read_text()
+    assert "records it lacks" in capsys.readouterr().out
+
 
 def test_a_records_table_without_users_takes_them_from_the_data(tmp_path):
     users = [f"user-{i % 4}" for i in range(N)]

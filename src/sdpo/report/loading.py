@@ -176,19 +176,20 @@ def load_run(folder: str | Path) -> Run:
 def users_from_data(run: Run, data: str | Path) -> None:
     """Give a run folder whose own prepared data is not here (a study's ``data/`` is rebuilt, not committed) its records'
     users from `data`, where `data` is the folder it evaluated: its fingerprint is the one the run's evaluations
-    recorded (runs older than the fingerprint: every evaluated record is in it). Otherwise a note says why not."""
+    recorded (runs older than the fingerprint recorded none: then only that every evaluated record is in it can be
+    checked, and record ids such as ``test-0`` are alike across datasets). Otherwise a note says why not."""
     from sdpo.data.datasets import load_split
 
     infos = [info for info in _recorded_evaluations(run.folder) if info.get("split")]
     if not infos:
         return
-    if not any(_is_recorded_data(Path(data), info["split"], info) for info in infos):
-        print(f"[report] {run.name}: --data {data} is not the prepared data it evaluated (no {infos[0]['split']} split there, "
-              "or another data fingerprint); its intervals are over records only.")
-        return
-    users = {r.id: r.user for r in load_split(Path(data), infos[0]["split"])}
+    users = {r.id: r.user for r in load_split(Path(data), infos[0]["split"])} if any(
+        _is_recorded_data(Path(data), info["split"], info) for info in infos) else {}
     evaluated = evaluated_ids(run)
-    if None not in users.values() and evaluated <= users.keys():
+    if not users or not evaluated <= users.keys():
+        print(f"[report] {run.name}: --data {data} is not the prepared data it evaluated (no {infos[0]['split']} split there, "
+              "another data fingerprint, or records it lacks); its intervals are over records only.")
+    elif None not in users.values():
         run.users = shared_users(users, evaluated)
 
 
