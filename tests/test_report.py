@@ -5,6 +5,7 @@ import gzip
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +16,7 @@ from sdpo.report import comparisons, load_run, write_report
 from sdpo.report.tables import across_runs
 
 N = 40
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_pipeline(folder, seed: int = 0):
@@ -116,6 +118,34 @@ def test_comparisons_pair_within_each_family_and_across_families_and_with_late_f
     assert pairs - first_family == {
         ("collab-sft", "zero-shot"), ("collab-s-dpo-k3", "collab-sft"), ("collab-s-dpo-k3", "popularity"),
         ("s-dpo-k7", "fusion-s-dpo-k7"), ("collab-s-dpo-k3", "fusion-collab-s-dpo-k3"), ("collab-s-dpo-k3", "s-dpo-k7")}
+
+
+def test_a_pipeline_that_has_not_finished_is_reported_from_its_finished_evaluations(tmp_path, capsys):
+    """A study takes hours: its finished evaluations can be reported before the pipeline writes results.json."""
+    run = fake_pipeline(tmp_path / "run")
+    (run / "results.json").unlink()
+    for name, metrics in (("sft-rank", {"hr@1": 0.1}), ("sft-generate", {"hr@1": 0.1}), ("dpo-rank", {"hr@1": 0.2, "reward_hr@1": 0.2})):
+        (run / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
+    (run / "baselines" / "popularity" / "metrics.json").write_text(json.dumps({"hr@1": 0.25}))
+    shutil.copytree(run / "eval" / "sft-rank", run / "eval" / "dpo-rank-val")  # a fusion weight's val ranking: no results row
+    (run / "eval" / "s-dpo-k3-rank" / "metrics.json").write_text("{}")
+    (run / "eval" / "s-dpo-k3-rank" / "predictions.jsonl").rename(run / "eval" / "s-dpo-k3-rank" / "progress.jsonl")  # under way
+    loaded = load_run(run)
+    assert [(r.stage, r.protocol) for r in loaded.results] == [("dpo", "rank"), ("dpo", "rank-reward"), ("sft", "generate"),
+                                                               ("sft", "rank"), ("popularity", "rank")]
+    assert "the 5 evaluations finished so far" in capsys.readouterr().out
+    write_report([run], tmp_path / "out")
+    assert "| dpo | sft | rank |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_finished_evaluations_are_the_rows_of_every_committed_study():
+    from sdpo.report.loading import finished_evaluations
+
+    studies = sorted(REPO.glob("studies/*/results.json"))
+    assert len(studies) >= 5
+    for summary in studies:
+        rows = {(row["stage"], row["protocol"]) for row in json.loads(summary.read_text())}
+        assert {(row["stage"], row["protocol"]) for row in finished_evaluations(summary.parent)} == rows, summary.parent.name
 
 
 def test_report_refuses_incomplete_run_folders(tmp_path):

@@ -130,16 +130,41 @@ def _record_users(folder: Path) -> dict[str, str] | None:
     return None if None in users.values() else users
 
 
+def finished_evaluations(folder: Path) -> list[dict[str, str]]:
+    """The (stage, protocol) rows a pipeline's results.json will list, from the evaluations finished so far: each
+    ``eval/<stage>-<rank|generate>`` with its predictions (and a rank-reward row where it ranked by reward too), then
+    each baseline with its test predictions. Fusion weights' val rankings (``-rank-val``) are not results rows."""
+    rows = []
+    for metrics_path in sorted(folder.glob("eval/*/metrics.json")):
+        stage, _, protocol = metrics_path.parent.name.rpartition("-")
+        if not stage or protocol not in ("rank", "generate") or not any(metrics_path.parent.glob("predictions.jsonl*")):
+            continue
+        rows.append({"stage": stage, "protocol": protocol})
+        try:
+            if protocol == "rank" and "reward_hr@1" in json.loads(metrics_path.read_text(encoding="utf-8")):
+                rows.append({"stage": stage, "protocol": "rank-reward"})
+        except ValueError:
+            continue
+    rows += [{"stage": path.parent.name, "protocol": "rank"} for path in sorted(folder.glob("baselines/*/metrics.json"))
+             if any(path.parent.glob("predictions.jsonl*"))]
+    return rows
+
+
 def load_run(folder: str | Path) -> Run:
-    """A pipeline output folder's results, per-record predictions, training logs and configs."""
+    """A pipeline output folder's results, per-record predictions, training logs and configs; from a pipeline that has
+    not finished (no results.json yet), the evaluations it has finished (`finished_evaluations`)."""
     folder = Path(folder)
     summary = folder / "results.json"
-    if not summary.is_file():
-        raise UserError(f"{folder}: no results.json; give the output folder of a finished sdpo pipeline run.")
-    try:
-        rows = json.loads(summary.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{summary}: not JSON. Rerun the pipeline to write it again.") from None
+    if summary.is_file():
+        try:
+            rows = json.loads(summary.read_text(encoding="utf-8"))
+        except ValueError:
+            raise UserError(f"{summary}: not JSON. Rerun the pipeline to write it again.") from None
+    else:
+        rows = finished_evaluations(folder)
+        if not rows:
+            raise UserError(f"{folder}: no results.json and no finished evaluation; give the output folder of an sdpo pipeline run.")
+        print(f"[report] {folder.name}: no results.json (its pipeline has not finished): the {len(rows)} evaluations finished so far")
     run = Run(folder.name, folder, [])
     for row in rows:
         stage, protocol = row["stage"], row["protocol"]
