@@ -39,7 +39,7 @@ from pathlib import Path
 
 from sdpo.errors import UserError
 from sdpo.io import write_text_atomic
-from sdpo.report.loading import evaluated_ids, load_run, run_data, users_from_data
+from sdpo.report.loading import evaluated_ids, load_run, users_from_data
 from sdpo.report.plots import plot_hr_vs_k, plot_stage_hr, plot_training_curves, plot_val_hr
 from sdpo.report.records import is_records_table, load_records_table, write_records_csv
 from sdpo.report.slices import default_versus, slice_ids, slice_tables
@@ -53,7 +53,7 @@ def _run_slices(run, config: str | Path | None, data: str | Path | None) -> dict
     from sdpo.config import read_yaml
     from sdpo.data.datasets import load_split
 
-    found = run_data(run.folder) if run.table is None else None
+    found = run.data if run.table is None else None
     if found is None and data is not None:
         found = (Path(data), ((read_yaml(config) if config else {}).get("evaluate") or {}).get("split", "test"))
     if found is None:
@@ -82,7 +82,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, config: str | Path
     # every input is checked before anything is written
     runs = [load_records_table(source, config, data) if is_records_table(source) else load_run(source) for source in run_dirs]
     for run in runs:
-        if run.table is None and run.users is None and data is not None and run_data(run.folder) is None:
+        if run.table is None and run.users is None and data is not None and run.data is None:
             users_from_data(run, data)
     sliced = {run.name: _run_slices(run, config, data) for run in runs} if slices else {}
     names = [run.name for run in runs]

@@ -48,6 +48,7 @@ class Run:
     baselines: list[str] = field(default_factory=list)  # the classic recommenders' stages (popularity, sasrec, ...)
     users: dict[str, str] | None = None  # record id -> user, where the evaluated records share users
     table: Path | None = None  # the records CSV the run was rebuilt from (None: read from its folder)
+    data: tuple[Path, str] | None = None  # (prepared data folder, split) it evaluated, where that folder is here (`run_data`)
 
     def groups(self, ids: list[str]) -> list[str] | None:
         """The users of records `ids` for a per-user bootstrap, or None where the records' users are unknown or all distinct."""
@@ -97,37 +98,39 @@ def _recorded_evaluations(folder: Path) -> list[dict[str, Any]]:
     return infos
 
 
-def _is_recorded_data(data: Path, split: str, info: dict[str, Any]) -> bool:
-    """Whether `data` holds the split an evaluation read: its file is there, and its fingerprint is the recorded one."""
+def _is_recorded_data(data: Path, split: str, info: dict[str, Any], fingerprints: dict[Path, str]) -> bool:
+    """Whether `data` holds the split an evaluation read: its file is there, and its fingerprint is the recorded one
+    (`fingerprints`: those computed so far in this look-up, each folder hashed once)."""
     from sdpo.data.datasets import data_fingerprint
 
     if not (data / f"{split}.jsonl").is_file():
         return False
-    return not info.get("data_sha256") or data_fingerprint(data) == info["data_sha256"]
+    if not info.get("data_sha256"):
+        return True
+    if data not in fingerprints:
+        fingerprints[data] = data_fingerprint(data)
+    return fingerprints[data] == info["data_sha256"]
+
+
+def _split_users(data: Path, split: str) -> dict[str, str | None]:
+    """Record id -> user (None where the data names none) of a prepared split."""
+    from sdpo.data.datasets import load_split
+
+    return {r.id: r.user for r in load_split(data, split)}
 
 
 def run_data(folder: Path) -> tuple[Path, str] | None:
     """(the prepared data folder, the split) a run evaluated: named by an evaluation's (or a baseline's) metrics.json, read
     from the data folder it names (relative to the run, as a study records it, or to the working folder, as older runs
     did) or from the run's own ``data``, where the recorded data fingerprint matches; None when none is here."""
+    fingerprints: dict[Path, str] = {}
     for info in _recorded_evaluations(folder):
         split, named = info.get("split"), info.get("data")
         places = [folder / named, Path(named)] if named and not Path(named).is_absolute() else [Path(named)] if named else []
         for data in (*places, folder / "data"):
-            if split and _is_recorded_data(data, split, info):
+            if split and _is_recorded_data(data, split, info, fingerprints):
                 return data, split
     return None
-
-
-def _record_users(folder: Path) -> dict[str, str] | None:
-    """Record id -> user of the split the run evaluated, or None where the data is not here or has no users."""
-    from sdpo.data.datasets import load_split
-
-    found = run_data(folder)
-    if found is None:
-        return None
-    users = {r.id: r.user for r in load_split(*found)}
-    return None if None in users.values() else users
 
 
 def finished_evaluations(folder: Path) -> list[dict[str, str]]:
@@ -186,9 +189,10 @@ def load_run(folder: str | Path) -> Run:
             from sdpo.training.logs import read_log
 
             run.logs[stage] = read_log(stage_dir)
-    users = _record_users(folder)
+    run.data = run_data(folder)
+    users = _split_users(*run.data) if run.data is not None else None
     evaluated = evaluated_ids(run)
-    if users is not None and evaluated <= users.keys():
+    if users is not None and None not in users.values() and evaluated <= users.keys():
         run.users = shared_users(users, evaluated)
     for stage, config in run.configs.items():
         if config.get("sft"):
@@ -203,13 +207,12 @@ def users_from_data(run: Run, data: str | Path) -> None:
     users from `data`, where `data` is the folder it evaluated: its fingerprint is the one the run's evaluations
     recorded (runs older than the fingerprint recorded none: then only that every evaluated record is in it can be
     checked, and record ids such as ``test-0`` are alike across datasets). Otherwise a note says why not."""
-    from sdpo.data.datasets import load_split
-
     infos = [info for info in _recorded_evaluations(run.folder) if info.get("split")]
     if not infos:
         return
-    users = {r.id: r.user for r in load_split(Path(data), infos[0]["split"])} if any(
-        _is_recorded_data(Path(data), info["split"], info) for info in infos) else {}
+    fingerprints: dict[Path, str] = {}
+    recorded = any(_is_recorded_data(Path(data), info["split"], info, fingerprints) for info in infos)
+    users = _split_users(Path(data), infos[0]["split"]) if recorded else {}
     evaluated = evaluated_ids(run)
     if not users or not evaluated <= users.keys():
         print(f"[report] {run.name}: --data {data} is not the prepared data it evaluated (no {infos[0]['split']} split there, "
